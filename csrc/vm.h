@@ -1,0 +1,79 @@
+/* One KVM virtual machine: its fds, guest memory, vCPUs, devices; and the only guest-address gate. */
+#ifndef SMOLVM_VM_H
+#define SMOLVM_VM_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define VM_MAX_VCPUS 16
+#define VM_MAX_MMIO_DEVS 8
+
+struct evloop;
+struct vcpu;
+
+/* A device claiming [base, base+len) of guest physical MMIO space. Called on vCPU threads. */
+struct vm_mmio_dev {
+	uint64_t base, len;
+	void (*access)(void *opaque, uint64_t offset, void *data, uint32_t len, bool is_write);
+	void *opaque;
+};
+
+struct vm {
+	int kvm_fd, vm_fd;
+	uint8_t *mem;      /* host mapping of guest RAM at GPA 0 */
+	uint64_t mem_size; /* bytes; RAM is [0, mem_size) below the 32-bit gap */
+	int nr_vcpus;
+	struct vcpu *vcpus[VM_MAX_VCPUS];
+	struct evloop *loop;
+	struct vm_mmio_dev mmio[VM_MAX_MMIO_DEVS];
+	int nr_mmio;
+	int console_fd; /* serial output goes here; -1 = discard */
+	struct serial *serial;
+	volatile int exit_reason; /* set once by a vCPU: VM_EXIT_* */
+	char exit_msg[256];
+	uint64_t t_start_ns; /* CLOCK_MONOTONIC when the VMM started, for timing lines */
+	pthread_mutex_t lock;
+};
+
+enum { VM_RUNNING = 0, VM_EXIT_RESET, VM_EXIT_SHUTDOWN, VM_EXIT_ERROR, VM_EXIT_STOPPED };
+
+/* Guest RAM above VM_GAP_START lives at VM_GAP_END: the gap holds MMIO devices. */
+#define VM_GAP_START 0xc0000000ull
+#define VM_GAP_END 0x100000000ull
+
+/*
+ * The only way to turn a guest physical address into a pointer: returns the
+ * host address of [gpa, gpa+len) if the whole range lies in one block of guest
+ * RAM (overflow-checked), else NULL. len 0 is allowed.
+ */
+static inline void *vm_gpa(struct vm *vm, uint64_t gpa, uint64_t len)
+{
+	uint64_t low = vm->mem_size < VM_GAP_START ? vm->mem_size : VM_GAP_START;
+	uint64_t high = vm->mem_size - low, off;
+
+	if (gpa < VM_GAP_START) {
+		if (gpa > low || len > low - gpa)
+			return NULL;
+		return vm->mem + gpa;
+	}
+	if (gpa < VM_GAP_END)
+		return NULL;
+	off = gpa - VM_GAP_END;
+	if (off > high || len > high - off)
+		return NULL;
+	return vm->mem + low + off;
+}
+
+/* Add an MMIO region handled in user space. Returns 0 or -errno. */
+int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len,
+		void (*access)(void *, uint64_t, void *, uint32_t, bool), void *opaque);
+
+/* Raise or lower a GSI line of the in-kernel irqchip. Any thread. */
+int vm_irq_line(struct vm *vm, uint32_t gsi, int level);
+
+/* Stop the VM: record why, kick the vCPUs out of KVM_RUN and stop the loop. Any thread. */
+void vm_request_exit(struct vm *vm, int reason, const char *msg);
+
+#endif

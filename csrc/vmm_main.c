@@ -1,0 +1,287 @@
+/* smolvm-vmm: one VM per process. Parses arguments, wires devices, runs vCPUs and the event loop. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "boot.h"
+#include "evloop.h"
+#include "kvm.h"
+#include "mptable.h"
+#include "proto.h"
+#include "serial.h"
+#include "vcpu.h"
+#include "virtio/mmio.h"
+#include "virtio/vsock.h"
+#include "vm.h"
+
+#define VMM_VSOCK_BASE 0xd0000000ull
+#define VMM_VSOCK_GSI 5
+#define VMM_GUEST_CID 3
+
+struct vmm_args {
+	const char *kernel, *initrd, *cmdline, *vsock_uds, *console;
+	unsigned long mem_mib, vcpus;
+	int ctl_fd;
+};
+
+struct vmm {
+	struct vm vm;
+	struct vmm_args a;
+	struct vsock_dev *vsock;
+	int sig_fd;
+};
+
+static uint64_t vmm_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void vmm_usage(void)
+{
+	fprintf(stderr, "usage: smolvm-vmm --kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
+			"--vcpus N --vsock-uds PATH --console PATH --ctl-fd N\n");
+}
+
+static int vmm_parse(int argc, char **argv, struct vmm_args *a)
+{
+	static const struct option opts[] = {
+		{ "kernel", required_argument, NULL, 'k' },
+		{ "initrd", required_argument, NULL, 'i' },
+		{ "cmdline", required_argument, NULL, 'c' },
+		{ "mem-mib", required_argument, NULL, 'm' },
+		{ "vcpus", required_argument, NULL, 'n' },
+		{ "vsock-uds", required_argument, NULL, 'u' },
+		{ "console", required_argument, NULL, 'o' },
+		{ "ctl-fd", required_argument, NULL, 'f' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int c;
+
+	memset(a, 0, sizeof(*a));
+	a->cmdline = "";
+	a->mem_mib = 512;
+	a->vcpus = 1;
+	a->ctl_fd = -1;
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 'k': a->kernel = optarg; break;
+		case 'i': a->initrd = optarg; break;
+		case 'c': a->cmdline = optarg; break;
+		case 'm': a->mem_mib = strtoul(optarg, NULL, 10); break;
+		case 'n': a->vcpus = strtoul(optarg, NULL, 10); break;
+		case 'u': a->vsock_uds = optarg; break;
+		case 'o': a->console = optarg; break;
+		case 'f': a->ctl_fd = atoi(optarg); break;
+		default: return -EINVAL;
+		}
+	}
+	if (!a->kernel || !a->vsock_uds || a->mem_mib < 32 || a->mem_mib > (1ul << 20) ||
+	    a->vcpus < 1 || a->vcpus > VM_MAX_VCPUS)
+		return -EINVAL;
+	return 0;
+}
+
+/* Tell the owner something: one line on the control socket (best effort). */
+static void vmm_ctl(struct vmm *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void vmm_ctl(struct vmm *v, const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	int n;
+
+	if (v->a.ctl_fd < 0)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		(void)!write(v->a.ctl_fd, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+}
+
+static void vmm_log(struct vmm *v, const char *key, uint64_t value)
+{
+	if (v->vm.console_fd >= 0)
+		dprintf(v->vm.console_fd, "smolvm-vmm: %s=%llu\n", key, (unsigned long long)value);
+}
+
+static void vmm_on_ready(void *opaque)
+{
+	struct vmm *v = opaque;
+
+	vmm_log(v, "t_ready_us", (vmm_now_ns() - v->vm.t_start_ns) / 1000);
+	vmm_ctl(v, "READY\n");
+}
+
+static void vmm_on_ctl(void *opaque, int fd, uint32_t revents)
+{
+	struct vmm *v = opaque;
+	char buf[256];
+	ssize_t n = read(fd, buf, sizeof(buf));
+
+	(void)revents;
+	if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+		vm_request_exit(&v->vm, VM_EXIT_STOPPED, "owner closed the control socket");
+	/* Commands on the control socket come with the snapshot work; ignore input now. */
+}
+
+static void vmm_on_signal(void *opaque, int fd, uint32_t revents)
+{
+	struct vmm *v = opaque;
+	struct signalfd_siginfo si;
+
+	(void)revents;
+	if (read(fd, &si, sizeof(si)) == (ssize_t)sizeof(si))
+		vm_request_exit(&v->vm, VM_EXIT_STOPPED, "VMM got a termination signal");
+}
+
+static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
+{
+	struct vm *vm = &v->vm;
+	struct boot_info bi;
+	sigset_t ss;
+	int ret;
+
+	vm->console_fd = v->a.console
+		? open(v->a.console, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600) : -1;
+	ret = kvm_vm_create(vm, (uint64_t)v->a.mem_mib << 20);
+	if (ret)
+		return ret;
+	ret = evloop_new(&vm->loop);
+	if (ret) {
+		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "io_uring setup: %s", strerror(-ret));
+		return ret;
+	}
+	vm->serial = serial_new(vm, vm->console_fd);
+	if (!vm->serial)
+		return -ENOMEM;
+	ret = vsock_new(vm, VMM_VSOCK_BASE, VMM_VSOCK_GSI, VMM_GUEST_CID, v->a.vsock_uds,
+			vmm_on_ready, v, &v->vsock);
+	if (ret) {
+		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vsock device on %s: %s",
+			 v->a.vsock_uds, strerror(-ret));
+		return ret;
+	}
+	snprintf(cmdline, cmdline_len, "%s virtio_mmio.device=4K@0x%llx:%d", v->a.cmdline,
+		 (unsigned long long)VMM_VSOCK_BASE, VMM_VSOCK_GSI);
+	ret = boot_load(vm, v->a.kernel, v->a.initrd, cmdline, &bi, vm->exit_msg,
+			sizeof(vm->exit_msg));
+	if (ret)
+		return ret;
+	ret = mptable_write(vm, (int)v->a.vcpus);
+	if (ret) {
+		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "MP table: %s", strerror(-ret));
+		return ret;
+	}
+	for (unsigned long i = 0; i < v->a.vcpus; i++) {
+		ret = vcpu_create(vm, (int)i, &vm->vcpus[i]);
+		if (ret) {
+			snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vCPU %lu: %s", i, strerror(-ret));
+			return ret;
+		}
+		vm->nr_vcpus++;
+	}
+	ret = vcpu_setup_long_mode(vm->vcpus[0], bi.entry, bi.zero_page, bi.pml4, bi.gdt,
+				   bi.gdt_limit);
+	if (ret) {
+		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "boot registers: %s", strerror(-ret));
+		return ret;
+	}
+
+	sigemptyset(&ss);
+	sigaddset(&ss, SIGTERM);
+	sigaddset(&ss, SIGINT);
+	sigaddset(&ss, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &ss, NULL); /* vCPU threads inherit the mask */
+	v->sig_fd = signalfd(-1, &ss, SFD_CLOEXEC | SFD_NONBLOCK);
+	if (v->sig_fd >= 0)
+		evloop_add(vm->loop, v->sig_fd, POLLIN, vmm_on_signal, v);
+	if (v->a.ctl_fd >= 0) {
+		fcntl(v->a.ctl_fd, F_SETFD, FD_CLOEXEC);
+		ret = evloop_add(vm->loop, v->a.ctl_fd, POLLIN, vmm_on_ctl, v);
+		if (ret)
+			return ret;
+	}
+	for (int i = 0; i < vm->nr_vcpus; i++) {
+		ret = vcpu_start(vm->vcpus[i]);
+		if (ret) {
+			snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vCPU thread: %s", strerror(-ret));
+			return ret;
+		}
+	}
+	return 0;
+}
+
+static const char *vmm_reason(int r)
+{
+	switch (r) {
+	case VM_EXIT_RESET: return "reset";
+	case VM_EXIT_SHUTDOWN: return "shutdown";
+	case VM_EXIT_STOPPED: return "stopped";
+	default: return "error";
+	}
+}
+
+int main(int argc, char **argv)
+{
+	static struct vmm v; /* large; one per process */
+	char *cmdline = NULL;
+	int ret, status = 1;
+
+	v.vm.t_start_ns = vmm_now_ns();
+	v.sig_fd = -1;
+	signal(SIGPIPE, SIG_IGN);
+	if (vmm_parse(argc, argv, &v.a)) {
+		vmm_usage();
+		return 2;
+	}
+	if (vcpu_signals_init() < 0)
+		return 1;
+	cmdline = malloc(8192);
+	if (!cmdline)
+		return 1;
+	ret = vmm_setup(&v, cmdline, 8192);
+	if (ret) {
+		if (!v.vm.exit_msg[0])
+			snprintf(v.vm.exit_msg, sizeof(v.vm.exit_msg), "%s", strerror(-ret));
+		v.vm.exit_reason = VM_EXIT_ERROR;
+	} else {
+		vmm_log(&v, "t_setup_us", (vmm_now_ns() - v.vm.t_start_ns) / 1000);
+		ret = evloop_run(v.vm.loop);
+		if (ret && v.vm.exit_reason == VM_RUNNING)
+			vm_request_exit(&v.vm, VM_EXIT_ERROR, "event loop failed");
+		status = v.vm.exit_reason == VM_EXIT_ERROR ? 1 : 0;
+	}
+	/* Stop vCPUs before devices go away. */
+	for (int i = 0; i < v.vm.nr_vcpus; i++)
+		vcpu_kick(v.vm.vcpus[i]);
+	if (v.vm.console_fd >= 0)
+		dprintf(v.vm.console_fd, "\nsmolvm-vmm: exit %s: %s\n", vmm_reason(v.vm.exit_reason),
+			v.vm.exit_msg);
+	vmm_ctl(&v, "EXIT %s %s\n", vmm_reason(v.vm.exit_reason), v.vm.exit_msg);
+	for (int i = 0; i < v.vm.nr_vcpus; i++) {
+		vcpu_destroy(v.vm.vcpus[i]);
+		v.vm.vcpus[i] = NULL;
+	}
+	v.vm.nr_vcpus = 0;
+	vsock_free(v.vsock);
+	serial_free(v.vm.serial);
+	kvm_vm_destroy(&v.vm);
+	evloop_free(v.vm.loop);
+	if (v.sig_fd >= 0)
+		close(v.sig_fd);
+	free(cmdline);
+	return status;
+}
