@@ -45,7 +45,7 @@ int kvm_vm_create(struct vm *vm, uint64_t mem_size)
 	struct kvm_pit_config pit = { .flags = 0 };
 	int api;
 
-	vm->kvm_fd = vm->vm_fd = vm->console_fd = -1;
+	vm->kvm_fd = vm->vm_fd = -1;
 	pthread_mutex_init(&vm->lock, NULL);
 	vm->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (vm->kvm_fd < 0)

@@ -37,7 +37,7 @@ struct vmm_args {
 struct vmm {
 	struct vm vm;
 	struct vmm_args a;
-	struct vsock_dev *vsock;
+	struct vsock *vsock;
 	int sig_fd;
 };
 
@@ -167,15 +167,26 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	vm->serial = serial_new(vm, vm->console_fd);
 	if (!vm->serial)
 		return -ENOMEM;
-	ret = vsock_new(vm, VMM_VSOCK_BASE, VMM_VSOCK_GSI, VMM_GUEST_CID, v->a.vsock_uds,
-			vmm_on_ready, v, &v->vsock);
+	{
+		struct vsock_config vc = {
+			.base = VMM_VSOCK_BASE, .gsi = VMM_VSOCK_GSI, .guest_cid = VMM_GUEST_CID,
+			.uds_path = v->a.vsock_uds, .on_ready = vmm_on_ready, .opaque = v,
+		};
+
+		ret = vsock_new(vm, &vc, &v->vsock);
+	}
 	if (ret) {
 		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vsock device on %s: %s",
 			 v->a.vsock_uds, strerror(-ret));
 		return ret;
 	}
-	snprintf(cmdline, cmdline_len, "%s virtio_mmio.device=4K@0x%llx:%d", v->a.cmdline,
-		 (unsigned long long)VMM_VSOCK_BASE, VMM_VSOCK_GSI);
+	{
+		size_t n = (size_t)snprintf(cmdline, cmdline_len, "%s ", v->a.cmdline);
+
+		if (n >= cmdline_len ||
+		    virtio_mmio_cmdline(cmdline + n, cmdline_len - n, VMM_VSOCK_BASE, VMM_VSOCK_GSI) < 0)
+			return -E2BIG;
+	}
 	ret = boot_load(vm, v->a.kernel, v->a.initrd, cmdline, &bi, vm->exit_msg,
 			sizeof(vm->exit_msg));
 	if (ret)
