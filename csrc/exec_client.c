@@ -1,0 +1,518 @@
+/* Host side of one exec: CONNECT handshake, EXEC frame, then STDOUT/STDERR/EXIT frames, all waited on with io_uring. */
+#define _GNU_SOURCE
+#include "exec_client.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <liburing.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "proto.h"
+
+#define EXEC_CLIENT_RBUF (64u << 10)
+#define EXEC_CLIENT_SLICE_MS 100
+#define EXEC_CLIENT_HS_MAX 64 /* longest "OK <n>\n" line accepted */
+#define EXEC_CLIENT_UD_OP 1u
+#define EXEC_CLIENT_UD_CANCEL 2u
+#define EXEC_CLIENT_HDR sizeof(struct smolvm_frame)
+
+/* State of one exec_run() call. At most one operation is in flight on the ring at a time. */
+struct exec_client {
+	struct io_uring ring;
+	bool ring_ready;
+	bool in_flight;
+	int fd;
+	int64_t deadline_ms; /* CLOCK_MONOTONIC; -1 = none */
+	int64_t last_poll_ms;
+	int (*interrupted)(void *);
+	void *opaque;
+	struct exec_output *out;
+	size_t out_cap, err_cap;
+	bool truncated;
+	/* frame parser */
+	uint8_t hdr[EXEC_CLIENT_HDR];
+	size_t hdr_got;
+	bool in_payload;
+	uint16_t type;
+	uint32_t left;      /* payload bytes of the current frame still to come */
+	uint8_t small[256]; /* EXIT payload, or the start of an ERROR message */
+	size_t small_len;
+	bool done; /* EXIT or ERROR seen */
+};
+
+static int64_t exec_client_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int exec_client_fail(struct exec_client *x, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int exec_client_fail(struct exec_client *x, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(x->out->error, sizeof(x->out->error), fmt, ap);
+	va_end(ap);
+	return err;
+}
+
+/* Cancel the operation in flight (if any) and wait until the kernel is done with its buffer. */
+static void exec_client_cancel(struct exec_client *x)
+{
+	struct io_uring_sqe *sqe;
+	struct io_uring_cqe *cqe;
+
+	if (!x->in_flight)
+		return;
+	sqe = io_uring_get_sqe(&x->ring);
+	if (sqe) {
+		io_uring_prep_cancel64(sqe, EXEC_CLIENT_UD_OP, 0);
+		io_uring_sqe_set_data64(sqe, EXEC_CLIENT_UD_CANCEL);
+		io_uring_submit(&x->ring);
+	}
+	shutdown(x->fd, SHUT_RDWR); /* completes a recv/send the cancel could not catch */
+	while (x->in_flight) {
+		int ret = io_uring_wait_cqe(&x->ring, &cqe);
+		if (ret == -EINTR)
+			continue;
+		if (ret < 0)
+			return; /* in_flight stays true: the caller then leaks the buffer rather than free it */
+		if (io_uring_cqe_get_data64(cqe) == EXEC_CLIENT_UD_OP)
+			x->in_flight = false;
+		io_uring_cqe_seen(&x->ring, cqe);
+	}
+}
+
+/* A fresh SQE tagged as the operation; NULL cannot happen with one op in flight on a ring of 8. */
+static struct io_uring_sqe *exec_client_sqe(struct exec_client *x)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&x->ring);
+
+	if (sqe)
+		io_uring_sqe_set_data64(sqe, EXEC_CLIENT_UD_OP);
+	return sqe;
+}
+
+/*
+ * Submit the prepared operation and wait for its completion in slices of at
+ * most 100 ms, checking the host deadline and interrupted() between slices.
+ * Returns 0 with *res = the completion's result, or -ETIMEDOUT / -EINTR /
+ * -errno (the operation then cancelled).
+ */
+static int exec_client_wait(struct exec_client *x, int *res)
+{
+	struct io_uring_cqe *cqe;
+	int ret;
+
+	ret = io_uring_submit(&x->ring);
+	if (ret < 0)
+		return exec_client_fail(x, ret, "io_uring_submit: %s", strerror(-ret));
+	x->in_flight = true;
+	for (;;) {
+		int64_t now = exec_client_now_ms(), slice = EXEC_CLIENT_SLICE_MS;
+		struct __kernel_timespec ts;
+
+		if (x->interrupted && now - x->last_poll_ms >= EXEC_CLIENT_SLICE_MS) {
+			x->last_poll_ms = now;
+			if (x->interrupted(x->opaque)) {
+				ret = exec_client_fail(x, -EINTR, "interrupted");
+				goto out;
+			}
+		}
+		if (x->deadline_ms >= 0) {
+			if (now >= x->deadline_ms) {
+				ret = exec_client_fail(x, -ETIMEDOUT, "no EXIT from the guest agent within the host timeout");
+				goto out;
+			}
+			if (x->deadline_ms - now < slice)
+				slice = x->deadline_ms - now;
+		}
+		ts.tv_sec = slice / 1000;
+		ts.tv_nsec = (slice % 1000) * 1000000;
+		ret = io_uring_wait_cqe_timeout(&x->ring, &cqe, &ts);
+		if (ret == -ETIME)
+			continue;
+		if (ret == -EINTR) {
+			x->last_poll_ms = INT64_MIN / 2; /* a signal: ask interrupted() right away */
+			continue;
+		}
+		if (ret < 0) {
+			ret = exec_client_fail(x, ret, "io_uring_wait_cqe_timeout: %s", strerror(-ret));
+			goto out;
+		}
+		if (io_uring_cqe_get_data64(cqe) != EXEC_CLIENT_UD_OP) {
+			io_uring_cqe_seen(&x->ring, cqe);
+			continue;
+		}
+		*res = cqe->res;
+		io_uring_cqe_seen(&x->ring, cqe);
+		x->in_flight = false;
+		return 0;
+	}
+out:
+	exec_client_cancel(x);
+	return ret;
+}
+
+static int exec_client_send_all(struct exec_client *x, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+	int ret, res;
+
+	while (len) {
+		struct io_uring_sqe *sqe = exec_client_sqe(x);
+		if (!sqe)
+			return -EBUSY;
+		io_uring_prep_send(sqe, x->fd, p, len, MSG_NOSIGNAL);
+		ret = exec_client_wait(x, &res);
+		if (ret < 0)
+			return ret;
+		if (res == -EINTR || res == -EAGAIN)
+			continue;
+		if (res <= 0)
+			return res < 0 ? res : -EIO;
+		p += res;
+		len -= (size_t)res;
+	}
+	return 0;
+}
+
+/* One recv into buf. Returns bytes (0 = EOF) or -errno. */
+static int exec_client_recv(struct exec_client *x, uint8_t *buf, size_t len)
+{
+	int ret, res;
+
+	for (;;) {
+		struct io_uring_sqe *sqe = exec_client_sqe(x);
+		if (!sqe)
+			return -EBUSY;
+		io_uring_prep_recv(sqe, x->fd, buf, len, 0);
+		ret = exec_client_wait(x, &res);
+		if (ret < 0)
+			return ret;
+		if (res != -EINTR && res != -EAGAIN)
+			return res;
+	}
+}
+
+/* Append to one output stream, growing it geometrically, dropping what is beyond EXEC_OUTPUT_CAP. */
+static int exec_client_append(struct exec_client *x, uint8_t **buf, size_t *len, size_t *cap, const uint8_t *p,
+			      size_t n)
+{
+	if (n > EXEC_OUTPUT_CAP - *len) {
+		n = EXEC_OUTPUT_CAP - *len;
+		x->truncated = true;
+	}
+	if (!n)
+		return 0;
+	if (*len + n > *cap) {
+		size_t ncap = *cap ? *cap : EXEC_CLIENT_RBUF;
+		uint8_t *nbuf;
+
+		while (ncap < *len + n)
+			ncap *= 2;
+		if (ncap > EXEC_OUTPUT_CAP)
+			ncap = EXEC_OUTPUT_CAP;
+		nbuf = realloc(*buf, ncap);
+		if (!nbuf)
+			return exec_client_fail(x, -ENOMEM, "out of memory for %zu bytes of output", ncap);
+		*buf = nbuf;
+		*cap = ncap;
+	}
+	memcpy(*buf + *len, p, n);
+	*len += n;
+	return 0;
+}
+
+/* A frame's payload is complete. Returns 0, or -EPROTO for an ERROR frame. */
+static int exec_client_frame_done(struct exec_client *x)
+{
+	struct smolvm_exit ex;
+
+	x->in_payload = false;
+	x->hdr_got = 0;
+	if (x->type == SMOLVM_EXIT) {
+		memcpy(&ex, x->small, sizeof(ex));
+		x->out->exit_code = (int32_t)le32toh((uint32_t)ex.exit_code);
+		x->out->signal = (int32_t)le32toh((uint32_t)ex.signal);
+		x->out->timed_out = !!(le32toh(ex.flags) & SMOLVM_EXIT_TIMED_OUT);
+		x->done = true;
+	} else if (x->type == SMOLVM_ERROR) {
+		x->done = true;
+		return exec_client_fail(x, -EPROTO, "%.*s", (int)x->small_len, (const char *)x->small);
+	}
+	return 0;
+}
+
+/* Feed received bytes to the frame parser. Returns 0 or -EPROTO (error[] says why). */
+static int exec_client_feed(struct exec_client *x, const uint8_t *p, size_t n)
+{
+	struct exec_output *o = x->out;
+	int ret;
+
+	while (n && !x->done) {
+		if (!x->in_payload) {
+			struct smolvm_frame h;
+			uint32_t magic, len;
+			size_t take = EXEC_CLIENT_HDR - x->hdr_got;
+
+			if (take > n)
+				take = n;
+			memcpy(x->hdr + x->hdr_got, p, take);
+			x->hdr_got += take;
+			p += take;
+			n -= take;
+			if (x->hdr_got < EXEC_CLIENT_HDR)
+				break;
+			memcpy(&h, x->hdr, sizeof(h));
+			magic = le32toh(h.magic);
+			len = le32toh(h.len);
+			x->type = le16toh(h.type);
+			if (magic != SMOLVM_PROTO_MAGIC)
+				return exec_client_fail(x, -EPROTO, "bad frame from the guest agent: magic 0x%08x, want 0x%08x",
+							magic, SMOLVM_PROTO_MAGIC);
+			if (x->type < SMOLVM_STDOUT || x->type > SMOLVM_ERROR)
+				return exec_client_fail(x, -EPROTO, "bad frame from the guest agent: type %u", x->type);
+			if (len > SMOLVM_MAX_PAYLOAD)
+				return exec_client_fail(x, -EPROTO, "bad frame from the guest agent: length %u over %u", len,
+							SMOLVM_MAX_PAYLOAD);
+			if (x->type == SMOLVM_EXIT && len != sizeof(struct smolvm_exit))
+				return exec_client_fail(x, -EPROTO, "bad EXIT frame from the guest agent: length %u", len);
+			x->left = len;
+			x->small_len = 0;
+			x->in_payload = true;
+		} else {
+			size_t take = x->left < n ? x->left : n;
+
+			if (x->type == SMOLVM_STDOUT)
+				ret = exec_client_append(x, &o->out, &o->out_len, &x->out_cap, p, take);
+			else if (x->type == SMOLVM_STDERR)
+				ret = exec_client_append(x, &o->err, &o->err_len, &x->err_cap, p, take);
+			else {
+				size_t keep = sizeof(x->small) - x->small_len;
+				memcpy(x->small + x->small_len, p, keep < take ? keep : take);
+				x->small_len += keep < take ? keep : take;
+				ret = 0;
+			}
+			if (ret < 0)
+				return ret;
+			x->left -= (uint32_t)take;
+			p += take;
+			n -= take;
+		}
+		if (x->in_payload && x->left == 0) {
+			ret = exec_client_frame_done(x);
+			if (ret < 0)
+				return ret;
+		}
+	}
+	return 0;
+}
+
+/* The EXEC frame: header, struct smolvm_exec, command, cwd, env strings. */
+static int exec_client_build(struct exec_client *x, const struct exec_request *req, uint8_t **msg, size_t *msg_len)
+{
+	const char *cwd = req->cwd ? req->cwd : "";
+	size_t len = sizeof(struct smolvm_exec) + strlen(req->command) + 1 + strlen(cwd) + 1, off;
+	struct smolvm_frame h;
+	struct smolvm_exec ex;
+	uint8_t *m;
+	uint32_t i;
+
+	if (req->n_env && !req->env)
+		return exec_client_fail(x, -EINVAL, "n_env is %u but env is NULL", req->n_env);
+	for (i = 0; i < req->n_env; i++) {
+		if (!req->env[i] || !strchr(req->env[i], '=') || req->env[i][0] == '=')
+			return exec_client_fail(x, -EINVAL, "env entry %u is not KEY=VALUE", i);
+		len += strlen(req->env[i]) + 1;
+		if (len > SMOLVM_MAX_PAYLOAD)
+			break;
+	}
+	if (len > SMOLVM_MAX_PAYLOAD)
+		return exec_client_fail(x, -E2BIG, "command, cwd and env take more than the %u bytes one EXEC frame holds",
+					SMOLVM_MAX_PAYLOAD);
+	m = malloc(EXEC_CLIENT_HDR + len);
+	if (!m)
+		return exec_client_fail(x, -ENOMEM, "out of memory");
+	h.magic = htole32(SMOLVM_PROTO_MAGIC);
+	h.type = htole16(SMOLVM_EXEC);
+	h.flags = 0;
+	h.len = htole32((uint32_t)len);
+	ex.timeout_ms = htole32(req->timeout_ms);
+	ex.n_env = htole32(req->n_env);
+	memcpy(m, &h, sizeof(h));
+	memcpy(m + EXEC_CLIENT_HDR, &ex, sizeof(ex));
+	off = EXEC_CLIENT_HDR + sizeof(ex);
+	memcpy(m + off, req->command, strlen(req->command) + 1);
+	off += strlen(req->command) + 1;
+	memcpy(m + off, cwd, strlen(cwd) + 1);
+	off += strlen(cwd) + 1;
+	for (i = 0; i < req->n_env; i++) {
+		memcpy(m + off, req->env[i], strlen(req->env[i]) + 1);
+		off += strlen(req->env[i]) + 1;
+	}
+	*msg = m;
+	*msg_len = off;
+	return 0;
+}
+
+/* Read the "OK <n>\n" reply into buf; bytes after the line go to the frame parser. */
+static int exec_client_handshake(struct exec_client *x, uint32_t port, uint8_t *buf)
+{
+	size_t have = 0;
+	uint8_t *nl = NULL;
+	int n;
+
+	while (!nl) {
+		n = exec_client_recv(x, buf + have, EXEC_CLIENT_RBUF - have);
+		if (n == 0 || n == -ECONNRESET || n == -EPIPE)
+			return exec_client_fail(x, -ECONNREFUSED,
+						"the guest refused vsock port %u (is the agent up?)", port);
+		if (n < 0)
+			return n == -ETIMEDOUT || n == -EINTR ? n : exec_client_fail(x, n, "vsock handshake: %s", strerror(-n));
+		have += (size_t)n;
+		nl = memchr(buf, '\n', have);
+		if (!nl && have > EXEC_CLIENT_HS_MAX)
+			break;
+	}
+	if (!nl || nl - buf < 3 || memcmp(buf, "OK ", 3) != 0)
+		return exec_client_fail(x, -ECONNREFUSED, "vsock handshake: unexpected reply \"%.*s\"",
+					(int)(have < 40 ? have : 40), (const char *)buf);
+	return exec_client_feed(x, nl + 1, have - (size_t)(nl + 1 - buf));
+}
+
+int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req, int host_timeout_ms,
+	     int (*interrupted)(void *), void *opaque, struct exec_output *out)
+{
+	struct exec_client x;
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	uint8_t *msg = NULL, *rbuf = NULL;
+	size_t msg_len = 0;
+	char line[32];
+	int ret, res, send_err = 0, n;
+
+	memset(out, 0, sizeof(*out));
+	memset(&x, 0, sizeof(x));
+	x.fd = -1;
+	x.out = out;
+	x.interrupted = interrupted;
+	x.opaque = opaque;
+	x.last_poll_ms = exec_client_now_ms();
+	x.deadline_ms = host_timeout_ms < 0 ? -1 : x.last_poll_ms + host_timeout_ms;
+	if (!uds_path || !req || !req->command) {
+		ret = exec_client_fail(&x, -EINVAL, "uds_path, req and req->command are required");
+		goto out;
+	}
+	if (strlen(uds_path) >= sizeof(sa.sun_path)) {
+		ret = exec_client_fail(&x, -ENAMETOOLONG, "socket path too long: %s", uds_path);
+		goto out;
+	}
+	strcpy(sa.sun_path, uds_path);
+	ret = exec_client_build(&x, req, &msg, &msg_len);
+	if (ret < 0)
+		goto out;
+	rbuf = malloc(EXEC_CLIENT_RBUF);
+	if (!rbuf) {
+		ret = exec_client_fail(&x, -ENOMEM, "out of memory");
+		goto out;
+	}
+	ret = io_uring_queue_init(8, &x.ring, 0);
+	if (ret < 0) {
+		ret = exec_client_fail(&x, ret, "io_uring_queue_init: %s", strerror(-ret));
+		goto out;
+	}
+	x.ring_ready = true;
+	x.fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (x.fd < 0) {
+		ret = exec_client_fail(&x, -errno, "socket: %s", strerror(errno));
+		goto out;
+	}
+
+	struct io_uring_sqe *sqe = exec_client_sqe(&x);
+	if (!sqe) {
+		ret = -EBUSY;
+		goto out;
+	}
+	io_uring_prep_connect(sqe, x.fd, (struct sockaddr *)&sa, sizeof(sa));
+	ret = exec_client_wait(&x, &res);
+	if (ret < 0)
+		goto out;
+	if (res < 0) {
+		ret = exec_client_fail(&x, res, "connect %s: %s", uds_path, strerror(-res));
+		goto out;
+	}
+
+	n = snprintf(line, sizeof(line), "CONNECT %u\n", port);
+	ret = exec_client_send_all(&x, line, (size_t)n);
+	if (ret == -EPIPE || ret == -ECONNRESET)
+		ret = exec_client_fail(&x, -ECONNREFUSED, "the VMM closed %s during the vsock handshake", uds_path);
+	if (ret < 0)
+		goto out;
+	ret = exec_client_handshake(&x, port, rbuf);
+	if (ret < 0)
+		goto out;
+
+	/* If the agent rejects the request early it sends ERROR and closes: read that rather than EPIPE. */
+	ret = exec_client_send_all(&x, msg, msg_len);
+	if (ret == -EPIPE || ret == -ECONNRESET)
+		send_err = ret;
+	else if (ret < 0)
+		goto out;
+	free(msg);
+	msg = NULL;
+
+	while (!x.done) {
+		n = exec_client_recv(&x, rbuf, EXEC_CLIENT_RBUF);
+		if (n == 0 || n == -ECONNRESET || n == -EPIPE) {
+			ret = exec_client_fail(&x, -ECONNRESET, "the guest agent closed the connection before EXIT%s",
+					       send_err ? " (while the request was being sent)" : "");
+			goto out;
+		}
+		if (n < 0) {
+			ret = n == -ETIMEDOUT || n == -EINTR ? n : exec_client_fail(&x, n, "recv: %s", strerror(-n));
+			goto out;
+		}
+		ret = exec_client_feed(&x, rbuf, (size_t)n);
+		if (ret < 0)
+			goto out;
+	}
+	ret = 0;
+	if (x.truncated)
+		snprintf(out->error, sizeof(out->error), "output truncated: each stream keeps its first %u MiB",
+			 EXEC_OUTPUT_CAP >> 20);
+out:
+	if (x.ring_ready) {
+		exec_client_cancel(&x);
+		if (x.in_flight)
+			rbuf = msg = NULL; /* the kernel may still use them: leak rather than free */
+		io_uring_queue_exit(&x.ring);
+	}
+	if (x.fd >= 0)
+		close(x.fd);
+	free(rbuf);
+	free(msg);
+	if (ret < 0 && !out->error[0])
+		snprintf(out->error, sizeof(out->error), "%s", strerror(-ret));
+	return ret;
+}
+
+void exec_output_free(struct exec_output *out)
+{
+	free(out->out);
+	free(out->err);
+	out->out = NULL;
+	out->err = NULL;
+	out->out_len = 0;
+	out->err_len = 0;
+}
