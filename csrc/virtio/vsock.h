@@ -1,0 +1,51 @@
+/* virtio-vsock device (id 19): guest stream sockets <-> host Unix-socket clients ("CONNECT <port>\n"). */
+#ifndef SMOLVM_VIRTIO_VSOCK_H
+#define SMOLVM_VIRTIO_VSOCK_H
+
+#include <stdint.h>
+
+struct vm;
+struct vsock;
+
+#define VSOCK_GUEST_CID 3u
+#define VSOCK_MAX_CONNS 128u        /* host clients at once; more are closed on accept */
+#define VSOCK_BUF_ALLOC (256u << 10) /* our receive window per connection */
+
+struct vsock_config {
+	uint64_t base; /* MMIO window (VIRTIO_MMIO_SIZE bytes) */
+	uint32_t gsi;
+	uint64_t guest_cid;   /* 0 = VSOCK_GUEST_CID */
+	const char *uds_path; /* listening Unix socket; a stale file there is replaced */
+	/*
+	 * The guest connected to host port SMOLVM_READY_PORT (the agent is up);
+	 * the connection itself is refused with RST. Runs on the loop thread with
+	 * the device lock held: keep it short and do not call vsock_* from it.
+	 */
+	void (*on_ready)(void *opaque);
+	void *opaque;
+};
+
+/*
+ * Create the device: listening socket, work eventfd and transport (via
+ * virtio_mmio_init, so vm_add_mmio). vm->loop must be set; call before the
+ * vCPUs and evloop_run() start. Host clients connect to uds_path, write
+ * "CONNECT <guest port>\n", get "OK <host port>\n" once the guest accepts
+ * (or a close if it refuses), then the stream is the guest's. Returns 0 or
+ * -errno.
+ */
+int vsock_new(struct vm *vm, const struct vsock_config *cfg, struct vsock **out);
+
+/* Close every connection and the listening socket (unlinked). Only when no vCPU and no loop runs. */
+void vsock_free(struct vsock *v);
+
+/*
+ * Send VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue and close every
+ * host connection the guest knows of (clients see EOF; those still waiting
+ * for their REQUEST to go out survive, as on a device reset); for snapshot
+ * restore. Any thread; the closing happens on the loop thread. Returns 0,
+ * -ENOTCONN if the driver is not live, -ENOBUFS if the guest posted no event
+ * buffer (connections are dropped anyway).
+ */
+int vsock_reset_transport(struct vsock *v);
+
+#endif

@@ -1,0 +1,2212 @@
+/* Unit tests for csrc/virtio: split queue, virtio-mmio transport and vsock, driven by a fake Linux guest. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <linux/kvm.h>
+#include <linux/virtio_config.h>
+#include <linux/virtio_mmio.h>
+#include <linux/virtio_ring.h>
+#include <linux/virtio_vsock.h>
+
+#include "evloop.h"
+#include "proto.h"
+#include "virtio/mmio.h"
+#include "virtio/queue.h"
+#include "virtio/vsock.h"
+#include "vm.h"
+
+/* ------------------------------------------------------------------ harness */
+
+static const char *cur_test;
+
+#define CHECK(cond)                                                                              \
+	do {                                                                                     \
+		if (!(cond)) {                                                                   \
+			fprintf(stderr, "FAIL %s: %s:%d: %s\n", cur_test, __FILE__, __LINE__, #cond); \
+			exit(1);                                                                 \
+		}                                                                                \
+	} while (0)
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ------------------------------------------------------------------ fakes: vm.h */
+
+static int irq_edges; /* vm_irq_line(gsi, 1) calls; atomic: the loop thread raises them */
+
+int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len, void (*access)(void *, uint64_t, void *, uint32_t, bool),
+		void *opaque)
+{
+	if (vm->nr_mmio >= VM_MAX_MMIO_DEVS)
+		return -ENOSPC;
+	vm->mmio[vm->nr_mmio++] = (struct vm_mmio_dev){ base, len, access, opaque };
+	return 0;
+}
+
+int vm_irq_line(struct vm *vm, uint32_t gsi, int level)
+{
+	(void)vm;
+	(void)gsi;
+	if (level)
+		__atomic_fetch_add(&irq_edges, 1, __ATOMIC_RELAXED);
+	return 0;
+}
+
+void vm_request_exit(struct vm *vm, int reason, const char *msg)
+{
+	vm->exit_reason = reason;
+	snprintf(vm->exit_msg, sizeof(vm->exit_msg), "%s", msg);
+}
+
+#define RAM_SIZE (16u << 20)
+
+static struct vm *fake_vm_new(struct evloop *loop)
+{
+	struct vm *vm = calloc(1, sizeof(*vm));
+
+	CHECK(vm);
+	vm->kvm_fd = vm->vm_fd = -1; /* no KVM: ioeventfd/irqfd fall back */
+	vm->mem = aligned_alloc(4096, RAM_SIZE);
+	CHECK(vm->mem);
+	memset(vm->mem, 0, RAM_SIZE);
+	vm->mem_size = RAM_SIZE;
+	vm->loop = loop;
+	vm->console_fd = -1;
+	return vm;
+}
+
+static void fake_vm_free(struct vm *vm)
+{
+	free(vm->mem);
+	free(vm);
+}
+
+/* ------------------------------------------------------------------ fakes: poll()-based evloop */
+
+#define EV_MAX 512
+
+struct evloop {
+	struct {
+		int fd;
+		uint32_t events;
+		evloop_cb cb;
+		void *opaque;
+		bool on;
+		unsigned gen;
+	} w[EV_MAX];
+	int stop;
+};
+
+int evloop_new(struct evloop **out)
+{
+	*out = calloc(1, sizeof(**out));
+	return *out ? 0 : -ENOMEM;
+}
+
+void evloop_free(struct evloop *l)
+{
+	free(l);
+}
+
+static int ev_find(struct evloop *l, int fd)
+{
+	int i;
+
+	for (i = 0; i < EV_MAX; i++)
+		if (l->w[i].on && l->w[i].fd == fd)
+			return i;
+	return -1;
+}
+
+int evloop_add(struct evloop *l, int fd, uint32_t events, evloop_cb cb, void *opaque)
+{
+	int i;
+
+	if (ev_find(l, fd) >= 0)
+		return -EEXIST;
+	for (i = 0; i < EV_MAX && l->w[i].on; i++)
+		;
+	if (i == EV_MAX)
+		return -ENOSPC;
+	l->w[i].fd = fd;
+	l->w[i].events = events;
+	l->w[i].cb = cb;
+	l->w[i].opaque = opaque;
+	l->w[i].on = true;
+	l->w[i].gen++;
+	return 0;
+}
+
+int evloop_mod(struct evloop *l, int fd, uint32_t events)
+{
+	int i = ev_find(l, fd);
+
+	if (i < 0)
+		return -ENOENT;
+	l->w[i].events = events;
+	return 0;
+}
+
+int evloop_del(struct evloop *l, int fd)
+{
+	int i = ev_find(l, fd);
+
+	if (i < 0)
+		return -ENOENT;
+	l->w[i].on = false;
+	l->w[i].gen++;
+	return 0;
+}
+
+static int ev_count(struct evloop *l)
+{
+	int i, n = 0;
+
+	for (i = 0; i < EV_MAX; i++)
+		n += l->w[i].on;
+	return n;
+}
+
+/* Tests run the loop inline (loop_once) unless `threaded`, where a thread runs evloop_run(). */
+static bool threaded;
+
+/* One poll() round; callbacks for watches deleted meanwhile are skipped. */
+static void loop_once(struct evloop *l, int timeout_ms)
+{
+	struct pollfd pfd[EV_MAX];
+	int idx[EV_MAX];
+	unsigned gen[EV_MAX];
+	int i, n = 0, r;
+
+	for (i = 0; i < EV_MAX; i++) {
+		if (!l->w[i].on || !l->w[i].events)
+			continue;
+		pfd[n] = (struct pollfd){ .fd = l->w[i].fd, .events = (short)l->w[i].events };
+		idx[n] = i;
+		gen[n] = l->w[i].gen;
+		n++;
+	}
+	r = poll(pfd, (nfds_t)n, timeout_ms);
+	if (r <= 0)
+		return;
+	for (i = 0; i < n; i++) {
+		int k = idx[i];
+
+		if (!pfd[i].revents || !l->w[k].on || l->w[k].gen != gen[i])
+			continue;
+		l->w[k].cb(l->w[k].opaque, pfd[i].fd, (uint32_t)pfd[i].revents);
+	}
+}
+
+int evloop_run(struct evloop *l)
+{
+	while (!__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE))
+		loop_once(l, 10);
+	return 0;
+}
+
+void evloop_stop(struct evloop *l)
+{
+	__atomic_store_n(&l->stop, 1, __ATOMIC_RELEASE);
+}
+
+/* Give the device time: run the loop here, or just wait for the loop thread. */
+static void idle(struct evloop *l, int ms)
+{
+	if (threaded)
+		poll(NULL, 0, ms);
+	else
+		loop_once(l, ms);
+}
+
+/* ------------------------------------------------------------------ MMIO access as a vCPU would do it */
+
+static struct vm_mmio_dev *dev_of(struct vm *vm)
+{
+	CHECK(vm->nr_mmio > 0);
+	return &vm->mmio[vm->nr_mmio - 1];
+}
+
+static uint32_t mr(struct vm *vm, uint64_t off)
+{
+	struct vm_mmio_dev *d = dev_of(vm);
+	uint32_t v = 0xdeadbeef;
+
+	d->access(d->opaque, off, &v, 4, false);
+	return v;
+}
+
+static void mw(struct vm *vm, uint64_t off, uint32_t v)
+{
+	struct vm_mmio_dev *d = dev_of(vm);
+
+	d->access(d->opaque, off, &v, 4, true);
+}
+
+/* ------------------------------------------------------------------ fake guest: split rings */
+
+#define G_QSIZE 256u
+
+struct gseg {
+	uint64_t gpa;
+	uint32_t len;
+	bool write;
+};
+
+struct gq {
+	unsigned qi;
+	uint16_t size;
+	uint64_t base;
+	struct vring_desc *desc;
+	struct vring_avail *avail;
+	struct vring_used *used;
+	uint16_t avail_idx, last_used;
+	uint16_t free_stack[G_QSIZE];
+	int nfree;
+	int tag[G_QSIZE];
+};
+
+static uint64_t gq_base(unsigned qi)
+{
+	return 0x10000ull * (qi + 1);
+}
+
+static void gq_init(struct vm *vm, struct gq *q, unsigned qi, uint16_t size)
+{
+	int i;
+
+	memset(q, 0, sizeof(*q));
+	q->qi = qi;
+	q->size = size;
+	q->base = gq_base(qi);
+	memset(vm->mem + q->base, 0, 0x3000);
+	q->desc = (void *)(vm->mem + q->base);
+	q->avail = (void *)(vm->mem + q->base + 0x1000);
+	q->used = (void *)(vm->mem + q->base + 0x2000);
+	for (i = size - 1; i >= 0; i--)
+		q->free_stack[q->nfree++] = (uint16_t)i;
+}
+
+/* Like Linux's vm_setup_vq(). */
+static void gq_setup(struct vm *vm, struct gq *q)
+{
+	mw(vm, VIRTIO_MMIO_QUEUE_SEL, q->qi);
+	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
+	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) >= q->size);
+	mw(vm, VIRTIO_MMIO_QUEUE_NUM, q->size);
+	mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)q->base);
+	mw(vm, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+	mw(vm, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (uint32_t)q->base + 0x1000);
+	mw(vm, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
+	mw(vm, VIRTIO_MMIO_QUEUE_USED_LOW, (uint32_t)q->base + 0x2000);
+	mw(vm, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
+	mw(vm, VIRTIO_MMIO_QUEUE_READY, 1);
+}
+
+/* Post a chain; returns its head, or -1 when descriptors ran out. */
+static int gq_add(struct gq *q, const struct gseg *s, int n, int tag)
+{
+	uint16_t idx[VIRTQ_MAX_SEGS];
+	int k;
+
+	if (n > q->nfree)
+		return -1;
+	for (k = 0; k < n; k++)
+		idx[k] = q->free_stack[--q->nfree];
+	for (k = 0; k < n; k++) {
+		struct vring_desc *d = &q->desc[idx[k]];
+
+		d->addr = s[k].gpa;
+		d->len = s[k].len;
+		d->flags = (uint16_t)((s[k].write ? VRING_DESC_F_WRITE : 0) | (k + 1 < n ? VRING_DESC_F_NEXT : 0));
+		d->next = k + 1 < n ? idx[k + 1] : 0;
+	}
+	q->tag[idx[0]] = tag;
+	q->avail->ring[q->avail_idx % q->size] = idx[0];
+	q->avail_idx++;
+	__atomic_store_n(&q->avail->idx, q->avail_idx, __ATOMIC_RELEASE);
+	return idx[0];
+}
+
+static bool gq_used(struct gq *q, int *tag, uint32_t *len)
+{
+	uint16_t idx = __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE);
+	struct vring_used_elem e;
+	uint16_t i;
+	unsigned n;
+
+	if (idx == q->last_used)
+		return false;
+	e = q->used->ring[q->last_used % q->size];
+	q->last_used++;
+	CHECK(e.id < q->size);
+	for (i = (uint16_t)e.id, n = 0; n < q->size; n++) {
+		q->free_stack[q->nfree++] = i;
+		if (!(q->desc[i].flags & VRING_DESC_F_NEXT))
+			break;
+		i = q->desc[i].next;
+	}
+	*tag = q->tag[e.id];
+	*len = e.len;
+	return true;
+}
+
+/* ------------------------------------------------------------------ fake guest: Linux virtio_vsock */
+
+#define G_RX_BUFS 64
+#define G_RX_DATA 4096u
+#define G_RX_BASE 0x100000ull
+#define G_EV_BASE 0x200000ull
+#define G_TX_SLOTS 48
+#define G_TX_BASE 0x300000ull
+#define G_TX_SLOT 0x12000ull
+#define G_SCRATCH 0x900000ull
+#define G_MAX_CONNS 96
+#define G_CID 3u
+#define HDR 44u
+
+enum { RXQ, TXQ, EVQ };
+enum rx_mode { RX_LINUX, RX_WEIRD, RX_ONE };
+enum tx_split { TX_TWO, TX_ONE, TX_WEIRD };
+
+struct gconn {
+	bool used, closed;
+	uint32_t gport, hport;
+	uint32_t buf_alloc, fwd_cnt, fwd_told, rx_total;
+	uint32_t tx_cnt, peer_buf_alloc, peer_fwd_cnt;
+	uint8_t *data;
+	size_t data_len, data_cap;
+	uint32_t shut;
+	bool got_rst;
+};
+
+struct guest {
+	struct vm *vm;
+	struct evloop *loop;
+	struct gq q[3];
+	struct {
+		struct gseg seg[8];
+		int n;
+	} rx[G_RX_BUFS];
+	enum rx_mode rx_mode;
+	enum tx_split tx_split;
+	bool tx_busy[G_TX_SLOTS];
+	struct gconn c[G_MAX_CONNS];
+	uint32_t listen[4];
+	int nlisten;
+	uint32_t buf_alloc;     /* window given to new connections */
+	bool consume;           /* application reads what arrives */
+	bool rst_on_shutdown;   /* answer a full SHUTDOWN with RST, as Linux does when idle */
+	uint32_t isr_seen; /* InterruptStatus bits acknowledged so far */
+	bool tiny_first; /* post RX buffers too small for a header ahead of the real ones */
+	int events, last_event;
+	int rst_unknown;
+	struct virtio_vsock_hdr last_rst;
+	int violations;
+};
+
+static void g_kick(struct guest *g, unsigned q)
+{
+	mw(g->vm, VIRTIO_MMIO_QUEUE_NOTIFY, q);
+}
+
+static void g_post_rx(struct guest *g, int slot)
+{
+	uint64_t b = G_RX_BASE + (uint64_t)slot * 0x2000;
+	int n = 0;
+
+	if (g->rx_mode == RX_LINUX) {
+		g->rx[slot].seg[n++] = (struct gseg){ b, HDR, true };
+		g->rx[slot].seg[n++] = (struct gseg){ b + 0x100, G_RX_DATA, true };
+	} else if (g->rx_mode == RX_ONE) {
+		g->rx[slot].seg[n++] = (struct gseg){ b, HDR + G_RX_DATA, true };
+	} else { /* header cut in three, payload in three odd pieces */
+		g->rx[slot].seg[n++] = (struct gseg){ b, 3, true };
+		g->rx[slot].seg[n++] = (struct gseg){ b + 0x10, 30, true };
+		g->rx[slot].seg[n++] = (struct gseg){ b + 0x40, 20, true };
+		g->rx[slot].seg[n++] = (struct gseg){ b + 0x100, 1, true };
+		g->rx[slot].seg[n++] = (struct gseg){ b + 0x200, 1000, true };
+		g->rx[slot].seg[n++] = (struct gseg){ b + 0x800, 777, true };
+	}
+	g->rx[slot].n = n;
+	CHECK(gq_add(&g->q[RXQ], g->rx[slot].seg, n, slot) >= 0);
+}
+
+static void g_gather(struct guest *g, const struct gseg *s, int n, uint8_t *dst, uint32_t len)
+{
+	int k;
+
+	for (k = 0; k < n && len; k++) {
+		uint32_t m = s[k].len < len ? s[k].len : len;
+
+		memcpy(dst, g->vm->mem + s[k].gpa, m);
+		dst += m;
+		len -= m;
+	}
+}
+
+static int g_tx_slot(struct guest *g)
+{
+	int tag, i, tries;
+	uint32_t len;
+
+	for (tries = 0; tries < 2000; tries++) {
+		while (gq_used(&g->q[TXQ], &tag, &len))
+			g->tx_busy[tag] = false;
+		for (i = 0; i < G_TX_SLOTS; i++)
+			if (!g->tx_busy[i] && g->q[TXQ].nfree >= 8)
+				return i;
+		idle(g->loop, 1); /* let the device consume TX */
+	}
+	CHECK(!"no free TX slot");
+	return -1;
+}
+
+/* Send one packet the way the Linux driver does (header and payload as separate descriptors). */
+static void g_send_split(struct guest *g, const struct virtio_vsock_hdr *h, const void *payload, uint32_t len,
+			 enum tx_split split)
+{
+	int slot = g_tx_slot(g), n = 0;
+	uint64_t b = G_TX_BASE + (uint64_t)slot * G_TX_SLOT;
+	struct gseg s[8];
+
+	CHECK(len <= 0x10000);
+	memcpy(g->vm->mem + b, h, HDR);
+	if (len)
+		memcpy(g->vm->mem + b + HDR, payload, len);
+	if (split == TX_ONE || (split == TX_TWO && !len)) {
+		s[n++] = (struct gseg){ b, HDR + len, false };
+	} else if (split == TX_TWO) {
+		s[n++] = (struct gseg){ b, HDR, false };
+		s[n++] = (struct gseg){ b + HDR, len, false };
+	} else { /* 1 + 7 + 30 + (6 + a bit of payload) + rest of payload in two */
+		uint32_t rest = HDR + len, cut[4] = { 1, 7, 30, 6 + (len > 5 ? 5 : len) };
+		uint64_t at = b;
+		int k;
+
+		for (k = 0; k < 4; k++) {
+			s[n++] = (struct gseg){ at, cut[k], false };
+			at += cut[k];
+			rest -= cut[k];
+		}
+		if (rest) {
+			s[n++] = (struct gseg){ at, rest / 2, false };
+			s[n++] = (struct gseg){ at + rest / 2, rest - rest / 2, false };
+		}
+	}
+	g->tx_busy[slot] = true;
+	CHECK(gq_add(&g->q[TXQ], s, n, slot) >= 0);
+	g_kick(g, TXQ);
+}
+
+static void g_send(struct guest *g, const struct virtio_vsock_hdr *h, const void *payload, uint32_t len)
+{
+	g_send_split(g, h, payload, len, g->tx_split);
+}
+
+static struct gconn *g_find(struct guest *g, uint32_t gport, uint32_t hport)
+{
+	int i;
+
+	for (i = 0; i < G_MAX_CONNS; i++)
+		if (g->c[i].used && !g->c[i].closed && g->c[i].gport == gport && g->c[i].hport == hport)
+			return &g->c[i];
+	return NULL;
+}
+
+static void g_hdr(struct guest *g, struct gconn *c, uint16_t op, struct virtio_vsock_hdr *h)
+{
+	(void)g;
+	memset(h, 0, sizeof(*h));
+	h->src_cid = G_CID;
+	h->dst_cid = 2;
+	h->src_port = c->gport;
+	h->dst_port = c->hport;
+	h->type = VIRTIO_VSOCK_TYPE_STREAM;
+	h->op = op;
+	h->buf_alloc = c->buf_alloc;
+	h->fwd_cnt = c->fwd_cnt;
+	c->fwd_told = c->fwd_cnt;
+}
+
+static void g_ctrl(struct guest *g, struct gconn *c, uint16_t op, uint32_t flags)
+{
+	struct virtio_vsock_hdr h;
+
+	g_hdr(g, c, op, &h);
+	h.flags = flags;
+	g_send(g, &h, NULL, 0);
+}
+
+/* Application reads everything buffered; tell the host once a quarter window was freed. */
+static void g_consume(struct guest *g, struct gconn *c)
+{
+	c->fwd_cnt = c->rx_total;
+	if (!c->closed && c->fwd_cnt - c->fwd_told >= c->buf_alloc / 4)
+		g_ctrl(g, c, VIRTIO_VSOCK_OP_CREDIT_UPDATE, 0);
+}
+
+static void g_rx_packet(struct guest *g, const uint8_t *pkt, uint32_t used_len)
+{
+	struct virtio_vsock_hdr h;
+	struct gconn *c;
+	int i;
+
+	CHECK(used_len >= HDR);
+	memcpy(&h, pkt, HDR);
+	CHECK(h.len == used_len - HDR);
+	CHECK(h.src_cid == 2 && h.dst_cid == G_CID && h.type == VIRTIO_VSOCK_TYPE_STREAM);
+	c = g_find(g, h.dst_port, h.src_port);
+	if (h.op == VIRTIO_VSOCK_OP_REQUEST) {
+		bool ok = false;
+
+		CHECK(!c);
+		CHECK(h.src_port >= 1024);
+		for (i = 0; i < g->nlisten; i++)
+			ok |= g->listen[i] == h.dst_port;
+		for (i = 0; i < G_MAX_CONNS && g->c[i].used; i++)
+			;
+		if (!ok || i == G_MAX_CONNS) {
+			struct virtio_vsock_hdr r = h;
+
+			r.src_cid = G_CID;
+			r.dst_cid = 2;
+			r.src_port = h.dst_port;
+			r.dst_port = h.src_port;
+			r.op = VIRTIO_VSOCK_OP_RST;
+			r.len = 0;
+			g_send(g, &r, NULL, 0);
+			return;
+		}
+		c = &g->c[i];
+		memset(c, 0, sizeof(*c));
+		c->used = true;
+		c->gport = h.dst_port;
+		c->hport = h.src_port;
+		c->buf_alloc = g->buf_alloc;
+		c->peer_buf_alloc = h.buf_alloc;
+		c->peer_fwd_cnt = h.fwd_cnt;
+		g_ctrl(g, c, VIRTIO_VSOCK_OP_RESPONSE, 0);
+		return;
+	}
+	if (!c) {
+		if (h.op == VIRTIO_VSOCK_OP_RST) {
+			g->rst_unknown++;
+			g->last_rst = h;
+		} else {
+			fprintf(stderr, "guest: op %u for unknown %u:%u\n", h.op, h.dst_port, h.src_port);
+			g->violations++;
+		}
+		return;
+	}
+	c->peer_buf_alloc = h.buf_alloc;
+	c->peer_fwd_cnt = h.fwd_cnt;
+	switch (h.op) {
+	case VIRTIO_VSOCK_OP_RW:
+		if ((c->rx_total - c->fwd_cnt) + h.len > c->buf_alloc || (c->shut & VIRTIO_VSOCK_SHUTDOWN_SEND)) {
+			fprintf(stderr, "guest: credit violated (%u in flight + %u > %u)\n", c->rx_total - c->fwd_cnt,
+				h.len, c->buf_alloc);
+			g->violations++;
+		}
+		if (c->data_len + h.len > c->data_cap) {
+			c->data_cap = (c->data_len + h.len) * 2;
+			c->data = realloc(c->data, c->data_cap);
+			CHECK(c->data);
+		}
+		memcpy(c->data + c->data_len, pkt + HDR, h.len);
+		c->data_len += h.len;
+		c->rx_total += h.len;
+		break;
+	case VIRTIO_VSOCK_OP_CREDIT_UPDATE:
+		break;
+	case VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+		g_ctrl(g, c, VIRTIO_VSOCK_OP_CREDIT_UPDATE, 0);
+		break;
+	case VIRTIO_VSOCK_OP_SHUTDOWN:
+		c->shut |= h.flags;
+		if (g->rst_on_shutdown && c->shut == 3) {
+			g_ctrl(g, c, VIRTIO_VSOCK_OP_RST, 0);
+			c->closed = true;
+		}
+		break;
+	case VIRTIO_VSOCK_OP_RST:
+		c->got_rst = true;
+		c->closed = true;
+		break;
+	default:
+		fprintf(stderr, "guest: unexpected op %u\n", h.op);
+		g->violations++;
+	}
+}
+
+static void g_poll(struct guest *g)
+{
+	static uint8_t pkt[HDR + 0x10000];
+	uint32_t len, isr;
+	int tag, i;
+
+	while (gq_used(&g->q[RXQ], &tag, &len)) {
+		if (tag < 0) { /* a tiny buffer: must come back empty */
+			CHECK(len == 0);
+			continue;
+		}
+		CHECK(tag < G_RX_BUFS);
+		if (len) {
+			CHECK(len <= HDR + G_RX_DATA);
+			g_gather(g, g->rx[tag].seg, g->rx[tag].n, pkt, len);
+			g_rx_packet(g, pkt, len);
+		}
+		g_post_rx(g, tag);
+		g_kick(g, RXQ);
+	}
+	while (gq_used(&g->q[EVQ], &tag, &len)) {
+		uint32_t id;
+
+		CHECK(len == 4);
+		memcpy(&id, g->vm->mem + G_EV_BASE + (uint64_t)tag * 16, 4);
+		g->events++;
+		g->last_event = (int)id;
+	}
+	while (gq_used(&g->q[TXQ], &tag, &len))
+		g->tx_busy[tag] = false;
+	if (g->consume)
+		for (i = 0; i < G_MAX_CONNS; i++)
+			if (g->c[i].used && !g->c[i].closed)
+				g_consume(g, &g->c[i]);
+	/* an interrupt handler would do this */
+	isr = mr(g->vm, VIRTIO_MMIO_INTERRUPT_STATUS);
+	g->isr_seen |= isr;
+	mw(g->vm, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+}
+
+/* Probe like drivers/virtio/virtio_mmio.c + net/vmw_vsock/virtio_transport.c. */
+static void g_probe(struct guest *g)
+{
+	struct vm *vm = g->vm;
+	uint64_t cid = 0;
+	uint32_t lo, hi;
+	int i;
+
+	CHECK(mr(vm, VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976);
+	CHECK(mr(vm, VIRTIO_MMIO_VERSION) == 2);
+	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_ID) == 19);
+	mw(vm, VIRTIO_MMIO_STATUS, 0);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0);
+	mw(vm, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+	mw(vm, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+	hi = mr(vm, VIRTIO_MMIO_DEVICE_FEATURES);
+	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+	lo = mr(vm, VIRTIO_MMIO_DEVICE_FEATURES);
+	CHECK(hi & 1); /* VERSION_1 */
+	CHECK(lo == 0);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
+	for (i = 0; i < 3; i++) {
+		gq_init(vm, &g->q[i], (unsigned)i, G_QSIZE);
+		gq_setup(vm, &g->q[i]);
+		CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 1);
+	}
+	lo = mr(vm, VIRTIO_MMIO_CONFIG);
+	hi = mr(vm, VIRTIO_MMIO_CONFIG + 4);
+	cid = (uint64_t)hi << 32 | lo;
+	CHECK(cid == G_CID);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
+	for (i = 0; g->tiny_first && i < 3; i++) {
+		struct gseg tiny = { G_SCRATCH + (uint64_t)i * 64, 10, true };
+
+		CHECK(gq_add(&g->q[RXQ], &tiny, 1, -1) >= 0);
+	}
+	for (i = 0; i < G_RX_BUFS; i++)
+		g_post_rx(g, i);
+	g_kick(g, RXQ);
+	for (i = 0; i < 8; i++) {
+		struct gseg s = { G_EV_BASE + (uint64_t)i * 16, 4, true };
+
+		CHECK(gq_add(&g->q[EVQ], &s, 1, i) >= 0);
+	}
+	g_kick(g, EVQ);
+	memset(g->tx_busy, 0, sizeof(g->tx_busy));
+}
+
+static void g_reset_state(struct guest *g)
+{
+	int i;
+
+	for (i = 0; i < G_MAX_CONNS; i++)
+		free(g->c[i].data);
+	memset(g->c, 0, sizeof(g->c));
+	g->rst_unknown = 0;
+	g->events = 0;
+}
+
+/* ------------------------------------------------------------------ world: vm + loop + vsock + guest */
+
+struct world {
+	struct evloop *loop;
+	struct vm *vm;
+	struct vsock *vs;
+	struct guest g;
+	char path[108];
+	int ready_calls;
+	pthread_t loop_thread;
+};
+
+static void on_ready(void *opaque)
+{
+	__atomic_fetch_add(&((struct world *)opaque)->ready_calls, 1, __ATOMIC_RELAXED);
+}
+
+static void *loop_main(void *opaque)
+{
+	evloop_run(opaque);
+	return NULL;
+}
+
+static void world_init(struct world *w)
+{
+	struct vsock_config cfg = { 0 };
+	const char *tmp = getenv("TMPDIR");
+
+	memset(w, 0, sizeof(*w));
+	CHECK(evloop_new(&w->loop) == 0);
+	w->vm = fake_vm_new(w->loop);
+	if (!tmp || strlen(tmp) > 60) /* sun_path holds 108 bytes */
+		tmp = "/tmp";
+	snprintf(w->path, sizeof(w->path), "%s/smolvm-test-vsock-%d.sock", tmp, (int)getpid());
+	cfg.base = 0xd0000000;
+	cfg.gsi = 5;
+	cfg.uds_path = w->path;
+	cfg.on_ready = on_ready;
+	cfg.opaque = w;
+	CHECK(vsock_new(w->vm, &cfg, &w->vs) == 0);
+	w->g.vm = w->vm;
+	w->g.loop = w->loop;
+	w->g.listen[w->g.nlisten++] = SMOLVM_AGENT_PORT;
+	w->g.listen[w->g.nlisten++] = 1000;
+	w->g.buf_alloc = 64u << 10;
+	w->g.consume = true;
+	w->g.rst_on_shutdown = true;
+	if (threaded)
+		CHECK(pthread_create(&w->loop_thread, NULL, loop_main, w->loop) == 0);
+	g_probe(&w->g);
+}
+
+static void world_fini(struct world *w)
+{
+	CHECK(w->g.violations == 0);
+	if (threaded) {
+		evloop_stop(w->loop);
+		CHECK(pthread_join(w->loop_thread, NULL) == 0);
+	}
+	vsock_free(w->vs);
+	CHECK(ev_count(w->loop) == 0); /* every watch was removed */
+	CHECK(access(w->path, F_OK) != 0);
+	g_reset_state(&w->g);
+	fake_vm_free(w->vm);
+	evloop_free(w->loop);
+}
+
+static void step(struct world *w)
+{
+	idle(w->loop, threaded ? 0 : 2);
+	g_poll(&w->g);
+}
+
+#define WAIT(w, cond)                                                               \
+	do {                                                                        \
+		int64_t t0_ = now_ms();                                             \
+		while (!(cond)) {                                                   \
+			step(w);                                                    \
+			if (now_ms() - t0_ > 10000) {                               \
+				fprintf(stderr, "timeout waiting for %s\n", #cond); \
+				CHECK(!"timeout");                                  \
+			}                                                           \
+		}                                                                   \
+	} while (0)
+
+static bool device_broken(struct world *w)
+{
+	return mr(w->vm, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET;
+}
+
+/* ------------------------------------------------------------------ host clients */
+
+static int client_connect(struct world *w)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	CHECK(fd >= 0);
+	strcpy(sa.sun_path, w->path);
+	CHECK(connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+	CHECK(fcntl(fd, F_SETFL, O_NONBLOCK) == 0);
+	return fd;
+}
+
+static void client_write_all(struct world *w, int fd, const char *s)
+{
+	size_t len = strlen(s), off = 0;
+
+	while (off < len) {
+		ssize_t n = send(fd, s + off, len - off, MSG_NOSIGNAL);
+
+		if (n < 0 && errno == EAGAIN) {
+			step(w);
+			continue;
+		}
+		CHECK(n > 0);
+		off += (size_t)n;
+	}
+}
+
+/* Read one '\n'-terminated line byte by byte; returns length, or -1 on EOF. */
+static int client_read_line(struct world *w, int fd, char *buf, size_t cap)
+{
+	size_t len = 0;
+	int64_t t0 = now_ms();
+
+	for (;;) {
+		char ch;
+		ssize_t n = read(fd, &ch, 1);
+
+		if (n == 0 || (n < 0 && errno == ECONNRESET))
+			return -1;
+		if (n < 0) {
+			CHECK(errno == EAGAIN);
+			step(w);
+			CHECK(now_ms() - t0 < 10000);
+			continue;
+		}
+		if (ch == '\n') {
+			buf[len] = 0;
+			return (int)len;
+		}
+		CHECK(len + 1 < cap);
+		buf[len++] = ch;
+	}
+}
+
+/* Full CONNECT handshake; returns the client fd and the guest's view of the connection. */
+static int client_open(struct world *w, uint32_t port, struct gconn **gc)
+{
+	char line[64], want[64];
+	int fd = client_connect(w), i;
+	struct gconn *c = NULL;
+
+	snprintf(line, sizeof(line), "CONNECT %u\n", port);
+	client_write_all(w, fd, line);
+	CHECK(client_read_line(w, fd, line, sizeof(line)) > 0);
+	CHECK(strncmp(line, "OK ", 3) == 0);
+	for (i = 0; i < G_MAX_CONNS; i++)
+		if (w->g.c[i].used && !w->g.c[i].closed && w->g.c[i].gport == port &&
+		    w->g.c[i].hport == (uint32_t)atoi(line + 3))
+			c = &w->g.c[i];
+	CHECK(c);
+	snprintf(want, sizeof(want), "OK %u", c->hport);
+	CHECK(strcmp(line, want) == 0);
+	*gc = c;
+	return fd;
+}
+
+/* True once the client sees EOF (after draining whatever is readable into sink, if given). */
+static bool client_eof(int fd)
+{
+	char b[4096];
+	ssize_t n;
+
+	while ((n = read(fd, b, sizeof(b))) > 0)
+		;
+	return n == 0 || (n < 0 && errno == ECONNRESET);
+}
+
+static void fill_pattern(uint8_t *p, size_t len, uint32_t seed)
+{
+	uint32_t x = seed * 2654435761u + 1;
+	size_t i;
+
+	for (i = 0; i < len; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		p[i] = (uint8_t)x;
+	}
+}
+
+/* ------------------------------------------------------------------ tests: queue */
+
+static struct vm *qvm;
+
+static void q_setup(struct virtq *q, uint16_t size)
+{
+	memset(qvm->mem, 0, 0x10000);
+	memset(q, 0, sizeof(*q));
+	q->vm = qvm;
+	q->size = size;
+	q->desc_gpa = 0x1000;
+	q->avail_gpa = 0x2000;
+	q->used_gpa = 0x3000;
+}
+
+static struct vring_desc *qdesc(unsigned i)
+{
+	return (struct vring_desc *)(qvm->mem + 0x1000) + i;
+}
+
+static struct vring_avail *qavail(void)
+{
+	return (struct vring_avail *)(qvm->mem + 0x2000);
+}
+
+static void qpublish(uint16_t head)
+{
+	struct vring_avail *a = qavail();
+
+	a->ring[a->idx % 8] = head;
+	a->idx++;
+}
+
+static void test_queue(void)
+{
+	struct virtq q;
+	struct virtq_chain c;
+	struct vring_used *u = (struct vring_used *)(qvm->mem + 0x3000);
+	uint8_t buf[64];
+	struct iovec iov[4];
+
+	cur_test = "queue";
+	/* sizes and layouts */
+	q_setup(&q, 6);
+	CHECK(virtq_enable(&q, 256) == -EINVAL); /* not a power of two */
+	q_setup(&q, 512);
+	CHECK(virtq_enable(&q, 256) == -EINVAL); /* above max */
+	q_setup(&q, 0);
+	CHECK(virtq_enable(&q, 256) == -EINVAL);
+	q_setup(&q, 8);
+	q.desc_gpa = 0x1008;
+	CHECK(virtq_enable(&q, 256) == -EINVAL); /* misaligned */
+	q_setup(&q, 8);
+	q.used_gpa = RAM_SIZE - 8;
+	CHECK(virtq_enable(&q, 256) == -EFAULT); /* ring past RAM */
+	q_setup(&q, 8);
+	q.avail_gpa = 0xfffffffffffffffeull;
+	CHECK(virtq_enable(&q, 256) == -EFAULT); /* wraps */
+	CHECK(!q.ready);
+
+	/* a well-formed chain: 2 readable + 1 writable; copy helpers across segments */
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	CHECK(virtq_pop(&q, &c) == 0);
+	*qdesc(0) = (struct vring_desc){ 0x5000, 10, VRING_DESC_F_NEXT, 3 };
+	*qdesc(3) = (struct vring_desc){ 0x6000, 20, VRING_DESC_F_NEXT, 5 };
+	*qdesc(5) = (struct vring_desc){ 0x7000, 30, VRING_DESC_F_WRITE, 0 };
+	memcpy(qvm->mem + 0x5000, "0123456789", 10);
+	memcpy(qvm->mem + 0x6000, "abcdefghijklmnopqrst", 20);
+	qpublish(0);
+	CHECK(virtq_has_avail(&q));
+	CHECK(virtq_pop(&q, &c) == 1);
+	CHECK(c.head == 0 && c.n == 3 && c.n_read == 2 && c.read_len == 30 && c.write_len == 30);
+	CHECK(virtq_chain_from(&c, 8, buf, 6) == 6 && memcmp(buf, "89abcd", 6) == 0);
+	CHECK(virtq_chain_from(&c, 25, buf, 64) == 5 && memcmp(buf, "pqrst", 5) == 0);
+	CHECK(virtq_chain_to(&c, 28, "XYZW", 4) == 2 && memcmp(qvm->mem + 0x7000 + 28, "XY", 2) == 0);
+	CHECK(virtq_chain_iov(&c, false, 5, 100, iov, 4) == 2 && iov[0].iov_len == 5 && iov[1].iov_len == 20);
+	CHECK(virtq_chain_iov(&c, false, 5, 100, iov, 1) == 1);
+	virtq_unpop(&q);
+	CHECK(virtq_pop(&q, &c) == 1 && c.head == 0);
+	CHECK(virtq_push(&q, 8, 0) == -EINVAL); /* head out of range */
+	CHECK(virtq_push(&q, 0, 30) == 0);
+	CHECK(u->idx == 1 && u->ring[0].id == 0 && u->ring[0].len == 30);
+	CHECK(virtq_push(&q, 0, 30) == -EINVAL); /* nothing in flight */
+	CHECK(virtq_want_irq(&q));
+	qavail()->flags = VRING_AVAIL_F_NO_INTERRUPT;
+	CHECK(!virtq_want_irq(&q));
+
+	/* descriptor past RAM */
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	*qdesc(0) = (struct vring_desc){ RAM_SIZE - 4, 8, 0, 0 };
+	qpublish(0);
+	CHECK(virtq_pop(&q, &c) == -EFAULT);
+	CHECK(q.broken && virtq_pop(&q, &c) == -EIO && !virtq_has_avail(&q));
+
+	/* gpa + len wraps around 2^64 */
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	*qdesc(0) = (struct vring_desc){ 0xfffffffffffff000ull, 0x2000, 0, 0 };
+	qpublish(0);
+	CHECK(virtq_pop(&q, &c) == -EFAULT);
+
+	/* NEXT loop 1 -> 2 -> 1 */
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	*qdesc(1) = (struct vring_desc){ 0x5000, 4, VRING_DESC_F_NEXT, 2 };
+	*qdesc(2) = (struct vring_desc){ 0x5000, 4, VRING_DESC_F_NEXT, 1 };
+	qpublish(1);
+	CHECK(virtq_pop(&q, &c) == -EINVAL);
+
+	/* self loop on a big queue: bounded by VIRTQ_MAX_SEGS */
+	q_setup(&q, 256);
+	q.avail_gpa = 0x2000;
+	q.used_gpa = 0x4000;
+	CHECK(virtq_enable(&q, 256) == 0);
+	*qdesc(4) = (struct vring_desc){ 0x5000, 4, VRING_DESC_F_NEXT, 4 };
+	qavail()->ring[0] = 4;
+	qavail()->idx = 1;
+	CHECK(virtq_pop(&q, &c) == -EINVAL);
+
+	/* next index out of range, head out of range */
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	*qdesc(0) = (struct vring_desc){ 0x5000, 4, VRING_DESC_F_NEXT, 8 };
+	qpublish(0);
+	CHECK(virtq_pop(&q, &c) == -EINVAL);
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	qpublish(9);
+	CHECK(virtq_pop(&q, &c) == -EINVAL);
+
+	/* avail idx jumps more than the queue size ahead */
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	qavail()->idx = 9;
+	CHECK(virtq_pop(&q, &c) == -EINVAL);
+
+	/* indirect descriptors are not offered; readable after writable is a spec violation */
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	*qdesc(0) = (struct vring_desc){ 0x5000, 16, VRING_DESC_F_INDIRECT, 0 };
+	qpublish(0);
+	CHECK(virtq_pop(&q, &c) == -EINVAL);
+	q_setup(&q, 8);
+	CHECK(virtq_enable(&q, 256) == 0);
+	*qdesc(0) = (struct vring_desc){ 0x5000, 16, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1 };
+	*qdesc(1) = (struct vring_desc){ 0x6000, 16, 0, 0 };
+	qpublish(0);
+	CHECK(virtq_pop(&q, &c) == -EINVAL);
+
+	/* reset forgets everything */
+	virtq_reset(&q);
+	CHECK(!q.ready && !q.broken && q.vm == qvm && virtq_pop(&q, &c) == -EIO);
+	printf("ok %s\n", cur_test);
+}
+
+/* ------------------------------------------------------------------ tests: transport with a dummy device */
+
+struct dummy {
+	int notifies[2], activates, resets;
+	uint8_t config[12];
+};
+
+static void dummy_config_read(void *dev, uint32_t off, void *data, uint32_t len)
+{
+	memcpy(data, ((struct dummy *)dev)->config + off, len);
+}
+
+static void dummy_config_write(void *dev, uint32_t off, const void *data, uint32_t len)
+{
+	memcpy(((struct dummy *)dev)->config + off, data, len);
+}
+
+static void dummy_notify(void *dev, unsigned q)
+{
+	CHECK(q < 2);
+	((struct dummy *)dev)->notifies[q]++;
+}
+
+static void dummy_activate(void *dev)
+{
+	((struct dummy *)dev)->activates++;
+}
+
+static void dummy_reset(void *dev)
+{
+	((struct dummy *)dev)->resets++;
+}
+
+static const struct virtio_dev_ops dummy_ops = {
+	.device_id = 42,
+	.features = 1ull << 3,
+	.nr_queues = 2,
+	.queue_max = 64,
+	.config_size = 12,
+	.config_read = dummy_config_read,
+	.config_write = dummy_config_write,
+	.queue_notify = dummy_notify,
+	.activate = dummy_activate,
+	.reset = dummy_reset,
+};
+
+static void test_mmio(bool with_loop)
+{
+	struct evloop *loop = NULL;
+	struct vm *vm;
+	struct virtio_mmio m;
+	struct dummy d = { .config = "hello world" };
+	struct vm_mmio_dev *dev;
+	struct gq gq;
+	uint64_t v64 = 0;
+	uint16_t v16 = 0;
+	uint8_t v8 = 0;
+	uint32_t v = 0;
+	char line[64];
+
+	cur_test = with_loop ? "mmio (notify via loop)" : "mmio (notify on vCPU)";
+	if (with_loop)
+		CHECK(evloop_new(&loop) == 0);
+	vm = fake_vm_new(loop);
+	CHECK(virtio_mmio_init(&m, vm, 0xd0000000, 5, &dummy_ops, &d) == 0);
+	dev = dev_of(vm);
+	CHECK(dev->base == 0xd0000000 && dev->len == 0x200 && !m.ioeventfd && m.irq_fd == -1);
+	CHECK(m.notify_watched == with_loop);
+
+	CHECK(mr(vm, VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976 && mr(vm, VIRTIO_MMIO_VERSION) == 2);
+	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_ID) == 42 && mr(vm, VIRTIO_MMIO_VENDOR_ID) != 0);
+	/* only aligned 32-bit register accesses count */
+	v = 0x1234;
+	dev->access(dev->opaque, VIRTIO_MMIO_MAGIC_VALUE, &v, 2, false);
+	CHECK(v == 0);
+	dev->access(dev->opaque, VIRTIO_MMIO_MAGIC_VALUE + 1, &v, 4, false);
+	CHECK(v == 0);
+	v16 = 3;
+	dev->access(dev->opaque, VIRTIO_MMIO_STATUS, &v16, 2, true);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0);
+	v = 0xffffffff;
+	dev->access(dev->opaque, 0x1000, &v, 4, false); /* outside the window */
+	CHECK(v == 0xffffffff);
+
+	/* features: a subset of the offer plus VERSION_1, else FEATURES_OK is refused */
+	mw(vm, VIRTIO_MMIO_STATUS, 3);
+	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 8);
+	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 1);
+	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
+	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 0);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 8 | 16);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 3); /* bit 4 was never offered */
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 8);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 3); /* legacy (no VERSION_1) */
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
+	CHECK(m.drv_features == ((1ull << 32) | 8));
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0); /* frozen after FEATURES_OK */
+	CHECK(m.drv_features == ((1ull << 32) | 8));
+	mw(vm, VIRTIO_MMIO_STATUS, 0x1); /* clearing bits is ignored */
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
+
+	/* config space: 1/2/4/8-byte reads and writes, bounded */
+	dev->access(dev->opaque, 0x100, &v64, 8, false);
+	CHECK(memcmp(&v64, "hello wo", 8) == 0);
+	dev->access(dev->opaque, 0x106, &v16, 2, false);
+	CHECK(memcmp(&v16, "wo", 2) == 0);
+	dev->access(dev->opaque, 0x10b, &v8, 1, false);
+	CHECK(v8 == 0);
+	v = 0xffffffff;
+	dev->access(dev->opaque, 0x10a, &v, 4, false); /* crosses the end */
+	CHECK(v == 0);
+	dev->access(dev->opaque, 0x100, &v, 3, false); /* odd width */
+	CHECK(v == 0);
+	v = 0x44434241;
+	dev->access(dev->opaque, 0x104, &v, 4, true);
+	CHECK(memcmp(d.config + 4, "ABCD", 4) == 0);
+
+	/* queues: bounds, bad sizes break the device, good ones go ready */
+	mw(vm, VIRTIO_MMIO_QUEUE_SEL, 2);
+	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) == 0);
+	mw(vm, VIRTIO_MMIO_QUEUE_READY, 1); /* no such queue: ignored */
+	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
+	CHECK(!(mr(vm, VIRTIO_MMIO_STATUS) & 0x40));
+	gq_init(vm, &gq, 0, 48);
+	mw(vm, VIRTIO_MMIO_QUEUE_SEL, 0);
+	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) == 64);
+	mw(vm, VIRTIO_MMIO_QUEUE_NUM, 48);
+	mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)gq.base);
+	mw(vm, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (uint32_t)gq.base + 0x1000);
+	mw(vm, VIRTIO_MMIO_QUEUE_USED_LOW, (uint32_t)gq.base + 0x2000);
+	mw(vm, VIRTIO_MMIO_QUEUE_READY, 1);
+	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) & 0x40); /* DEVICE_NEEDS_RESET */
+	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
+	CHECK(d.activates == 0); /* a broken device does not start */
+
+	/* reset, then a clean bring-up */
+	mw(vm, VIRTIO_MMIO_STATUS, 0);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0 && d.resets == 1);
+	mw(vm, VIRTIO_MMIO_STATUS, 3);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	gq_init(vm, &gq, 0, 64);
+	gq_setup(vm, &gq);
+	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 1);
+	mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x4000); /* ignored while ready */
+	CHECK(m.vq[0].desc_gpa == gq.base);
+	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0); /* before DRIVER_OK: dropped */
+	if (loop)
+		loop_once(loop, 0);
+	CHECK(d.notifies[0] == 0);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
+	CHECK(d.activates == 1 && mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
+	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 1); /* queue 1 not ready: dropped */
+	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 7); /* no such queue */
+	if (loop) {
+		CHECK(d.notifies[0] == 0); /* delivered on the loop thread */
+		loop_once(loop, 0);
+		loop_once(loop, 0);
+	}
+	CHECK(d.notifies[0] == 1 && d.notifies[1] == 0);
+
+	/* interrupts: status bit, edge on the line, ACK */
+	irq_edges = 0;
+	virtio_mmio_lock(&m);
+	virtio_mmio_signal(&m);
+	virtio_mmio_unlock(&m);
+	CHECK(irq_edges == 1 && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 1);
+	mw(vm, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+	CHECK(mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 0);
+	virtio_mmio_lock(&m);
+	virtio_mmio_fail(&m);
+	CHECK(!virtio_mmio_live(&m));
+	virtio_mmio_unlock(&m);
+	CHECK(irq_edges == 2 && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 2);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0x4f);
+	mw(vm, VIRTIO_MMIO_STATUS, 0x4f | 0x80); /* driver gives up: FAILED, NEEDS_RESET stays */
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xcf);
+	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+	if (loop)
+		loop_once(loop, 0);
+	CHECK(d.notifies[0] == 1); /* no more kicks for a broken device */
+	mw(vm, VIRTIO_MMIO_STATUS, 0);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0 && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 0);
+	CHECK(!m.vq[0].ready && d.resets == 2);
+
+	CHECK(virtio_mmio_cmdline(line, sizeof(line), 0xd0000000, 5) == (int)strlen(line));
+	CHECK(strcmp(line, "virtio_mmio.device=512@0xd0000000:5") == 0);
+	CHECK(virtio_mmio_cmdline(line, 10, 0xd0000000, 5) == -ENOSPC);
+
+	virtio_mmio_destroy(&m);
+	if (loop) {
+		CHECK(ev_count(loop) == 0);
+		evloop_free(loop);
+	}
+	fake_vm_free(vm);
+	printf("ok %s\n", cur_test);
+}
+
+/*
+ * With real KVM: a real-mode vCPU writes QueueNotify twice. The write of a
+ * queue index is eaten by KVM_IOEVENTFD and reaches queue_notify through the
+ * loop; the write of a bogus index exits to user space and is ignored.
+ */
+static void test_mmio_kvm(void)
+{
+	static const uint8_t code[] = {
+		0xb8, 0x00, 0xd0,                   /* mov ax, 0xd000 */
+		0x8e, 0xd8,                         /* mov ds, ax */
+		0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, /* mov eax, 1 */
+		0x66, 0xa3, 0x50, 0x00,             /* mov [0x50], eax: QueueNotify(1) */
+		0x66, 0xb8, 0x07, 0x00, 0x00, 0x00, /* mov eax, 7 */
+		0x66, 0xa3, 0x50, 0x00,             /* mov [0x50], eax: QueueNotify(7) */
+		0xe6, 0x10,                         /* out 0x10, al: done (hlt would sleep in-kernel) */
+	};
+	const uint64_t ram = 0x80000, base = 0xd0000;
+	struct kvm_userspace_memory_region region = { 0 };
+	struct kvm_sregs sregs;
+	struct kvm_regs regs = { 0 };
+	struct kvm_run *run = MAP_FAILED;
+	struct evloop *loop = NULL;
+	struct virtio_mmio m = { 0 };
+	struct dummy d = { 0 };
+	struct vm *vm = NULL;
+	struct gq gq;
+	const char *skip = NULL;
+	int kvm, vcpu = -1, exits = 0, edges;
+	long run_size = 0;
+
+	cur_test = "mmio with KVM ioeventfd/irqfd";
+	kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm < 0) {
+		skip = "no usable /dev/kvm";
+		goto out;
+	}
+	CHECK(evloop_new(&loop) == 0);
+	vm = calloc(1, sizeof(*vm));
+	CHECK(vm);
+	vm->kvm_fd = kvm;
+	vm->loop = loop;
+	vm->mem = MAP_FAILED;
+	vm->vm_fd = ioctl(kvm, KVM_CREATE_VM, 0);
+	if (vm->vm_fd < 0 || ioctl(vm->vm_fd, KVM_SET_TSS_ADDR, 0xfffbd000ul) < 0 ||
+	    ioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, 0) < 0) {
+		skip = "cannot create a VM with an irqchip";
+		goto out;
+	}
+	vm->mem = mmap(NULL, ram, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(vm->mem != MAP_FAILED);
+	vm->mem_size = ram;
+	region.memory_size = ram;
+	region.userspace_addr = (uintptr_t)vm->mem;
+	if (ioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+		skip = "KVM_SET_USER_MEMORY_REGION failed";
+		goto out;
+	}
+	memcpy(vm->mem + 0x1000, code, sizeof(code));
+
+	CHECK(virtio_mmio_init(&m, vm, base, 5, &dummy_ops, &d) == 0);
+	CHECK(m.ioeventfd && m.irq_fd >= 0);
+	mw(vm, VIRTIO_MMIO_STATUS, 3);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	gq_init(vm, &gq, 1, 64);
+	gq_setup(vm, &gq);
+	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
+	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
+
+	vcpu = ioctl(vm->vm_fd, KVM_CREATE_VCPU, 0);
+	run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	if (vcpu < 0 || run_size <= 0) {
+		skip = "cannot create a vCPU";
+		goto out;
+	}
+	run = mmap(NULL, (size_t)run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+	CHECK(run != MAP_FAILED);
+	CHECK(ioctl(vcpu, KVM_GET_SREGS, &sregs) == 0);
+	sregs.cs.base = 0;
+	sregs.cs.selector = 0;
+	CHECK(ioctl(vcpu, KVM_SET_SREGS, &sregs) == 0);
+	regs.rip = 0x1000;
+	regs.rflags = 2;
+	CHECK(ioctl(vcpu, KVM_SET_REGS, &regs) == 0);
+	for (;;) {
+		if (ioctl(vcpu, KVM_RUN, 0) < 0) {
+			skip = "KVM_RUN failed";
+			goto out;
+		}
+		if (run->exit_reason == KVM_EXIT_IO && run->io.port == 0x10)
+			break;
+		if (run->exit_reason != KVM_EXIT_MMIO) {
+			fprintf(stderr, "exit reason %u\n", run->exit_reason);
+			skip = "unexpected vCPU exit";
+			goto out;
+		}
+		CHECK(run->mmio.phys_addr == base + VIRTIO_MMIO_QUEUE_NOTIFY && run->mmio.is_write);
+		CHECK(run->mmio.len == 4 && run->mmio.data[0] == 7);
+		vm->mmio[0].access(vm->mmio[0].opaque, run->mmio.phys_addr - base, run->mmio.data, run->mmio.len,
+				   true);
+		CHECK(++exits < 4);
+	}
+	CHECK(exits == 1); /* QueueNotify(1) never left the kernel */
+	CHECK(d.notifies[1] == 0);
+	loop_once(loop, 100);
+	CHECK(d.notifies[1] == 1 && d.notifies[0] == 0);
+
+	edges = irq_edges;
+	virtio_mmio_lock(&m);
+	virtio_mmio_signal(&m); /* through the irqfd, not vm_irq_line() */
+	virtio_mmio_unlock(&m);
+	CHECK(irq_edges == edges && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 1);
+out:
+	virtio_mmio_destroy(&m);
+	if (loop)
+		CHECK(ev_count(loop) == 0);
+	if (run != MAP_FAILED)
+		munmap(run, (size_t)run_size);
+	if (vcpu >= 0)
+		close(vcpu);
+	if (vm) {
+		if (vm->vm_fd >= 0)
+			close(vm->vm_fd);
+		if (vm->mem != MAP_FAILED)
+			munmap(vm->mem, ram);
+		free(vm);
+	}
+	if (kvm >= 0)
+		close(kvm);
+	evloop_free(loop);
+	printf("%s %s%s%s\n", skip ? "skip" : "ok", cur_test, skip ? ": " : "", skip ? skip : "");
+}
+
+static void test_mmio_bad_ops(void)
+{
+	struct vm *vm = fake_vm_new(NULL);
+	struct virtio_mmio m;
+	struct virtio_dev_ops ops = dummy_ops;
+
+	cur_test = "mmio bad ops";
+	ops.queue_max = 48;
+	CHECK(virtio_mmio_init(&m, vm, 0xd0000000, 5, &ops, NULL) == -EINVAL);
+	ops = dummy_ops;
+	ops.nr_queues = 9;
+	CHECK(virtio_mmio_init(&m, vm, 0xd0000000, 5, &ops, NULL) == -EINVAL);
+	CHECK(vm->nr_mmio == 0);
+	fake_vm_free(vm);
+	printf("ok %s\n", cur_test);
+}
+
+/* ------------------------------------------------------------------ tests: vsock */
+
+/* One host client <-> guest connection moving data both ways at once. */
+struct xfer {
+	int fd;
+	struct gconn *gc;
+	uint8_t *h2g, *g2h, *g2h_got;
+	size_t len, h2g_sent, g2h_sent, g2h_recv;
+	bool client_closed;
+};
+
+static void xfer_start(struct world *w, struct xfer *x, size_t len, uint32_t seed)
+{
+	memset(x, 0, sizeof(*x));
+	x->fd = client_open(w, SMOLVM_AGENT_PORT, &x->gc);
+	x->len = len;
+	x->h2g = malloc(len);
+	x->g2h = malloc(len);
+	x->g2h_got = malloc(len);
+	CHECK(x->h2g && x->g2h && x->g2h_got);
+	fill_pattern(x->h2g, len, seed);
+	fill_pattern(x->g2h, len, seed + 1000);
+}
+
+/* Guest sends what the host's credit allows, in packets of varying size. */
+static void g_send_data(struct world *w, struct gconn *c, const uint8_t *data, size_t len, size_t *sent,
+			uint32_t seed)
+{
+	while (*sent < len && !c->closed) {
+		uint32_t credit = c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt);
+		uint32_t n = 1 + (uint32_t)((seed * 7919u + *sent) % 0x10000);
+		struct virtio_vsock_hdr h;
+
+		if (n > credit)
+			n = credit;
+		if (n > len - *sent)
+			n = (uint32_t)(len - *sent);
+		if (!n)
+			return;
+		g_hdr(&w->g, c, VIRTIO_VSOCK_OP_RW, &h);
+		h.len = n;
+		g_send(&w->g, &h, data + *sent, n);
+		c->tx_cnt += n;
+		*sent += n;
+	}
+}
+
+static bool xfer_step(struct world *w, struct xfer *x, uint32_t seed, size_t read_chunk)
+{
+	ssize_t n;
+
+	if (x->h2g_sent < x->len) {
+		size_t want = x->len - x->h2g_sent;
+
+		n = send(x->fd, x->h2g + x->h2g_sent, want > 100000 ? 100000 : want, MSG_NOSIGNAL);
+		if (n > 0)
+			x->h2g_sent += (size_t)n;
+		else
+			CHECK(errno == EAGAIN);
+	}
+	if (x->g2h_recv < x->len) {
+		size_t want = x->len - x->g2h_recv;
+
+		n = read(x->fd, x->g2h_got + x->g2h_recv, want > read_chunk ? read_chunk : want);
+		if (n > 0)
+			x->g2h_recv += (size_t)n;
+		else
+			CHECK(n < 0 && errno == EAGAIN);
+	}
+	g_send_data(w, x->gc, x->g2h, x->len, &x->g2h_sent, seed);
+	return x->h2g_sent == x->len && x->g2h_recv == x->len && x->gc->data_len == x->len;
+}
+
+static void xfer_check(struct xfer *x)
+{
+	CHECK(x->gc->data_len == x->len && memcmp(x->gc->data, x->h2g, x->len) == 0);
+	CHECK(x->g2h_recv == x->len && memcmp(x->g2h_got, x->g2h, x->len) == 0);
+	free(x->h2g);
+	free(x->g2h);
+	free(x->g2h_got);
+}
+
+static void test_vsock_stream(void)
+{
+	struct world w;
+	struct xfer x;
+	int64_t t0;
+	int edges;
+
+	cur_test = "vsock stream";
+	world_init(&w);
+	edges = irq_edges;
+	/* 1 MiB each way: 16x the guest's window, 4x ours; host reads in small bites */
+	xfer_start(&w, &x, 1u << 20, 1);
+	t0 = now_ms();
+	while (!xfer_step(&w, &x, 1, 8192)) {
+		step(&w);
+		CHECK(now_ms() - t0 < 20000);
+	}
+	xfer_check(&x);
+	CHECK(irq_edges > edges);
+
+	/* client EOF -> guest sees SHUTDOWN(both), answers RST -> host forgets the connection */
+	close(x.fd);
+	WAIT(&w, x.gc->shut == 3 && x.gc->closed);
+	CHECK(w.g.violations == 0);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_guest_shutdown(void)
+{
+	struct world w;
+	struct gconn *gc;
+	struct virtio_vsock_hdr h;
+	char buf[64];
+	int fd;
+
+	cur_test = "vsock guest shutdown";
+	world_init(&w);
+	fd = client_open(&w, 1000, &gc);
+	/* guest writes, then shuts down sending: client reads the bytes, then EOF */
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.len = 5;
+	g_send(&w.g, &h, "hello", 5);
+	g_ctrl(&w.g, gc, VIRTIO_VSOCK_OP_SHUTDOWN, VIRTIO_VSOCK_SHUTDOWN_SEND);
+	WAIT(&w, read(fd, buf, sizeof(buf)) == 5);
+	CHECK(memcmp(buf, "hello", 5) == 0);
+	WAIT(&w, read(fd, buf, sizeof(buf)) == 0);
+	/* the host may still send */
+	CHECK(write(fd, "ping", 4) == 4);
+	WAIT(&w, gc->data_len == 4);
+	CHECK(memcmp(gc->data, "ping", 4) == 0);
+	CHECK(!gc->got_rst);
+	/* guest closes its side too: the device finishes with RST */
+	g_ctrl(&w.g, gc, VIRTIO_VSOCK_OP_SHUTDOWN, VIRTIO_VSOCK_SHUTDOWN_RCV);
+	WAIT(&w, gc->got_rst);
+	WAIT(&w, client_eof(fd));
+	close(fd);
+
+	/* guest RST closes the client at once */
+	fd = client_open(&w, 1000, &gc);
+	g_ctrl(&w.g, gc, VIRTIO_VSOCK_OP_RST, 0);
+	gc->closed = true;
+	WAIT(&w, client_eof(fd));
+	close(fd);
+
+	/* CREDIT_REQUEST gets a CREDIT_UPDATE */
+	fd = client_open(&w, 1000, &gc);
+	gc->peer_buf_alloc = 0;
+	g_ctrl(&w.g, gc, VIRTIO_VSOCK_OP_CREDIT_REQUEST, 0);
+	WAIT(&w, gc->peer_buf_alloc == VSOCK_BUF_ALLOC);
+	close(fd);
+	WAIT(&w, gc->closed);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_credit_exhausted(void)
+{
+	struct world w;
+	struct gconn *gc;
+	static uint8_t big[200000];
+	size_t off = 0;
+	int fd, i;
+
+	cur_test = "vsock credit";
+	world_init(&w);
+	w.g.consume = false; /* the guest application never reads */
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	fill_pattern(big, sizeof(big), 9);
+	while (off < sizeof(big)) {
+		ssize_t n = send(fd, big + off, sizeof(big) - off, MSG_NOSIGNAL);
+
+		if (n > 0)
+			off += (size_t)n;
+		step(&w);
+		if (gc->data_len == w.g.buf_alloc)
+			break;
+	}
+	for (i = 0; i < 50; i++)
+		step(&w);
+	CHECK(gc->data_len == w.g.buf_alloc); /* exactly the window, not a byte more */
+	CHECK(memcmp(gc->data, big, gc->data_len) == 0);
+	/* the guest reads it all: the rest follows */
+	w.g.consume = true;
+	while (off < sizeof(big)) {
+		ssize_t n = send(fd, big + off, sizeof(big) - off, MSG_NOSIGNAL);
+
+		if (n > 0)
+			off += (size_t)n;
+		step(&w);
+	}
+	WAIT(&w, gc->data_len == sizeof(big));
+	CHECK(memcmp(gc->data, big, sizeof(big)) == 0);
+
+	close(fd);
+	WAIT(&w, gc->closed);
+
+	/* window exactly full, then client EOF: SHUTDOWN needs no credit */
+	w.g.consume = false;
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	off = 0;
+	while (off < w.g.buf_alloc) {
+		ssize_t n = send(fd, big + off, w.g.buf_alloc - off, MSG_NOSIGNAL);
+
+		if (n > 0)
+			off += (size_t)n;
+		step(&w);
+	}
+	WAIT(&w, gc->data_len == w.g.buf_alloc);
+	for (i = 0; i < 20; i++)
+		step(&w);
+	CHECK(gc->shut == 0);
+	shutdown(fd, SHUT_WR);
+	WAIT(&w, gc->shut == 3 && gc->closed);
+	WAIT(&w, client_eof(fd));
+	close(fd);
+
+	/* window full with more bytes behind it: EOF waits for those bytes */
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	CHECK(send(fd, big, w.g.buf_alloc + 1000, MSG_NOSIGNAL) == (ssize_t)w.g.buf_alloc + 1000);
+	shutdown(fd, SHUT_WR);
+	WAIT(&w, gc->data_len == w.g.buf_alloc);
+	for (i = 0; i < 20; i++)
+		step(&w);
+	CHECK(gc->shut == 0 && gc->data_len == w.g.buf_alloc);
+	w.g.consume = true;
+	WAIT(&w, gc->shut == 3 && gc->closed);
+	CHECK(gc->data_len == w.g.buf_alloc + 1000 && memcmp(gc->data, big, gc->data_len) == 0);
+	close(fd);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_guest_overrun(void)
+{
+	struct world w;
+	struct gconn *gc;
+	static uint8_t junk[0x10000];
+	int fd;
+
+	cur_test = "vsock guest overrun";
+	world_init(&w);
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	/* the client never reads: the guest ignores our credit and sends 1 MiB at once */
+	for (int i = 0; i < 16 && !gc->closed; i++) {
+		struct virtio_vsock_hdr h;
+
+		g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+		h.len = sizeof(junk);
+		g_send(&w.g, &h, junk, sizeof(junk));
+		loop_once(w.loop, 0);
+	}
+	WAIT(&w, gc->got_rst);
+	WAIT(&w, client_eof(fd));
+	CHECK(!device_broken(&w));
+	close(fd);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_many(void)
+{
+	enum { N = 64, BIG = 6 };
+	struct world w;
+	static struct xfer x[N];
+	int64_t t0;
+	int i, done;
+
+	cur_test = "vsock many connections";
+	world_init(&w);
+	w.g.tx_split = TX_ONE;
+	for (i = 0; i < N; i++)
+		xfer_start(&w, &x[i], i < BIG ? 300000 : 3000 + (size_t)i * 17, (uint32_t)i + 7);
+	t0 = now_ms();
+	do {
+		done = 0;
+		for (i = 0; i < N; i++)
+			done += xfer_step(&w, &x[i], (uint32_t)i + 7, 65536);
+		step(&w);
+		CHECK(now_ms() - t0 < 30000);
+	} while (done < N);
+	for (i = 0; i < N; i++) {
+		xfer_check(&x[i]);
+		close(x[i].fd);
+	}
+	for (i = 0; i < N; i++)
+		WAIT(&w, x[i].gc->closed);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_refuse_and_ready(void)
+{
+	struct world w;
+	struct virtio_vsock_hdr h = { 0 };
+	char line[64];
+	int fd, i;
+
+	cur_test = "vsock refuse/ready";
+	world_init(&w);
+	/* guest has no listener on 7777: RST -> client closed without OK */
+	fd = client_connect(&w);
+	client_write_all(&w, fd, "CONNECT 7777\n");
+	CHECK(client_read_line(&w, fd, line, sizeof(line)) == -1);
+	close(fd);
+	/* malformed CONNECT lines are closed without involving the guest */
+	fd = client_connect(&w);
+	client_write_all(&w, fd, "CONNECT x52\n");
+	CHECK(client_read_line(&w, fd, line, sizeof(line)) == -1);
+	close(fd);
+	fd = client_connect(&w);
+	client_write_all(&w, fd, "CONNECT 1111111111111111111111111111111111111111");
+	CHECK(client_read_line(&w, fd, line, sizeof(line)) == -1);
+	close(fd);
+
+	/* the agent's ready connection: callback, then RST */
+	h.src_cid = G_CID;
+	h.dst_cid = 2;
+	h.src_port = 49999;
+	h.dst_port = SMOLVM_READY_PORT;
+	h.type = VIRTIO_VSOCK_TYPE_STREAM;
+	h.op = VIRTIO_VSOCK_OP_REQUEST;
+	h.buf_alloc = 65536;
+	g_send(&w.g, &h, NULL, 0);
+	WAIT(&w, w.g.rst_unknown == 1);
+	CHECK(w.ready_calls == 1);
+	CHECK(w.g.last_rst.src_port == SMOLVM_READY_PORT && w.g.last_rst.dst_port == 49999);
+	/* any other guest-initiated connection: RST only */
+	h.dst_port = 80;
+	g_send(&w.g, &h, NULL, 0);
+	WAIT(&w, w.g.rst_unknown == 2);
+	CHECK(w.ready_calls == 1 && w.g.last_rst.src_port == 80);
+	/* a packet for no connection gets RST; an RST for none gets nothing */
+	h.op = VIRTIO_VSOCK_OP_RW;
+	h.len = 3;
+	g_send(&w.g, &h, "abc", 3);
+	WAIT(&w, w.g.rst_unknown == 3);
+	h.op = VIRTIO_VSOCK_OP_RST;
+	h.len = 0;
+	g_send(&w.g, &h, NULL, 0);
+	/* spoofed source CID: dropped silently */
+	h.op = VIRTIO_VSOCK_OP_REQUEST;
+	h.src_cid = 7;
+	g_send(&w.g, &h, NULL, 0);
+	for (i = 0; i < 20; i++)
+		step(&w);
+	CHECK(w.g.rst_unknown == 3 && w.ready_calls == 1);
+	CHECK(!device_broken(&w));
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+/* Malformed packets cost the connection, not the device. */
+static void test_vsock_bad_packets(void)
+{
+	struct world w;
+	struct gconn *gc;
+	struct virtio_vsock_hdr h;
+	static uint8_t big[0x10000 + 16];
+	char buf[64];
+	int fd, slot;
+	uint64_t b;
+	struct gseg s[2];
+
+	cur_test = "vsock bad packets";
+	world_init(&w);
+	w.g.tiny_first = true;
+	g_probe(&w.g);
+
+	/* header and payload split weirdly, both ways */
+	w.g.tx_split = TX_WEIRD;
+	w.g.rx_mode = RX_WEIRD;
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.len = 11;
+	g_send(&w.g, &h, "split hello", 11);
+	WAIT(&w, read(fd, buf, sizeof(buf)) == 11);
+	CHECK(memcmp(buf, "split hello", 11) == 0);
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.len = 3;
+	g_send(&w.g, &h, "abc", 3); /* shorter than the weird cut */
+	WAIT(&w, read(fd, buf, sizeof(buf)) == 3);
+	CHECK(memcmp(buf, "abc", 3) == 0);
+	fill_pattern(big, 3000, 3);
+	CHECK(write(fd, big, 3000) == 3000);
+	WAIT(&w, gc->data_len == 3000); /* arrives spread over the odd RX pieces */
+	CHECK(memcmp(gc->data, big, 3000) == 0);
+	w.g.tx_split = TX_TWO;
+	w.g.rx_mode = RX_LINUX;
+
+	/* oversized len: RST, device fine */
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.len = 0x10001;
+	slot = g_tx_slot(&w.g);
+	b = G_TX_BASE + (uint64_t)slot * G_TX_SLOT;
+	memcpy(w.vm->mem + b, &h, HDR);
+	s[0] = (struct gseg){ b, HDR, false };
+	s[1] = (struct gseg){ b + HDR, 0x10001, false };
+	w.g.tx_busy[slot] = true;
+	CHECK(gq_add(&w.g.q[TXQ], s, 2, slot) >= 0);
+	g_kick(&w.g, TXQ);
+	WAIT(&w, gc->got_rst);
+	WAIT(&w, client_eof(fd));
+	close(fd);
+	CHECK(!device_broken(&w));
+
+	/* len claims more than the chain holds */
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.len = 100;
+	g_send_split(&w.g, &h, NULL, 0, TX_ONE);
+	WAIT(&w, gc->got_rst);
+	WAIT(&w, client_eof(fd));
+	close(fd);
+
+	/* unknown op and wrong type: RST */
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	g_ctrl(&w.g, gc, 99, 0);
+	WAIT(&w, gc->got_rst);
+	WAIT(&w, client_eof(fd));
+	close(fd);
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.type = VIRTIO_VSOCK_TYPE_SEQPACKET;
+	g_send(&w.g, &h, NULL, 0);
+	WAIT(&w, gc->got_rst);
+	WAIT(&w, client_eof(fd));
+	close(fd);
+
+	/* a header cut short (20 bytes in all): dropped */
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	slot = g_tx_slot(&w.g);
+	b = G_TX_BASE + (uint64_t)slot * G_TX_SLOT;
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RST, &h);
+	memcpy(w.vm->mem + b, &h, HDR);
+	s[0] = (struct gseg){ b, 20, false };
+	w.g.tx_busy[slot] = true;
+	CHECK(gq_add(&w.g.q[TXQ], s, 1, slot) >= 0);
+	g_kick(&w.g, TXQ);
+	/* a TX chain that is device-writable only: no readable header either */
+	slot = g_tx_slot(&w.g);
+	s[0] = (struct gseg){ G_TX_BASE + (uint64_t)slot * G_TX_SLOT, 64, true };
+	w.g.tx_busy[slot] = true;
+	CHECK(gq_add(&w.g.q[TXQ], s, 1, slot) >= 0);
+	g_kick(&w.g, TXQ);
+	CHECK(write(fd, "still alive", 11) == 11);
+	WAIT(&w, gc->data_len == 11);
+	CHECK(!gc->got_rst && !device_broken(&w));
+	close(fd);
+	WAIT(&w, gc->closed);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+/* Ring-level attacks: DEVICE_NEEDS_RESET, clients dropped, then a reset brings it back. */
+static void hostile_case(int which)
+{
+	struct world w;
+	struct gconn *gc;
+	struct gq *tq;
+	struct vring_desc *d;
+	char line[64];
+	int fd, fd2;
+	uint32_t st;
+
+	world_init(&w);
+	if (which == 7)
+		w.g.buf_alloc = 1u << 20; /* credit is not what stops the host */
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	tq = &w.g.q[TXQ];
+	d = tq->desc;
+	switch (which) {
+	case 0: /* descriptor address past RAM */
+		d[0] = (struct vring_desc){ RAM_SIZE - 16, 44, 0, 0 };
+		break;
+	case 1: /* gpa + len wraps */
+		d[0] = (struct vring_desc){ 0xffffffffffffffc0ull, 0x100, 0, 0 };
+		break;
+	case 2: /* NEXT loop */
+		d[0] = (struct vring_desc){ G_SCRATCH, 44, VRING_DESC_F_NEXT, 1 };
+		d[1] = (struct vring_desc){ G_SCRATCH, 44, VRING_DESC_F_NEXT, 0 };
+		break;
+	case 3: /* next out of range */
+		d[0] = (struct vring_desc){ G_SCRATCH, 44, VRING_DESC_F_NEXT, 60000 };
+		break;
+	case 4: /* indirect */
+		d[0] = (struct vring_desc){ G_SCRATCH, 16, VRING_DESC_F_INDIRECT, 0 };
+		break;
+	}
+	if (which <= 4) {
+		tq->avail->ring[tq->avail_idx % tq->size] = 0;
+		tq->avail_idx++;
+		tq->avail->idx = tq->avail_idx;
+	} else if (which == 5) { /* avail idx jumps past the ring */
+		tq->avail->idx = (uint16_t)(tq->avail_idx + G_QSIZE + 1);
+	} else if (which == 6) { /* head index out of range */
+		tq->avail->ring[tq->avail_idx % tq->size] = 4000;
+		tq->avail->idx = ++tq->avail_idx;
+	} else if (which == 7) { /* the RX ring breaks instead: data from the host has nowhere valid to go */
+		struct gq *rq = &w.g.q[RXQ];
+
+		rq->desc[rq->free_stack[rq->nfree - 1]] = (struct vring_desc){ RAM_SIZE, 1, VRING_DESC_F_WRITE, 0 };
+		rq->avail->ring[rq->avail_idx % rq->size] = rq->free_stack[rq->nfree - 1];
+		rq->avail->idx = ++rq->avail_idx;
+		/* the good buffers before it are used up first */
+	}
+	if (which == 7) {
+		static uint8_t blob[64 * 4096 + 100];
+
+		size_t off = 0;
+		int64_t t0 = now_ms();
+
+		/* no g_poll() here: nothing is re-posted, so the bad buffer is reached */
+		while (!device_broken(&w)) {
+			ssize_t n = send(fd, blob + off % sizeof(blob), 4096, MSG_NOSIGNAL);
+
+			if (n > 0)
+				off += (size_t)n;
+			loop_once(w.loop, 2);
+			CHECK(now_ms() - t0 < 10000);
+		}
+	} else {
+		g_kick(&w.g, TXQ);
+		WAIT(&w, device_broken(&w));
+	}
+	st = mr(w.vm, VIRTIO_MMIO_STATUS);
+	CHECK(st == (0xf | VIRTIO_CONFIG_S_NEEDS_RESET));
+	CHECK((w.g.isr_seen | mr(w.vm, VIRTIO_MMIO_INTERRUPT_STATUS)) & VIRTIO_MMIO_INT_CONFIG);
+	WAIT(&w, client_eof(fd)); /* connections are dropped */
+	close(fd);
+	/* the host side keeps working: a new client waits for the device */
+	fd2 = client_connect(&w);
+	client_write_all(&w, fd2, "CONNECT 52\n");
+	for (int i = 0; i < 10; i++)
+		loop_once(w.loop, 1);
+	/* the driver resets and probes again; the waiting client gets through */
+	g_reset_state(&w.g);
+	g_probe(&w.g);
+	CHECK(!device_broken(&w));
+	CHECK(client_read_line(&w, fd2, line, sizeof(line)) > 0 && strncmp(line, "OK ", 3) == 0);
+	close(fd2);
+	for (int i = 0; i < G_MAX_CONNS; i++)
+		if (w.g.c[i].used)
+			WAIT(&w, w.g.c[i].closed);
+	world_fini(&w);
+}
+
+static void test_vsock_hostile_rings(void)
+{
+	int i;
+
+	cur_test = "vsock hostile rings";
+	for (i = 0; i <= 7; i++)
+		hostile_case(i);
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_bad_queue_setup(void)
+{
+	struct world w;
+	struct gq gq;
+
+	cur_test = "vsock bad queue setup";
+	world_init(&w);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 3);
+	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0xb);
+	gq_init(w.vm, &gq, 0, 100); /* not a power of two */
+	gq_setup(w.vm, &gq);
+	CHECK(mr(w.vm, VIRTIO_MMIO_QUEUE_READY) == 0 && device_broken(&w));
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 3);
+	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0xb);
+	mw(w.vm, VIRTIO_MMIO_QUEUE_SEL, 1);
+	mw(w.vm, VIRTIO_MMIO_QUEUE_NUM, 256);
+	mw(w.vm, VIRTIO_MMIO_QUEUE_DESC_LOW, 0);
+	mw(w.vm, VIRTIO_MMIO_QUEUE_DESC_HIGH, 1); /* 4 GiB: no RAM there */
+	mw(w.vm, VIRTIO_MMIO_QUEUE_READY, 1);
+	CHECK(mr(w.vm, VIRTIO_MMIO_QUEUE_READY) == 0 && device_broken(&w));
+	/* DRIVER_OK with no queues set up: the device breaks rather than touch them */
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 3);
+	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0xb);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0xf);
+	mw(w.vm, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+	for (int i = 0; i < 5; i++)
+		loop_once(w.loop, 1);
+	CHECK(device_broken(&w));
+	g_probe(&w.g);
+	CHECK(!device_broken(&w));
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_resets(void)
+{
+	struct world w;
+	struct gconn *gc;
+	int fd, fd2;
+
+	cur_test = "vsock resets";
+	world_init(&w);
+	/* transport reset event (snapshot restore): event delivered, clients closed */
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	CHECK(vsock_reset_transport(w.vs) == 0);
+	WAIT(&w, w.g.events == 1);
+	CHECK(w.g.last_event == VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+	WAIT(&w, client_eof(fd));
+	close(fd);
+	g_reset_state(&w.g);
+	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
+	CHECK(write(fd, "x", 1) == 1);
+	WAIT(&w, gc->data_len == 1);
+
+	/* device reset by the driver drops connections; a fresh probe works */
+	fd2 = client_open(&w, 1000, &gc);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	WAIT(&w, client_eof(fd) && client_eof(fd2));
+	close(fd);
+	close(fd2);
+	CHECK(vsock_reset_transport(w.vs) == -ENOTCONN);
+	g_reset_state(&w.g);
+	g_probe(&w.g);
+	fd = client_open(&w, 1000, &gc);
+	close(fd);
+	WAIT(&w, gc->closed);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
+/* The loop on its own thread, the guest (vCPU) and clients on this one: the real arrangement. */
+static void test_vsock_threaded(void)
+{
+	enum { N = 4 };
+	struct world w;
+	static struct xfer x[N];
+	int64_t t0;
+	int i, done;
+
+	cur_test = "vsock threaded";
+	threaded = true;
+	world_init(&w);
+	for (i = 0; i < N; i++)
+		xfer_start(&w, &x[i], 700000, (uint32_t)i + 100);
+	t0 = now_ms();
+	do {
+		done = 0;
+		for (i = 0; i < N; i++)
+			done += xfer_step(&w, &x[i], (uint32_t)i + 100, 16384);
+		step(&w);
+		CHECK(now_ms() - t0 < 30000);
+	} while (done < N);
+	for (i = 0; i < N; i++) {
+		xfer_check(&x[i]);
+		close(x[i].fd);
+	}
+	for (i = 0; i < N; i++)
+		WAIT(&w, x[i].gc->closed);
+	/* a device reset from the vCPU while the loop runs */
+	x[0].fd = client_open(&w, SMOLVM_AGENT_PORT, &x[0].gc);
+	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	WAIT(&w, client_eof(x[0].fd));
+	close(x[0].fd);
+	world_fini(&w);
+	threaded = false;
+	printf("ok %s\n", cur_test);
+}
+
+static void test_vsock_new_errors(void)
+{
+	struct evloop *loop;
+	struct vm *vm;
+	struct vsock *vs;
+	struct vsock_config cfg = { .base = 0xd0000000, .gsi = 5, .uds_path = "/tmp/smolvm-test-x.sock" };
+	char longp[200];
+
+	cur_test = "vsock_new errors";
+	CHECK(evloop_new(&loop) == 0);
+	vm = fake_vm_new(NULL);
+	CHECK(vsock_new(vm, &cfg, &vs) == -EINVAL && !vs); /* no loop */
+	vm->loop = loop;
+	memset(longp, 'a', sizeof(longp) - 1);
+	longp[sizeof(longp) - 1] = 0;
+	cfg.uds_path = longp;
+	CHECK(vsock_new(vm, &cfg, &vs) == -ENAMETOOLONG);
+	cfg.uds_path = "/nonexistent-dir/x.sock";
+	CHECK(vsock_new(vm, &cfg, &vs) < 0);
+	cfg.uds_path = "/tmp/smolvm-test-x.sock";
+	cfg.guest_cid = 2;
+	CHECK(vsock_new(vm, &cfg, &vs) == -EINVAL);
+	CHECK(ev_count(loop) == 0 && vm->nr_mmio == 0);
+	fake_vm_free(vm);
+	evloop_free(loop);
+	printf("ok %s\n", cur_test);
+}
+
+int main(void)
+{
+	struct evloop *l = NULL;
+
+	setvbuf(stdout, NULL, _IONBF, 0);
+	qvm = fake_vm_new(l);
+	test_queue();
+	fake_vm_free(qvm);
+	test_mmio(false);
+	test_mmio(true);
+	test_mmio_bad_ops();
+	test_mmio_kvm();
+	test_vsock_new_errors();
+	test_vsock_stream();
+	test_vsock_guest_shutdown();
+	test_vsock_credit_exhausted();
+	test_vsock_guest_overrun();
+	test_vsock_refuse_and_ready();
+	test_vsock_bad_packets();
+	test_vsock_hostile_rings();
+	test_vsock_bad_queue_setup();
+	test_vsock_resets();
+	test_vsock_many();
+	test_vsock_threaded();
+	printf("all virtio tests passed\n");
+	return 0;
+}
