@@ -39,7 +39,7 @@ static int kvm_set_slot(struct vm *vm, uint32_t slot, uint64_t gpa, void *host, 
 	return ioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
 }
 
-int kvm_vm_create(struct vm *vm, uint64_t mem_size)
+int kvm_vm_create(struct vm *vm, uint64_t mem_size, int mem_fd)
 {
 	uint64_t low = mem_size < VM_GAP_START ? mem_size : VM_GAP_START;
 	struct kvm_pit_config pit = { .flags = 0 };
@@ -47,6 +47,7 @@ int kvm_vm_create(struct vm *vm, uint64_t mem_size)
 
 	vm->kvm_fd = vm->vm_fd = -1;
 	pthread_mutex_init(&vm->lock, NULL);
+	pthread_cond_init(&vm->cond, NULL);
 	vm->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (vm->kvm_fd < 0)
 		return kvm_fail(vm, "open /dev/kvm");
@@ -73,14 +74,14 @@ int kvm_vm_create(struct vm *vm, uint64_t mem_size)
 			return kvm_fail(vm, "KVM_SET_IDENTITY_MAP_ADDR");
 	}
 
+	/* A snapshot's memory file is mapped copy-on-write: sandboxes share its pages. */
 	vm->mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		       MAP_PRIVATE | MAP_NORESERVE | (mem_fd >= 0 ? 0 : MAP_ANONYMOUS), mem_fd, 0);
 	if (vm->mem == MAP_FAILED) {
 		vm->mem = NULL;
 		return kvm_fail(vm, "mmap guest RAM");
 	}
 	vm->mem_size = mem_size;
-	madvise(vm->mem, mem_size, MADV_MERGEABLE);
 	if (kvm_set_slot(vm, 0, 0, vm->mem, low) < 0)
 		return kvm_fail(vm, "KVM_SET_USER_MEMORY_REGION");
 	if (mem_size > low &&
@@ -139,6 +140,7 @@ void vm_request_exit(struct vm *vm, int reason, const char *msg)
 		vm->exit_reason = reason;
 		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "%s", msg ? msg : "");
 	}
+	pthread_cond_broadcast(&vm->cond); /* release parked vCPUs and pausers */
 	pthread_mutex_unlock(&vm->lock);
 	for (int i = 0; i < vm->nr_vcpus; i++)
 		vcpu_kick(vm->vcpus[i]);

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "snapshot.h"
 #include "vm.h"
 
 #define SERIAL_IRQ 4
@@ -191,4 +192,43 @@ void serial_io(struct serial *s, uint16_t off, uint8_t *data, bool is_write)
 		serial_read(s, off, data);
 	serial_update_irq(s);
 	pthread_mutex_unlock(&s->lock);
+}
+
+struct serial_snap {
+	uint8_t ier, lcr, mcr, scr, fcr, dll, dlm, thre_pending;
+	int32_t irq_level;
+};
+
+void serial_save(struct serial *s, struct snap_writer *w)
+{
+	struct serial_snap st;
+
+	pthread_mutex_lock(&s->lock);
+	serial_flush(s);
+	st = (struct serial_snap){ s->ier, s->lcr, s->mcr, s->scr, s->fcr, s->dll, s->dlm,
+				   s->thre_pending, s->irq_level };
+	pthread_mutex_unlock(&s->lock);
+	snap_put(w, SNAP_DEV_SERIAL, 0, &st, sizeof(st));
+}
+
+int serial_restore(struct serial *s, const struct snap_reader *r)
+{
+	const struct serial_snap *st;
+	uint32_t len = 0;
+
+	st = snap_get(r, SNAP_DEV_SERIAL, 0, &len);
+	if (!st || len != sizeof(*st))
+		return -EINVAL;
+	pthread_mutex_lock(&s->lock);
+	s->ier = st->ier;
+	s->lcr = st->lcr;
+	s->mcr = st->mcr;
+	s->scr = st->scr;
+	s->fcr = st->fcr;
+	s->dll = st->dll;
+	s->dlm = st->dlm;
+	s->thre_pending = st->thre_pending;
+	s->irq_level = st->irq_level; /* the irqchip state carries the line itself */
+	pthread_mutex_unlock(&s->lock);
+	return 0;
 }

@@ -15,4 +15,11 @@ void serial_free(struct serial *s);
 /* Port access at offset 0..7 from the base, one byte, on a vCPU thread. */
 void serial_io(struct serial *s, uint16_t off, uint8_t *data, bool is_write);
 
+struct snap_writer;
+struct snap_reader;
+
+/* Register file into / out of a snapshot (section SNAP_DEV_SERIAL). Restore returns 0 or -EINVAL. */
+void serial_save(struct serial *s, struct snap_writer *w);
+int serial_restore(struct serial *s, const struct snap_reader *r);
+
 #endif

@@ -78,8 +78,13 @@ static int vcpu_set_cpuid(struct vcpu *v)
 			break;
 		}
 	}
-	if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
+	if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0) {
 		ret = -errno;
+		goto out;
+	}
+	v->cpuid = cpuid;
+	v->cpuid_size = sizeof(*cpuid) + cpuid->nent * sizeof(struct kvm_cpuid_entry2);
+	return 0;
 out:
 	free(cpuid);
 	return ret;
@@ -269,6 +274,52 @@ static void vcpu_internal_error(struct vcpu *v)
 	vm_request_exit(v->vm, VM_EXIT_ERROR, msg);
 }
 
+/* Complete pending I/O (KVM_RUN with immediate_exit), then wait while a pause is asked for. */
+static void vcpu_park(struct vcpu *v)
+{
+	struct vm *vm = v->vm;
+
+	v->run->immediate_exit = 1;
+	ioctl(v->fd, KVM_RUN, 0);
+	v->run->immediate_exit = 0;
+	pthread_mutex_lock(&vm->lock);
+	vm->nr_paused++;
+	pthread_cond_broadcast(&vm->cond);
+	while (vm->pause_req && vm->exit_reason == VM_RUNNING)
+		pthread_cond_wait(&vm->cond, &vm->lock);
+	vm->nr_paused--;
+	pthread_cond_broadcast(&vm->cond);
+	pthread_mutex_unlock(&vm->lock);
+}
+
+int vm_pause(struct vm *vm)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&vm->lock);
+	vm->pause_req = 1;
+	pthread_mutex_unlock(&vm->lock);
+	for (int i = 0; i < vm->nr_vcpus; i++)
+		vcpu_kick(vm->vcpus[i]);
+	pthread_mutex_lock(&vm->lock);
+	while (vm->nr_paused < vm->nr_started && vm->exit_reason == VM_RUNNING)
+		pthread_cond_wait(&vm->cond, &vm->lock);
+	if (vm->exit_reason != VM_RUNNING)
+		ret = -ESHUTDOWN;
+	pthread_mutex_unlock(&vm->lock);
+	return ret;
+}
+
+void vm_resume(struct vm *vm)
+{
+	pthread_mutex_lock(&vm->lock);
+	vm->pause_req = 0;
+	pthread_cond_broadcast(&vm->cond);
+	while (vm->nr_paused > 0 && vm->exit_reason == VM_RUNNING)
+		pthread_cond_wait(&vm->cond, &vm->lock);
+	pthread_mutex_unlock(&vm->lock);
+}
+
 static void *vcpu_thread(void *arg)
 {
 	struct vcpu *v = arg;
@@ -278,6 +329,10 @@ static void *vcpu_thread(void *arg)
 	int first = 1;
 
 	while (vm->exit_reason == VM_RUNNING) {
+		if (vm->pause_req) {
+			vcpu_park(v);
+			continue;
+		}
 		if (first && v->id == 0 && vm->console_fd >= 0) {
 			dprintf(vm->console_fd, "smolvm-vmm: t_first_run_us=%llu\n",
 				(unsigned long long)((vcpu_now_ns() - vm->t_start_ns) / 1000));
@@ -341,6 +396,9 @@ int vcpu_start(struct vcpu *v)
 	if (ret)
 		return -ret;
 	v->started = 1;
+	pthread_mutex_lock(&v->vm->lock);
+	v->vm->nr_started++;
+	pthread_mutex_unlock(&v->vm->lock);
 	return 0;
 }
 
@@ -365,5 +423,6 @@ void vcpu_destroy(struct vcpu *v)
 		munmap(v->run, v->run_size);
 	if (v->fd >= 0)
 		close(v->fd);
+	free(v->cpuid);
 	free(v);
 }

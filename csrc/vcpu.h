@@ -7,6 +7,7 @@
 
 struct vm;
 struct kvm_run;
+struct kvm_cpuid2;
 
 struct vcpu {
 	struct vm *vm;
@@ -16,6 +17,8 @@ struct vcpu {
 	size_t run_size;
 	pthread_t thread;
 	int started;
+	struct kvm_cpuid2 *cpuid; /* what KVM_SET_CPUID2 got; kept for snapshots */
+	size_t cpuid_size;
 };
 
 /* Create vCPU `id` of vm (CPUID, MSRs, LAPIC LINT0/1 set). Returns 0 or -errno. */
@@ -27,6 +30,14 @@ int vcpu_setup_long_mode(struct vcpu *v, uint64_t entry, uint64_t zero_page,
 
 /* Start the thread running KVM_RUN until the VM exits. Signals SIGUSR1 interrupt it. */
 int vcpu_start(struct vcpu *v);
+
+/*
+ * Park every vCPU outside KVM_RUN with pending I/O completed, so VM and vCPU
+ * state can be read or written consistently; vm_resume() lets them go on.
+ * Loop thread (or any single controller thread). Returns 0 or -errno.
+ */
+int vm_pause(struct vm *vm);
+void vm_resume(struct vm *vm);
 
 /* Make KVM_RUN return soon (immediate_exit + SIGUSR1). Any thread; NULL ok. */
 void vcpu_kick(struct vcpu *v);

@@ -34,7 +34,9 @@ struct vm {
 	volatile int exit_reason; /* set once by a vCPU: VM_EXIT_* */
 	char exit_msg[256];
 	uint64_t t_start_ns; /* CLOCK_MONOTONIC when the VMM started, for timing lines */
-	pthread_mutex_t lock;
+	pthread_mutex_t lock; /* guards exit_reason and the pause fields */
+	pthread_cond_t cond;  /* pause handshake between controller and vCPUs */
+	int pause_req, nr_paused, nr_started;
 };
 
 enum { VM_RUNNING = 0, VM_EXIT_RESET, VM_EXIT_SHUTDOWN, VM_EXIT_ERROR, VM_EXIT_STOPPED };

@@ -19,6 +19,7 @@
 #include "mptable.h"
 #include "proto.h"
 #include "serial.h"
+#include "snapshot.h"
 #include "vcpu.h"
 #include "virtio/mmio.h"
 #include "virtio/vsock.h"
@@ -29,7 +30,7 @@
 #define VMM_GUEST_CID 3
 
 struct vmm_args {
-	const char *kernel, *initrd, *cmdline, *vsock_uds, *console;
+	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore;
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
 };
@@ -39,6 +40,9 @@ struct vmm {
 	struct vmm_args a;
 	struct vsock *vsock;
 	int sig_fd;
+	int paused;      /* paused by the owner (PAUSE) */
+	char ctl_buf[4096];
+	size_t ctl_len;
 };
 
 static uint64_t vmm_now_ns(void)
@@ -51,8 +55,8 @@ static uint64_t vmm_now_ns(void)
 
 static void vmm_usage(void)
 {
-	fprintf(stderr, "usage: smolvm-vmm --kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
-			"--vcpus N --vsock-uds PATH --console PATH --ctl-fd N\n");
+	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
+			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N\n");
 }
 
 static int vmm_parse(int argc, char **argv, struct vmm_args *a)
@@ -66,6 +70,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "vsock-uds", required_argument, NULL, 'u' },
 		{ "console", required_argument, NULL, 'o' },
 		{ "ctl-fd", required_argument, NULL, 'f' },
+		{ "restore", required_argument, NULL, 'r' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -85,10 +90,11 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'u': a->vsock_uds = optarg; break;
 		case 'o': a->console = optarg; break;
 		case 'f': a->ctl_fd = atoi(optarg); break;
+		case 'r': a->restore = optarg; break;
 		default: return -EINVAL;
 		}
 	}
-	if (!a->kernel || !a->vsock_uds || a->mem_mib < 32 || a->mem_mib > (1ul << 20) ||
+	if ((!a->kernel && !a->restore) || !a->vsock_uds || a->mem_mib < 32 || a->mem_mib > (1ul << 20) ||
 	    a->vcpus < 1 || a->vcpus > VM_MAX_VCPUS)
 		return -EINVAL;
 	return 0;
@@ -125,16 +131,89 @@ static void vmm_on_ready(void *opaque)
 	vmm_ctl(v, "READY\n");
 }
 
+/* Save the paused VM: KVM state, devices, memory. Loop thread, so devices are quiet. */
+static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen)
+{
+	struct snap_writer devs = { 0 };
+	uint64_t t0 = vmm_now_ns();
+	int ret;
+
+	if (!v->paused) {
+		ret = vm_pause(&v->vm);
+		if (ret) {
+			snprintf(err, errlen, "pause failed: %s", strerror(-ret));
+			return ret;
+		}
+	}
+	serial_save(v->vm.serial, &devs);
+	vsock_save(v->vsock, &devs);
+	ret = snapshot_save(&v->vm, dir, &devs, err, errlen);
+	free(devs.buf);
+	if (!v->paused)
+		vm_resume(&v->vm);
+	vmm_log(v, "t_snapshot_us", (vmm_now_ns() - t0) / 1000);
+	return ret;
+}
+
+/* One command line from the owner: PAUSE, RESUME, SNAPSHOT <dir>. Answers OK or ERR <why>. */
+static void vmm_command(struct vmm *v, char *line)
+{
+	char err[300] = "";
+	int ret = 0;
+
+	if (!strcmp(line, "PAUSE")) {
+		if (!v->paused)
+			ret = vm_pause(&v->vm);
+		if (!ret)
+			v->paused = 1;
+		else
+			snprintf(err, sizeof(err), "pause failed: %s", strerror(-ret));
+	} else if (!strcmp(line, "RESUME")) {
+		if (v->paused)
+			vm_resume(&v->vm);
+		v->paused = 0;
+	} else if (!strncmp(line, "SNAPSHOT ", 9) && line[9] == '/') {
+		ret = vmm_snapshot(v, line + 9, err, sizeof(err));
+	} else if (!strcmp(line, "PING")) {
+		ret = 0;
+	} else {
+		ret = -EINVAL;
+		snprintf(err, sizeof(err), "unknown command");
+	}
+	if (ret)
+		vmm_ctl(v, "ERR %s\n", err[0] ? err : strerror(-ret));
+	else
+		vmm_ctl(v, "OK\n");
+}
+
 static void vmm_on_ctl(void *opaque, int fd, uint32_t revents)
 {
 	struct vmm *v = opaque;
-	char buf[256];
-	ssize_t n = read(fd, buf, sizeof(buf));
+	ssize_t n;
+	char *nl;
 
 	(void)revents;
-	if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+	n = read(fd, v->ctl_buf + v->ctl_len, sizeof(v->ctl_buf) - 1 - v->ctl_len);
+	if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
 		vm_request_exit(&v->vm, VM_EXIT_STOPPED, "owner closed the control socket");
-	/* Commands on the control socket come with the snapshot work; ignore input now. */
+		return;
+	}
+	if (n < 0)
+		return;
+	v->ctl_len += (size_t)n;
+	v->ctl_buf[v->ctl_len] = 0;
+	while ((nl = strchr(v->ctl_buf, '\n'))) {
+		size_t used = (size_t)(nl - v->ctl_buf) + 1;
+
+		*nl = 0;
+		vmm_command(v, v->ctl_buf);
+		memmove(v->ctl_buf, v->ctl_buf + used, v->ctl_len - used + 1);
+		v->ctl_len -= used;
+	}
+	if (v->ctl_len == sizeof(v->ctl_buf) - 1) {
+		vmm_ctl(v, "ERR command too long\n");
+		v->ctl_len = 0;
+	}
 }
 
 static void vmm_on_signal(void *opaque, int fd, uint32_t revents)
@@ -147,26 +226,43 @@ static void vmm_on_signal(void *opaque, int fd, uint32_t revents)
 		vm_request_exit(&v->vm, VM_EXIT_STOPPED, "VMM got a termination signal");
 }
 
+#define VMM_FAIL(ret_, ...)                                                                    \
+	do {                                                                                   \
+		snprintf(vm->exit_msg, sizeof(vm->exit_msg), __VA_ARGS__);                     \
+		ret = (ret_);                                                                  \
+		goto out;                                                                      \
+	} while (0)
+
 static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 {
 	struct vm *vm = &v->vm;
+	struct snap_reader snap = { 0 };
+	struct snap_vm_info info = { (uint64_t)v->a.mem_mib << 20, (uint32_t)v->a.vcpus, 0 };
 	struct boot_info bi;
 	sigset_t ss;
-	int ret;
+	int ret, mem_fd = -1;
 
 	vm->console_fd = v->a.console
 		? open(v->a.console, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600) : -1;
-	ret = kvm_vm_create(vm, (uint64_t)v->a.mem_mib << 20);
-	if (ret)
-		return ret;
-	ret = evloop_new(&vm->loop);
-	if (ret) {
-		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "io_uring setup: %s", strerror(-ret));
-		return ret;
+	if (v->a.restore) {
+		ret = snapshot_open(v->a.restore, &snap, &info, vm->exit_msg, sizeof(vm->exit_msg));
+		if (ret)
+			goto out;
+		mem_fd = snapshot_memory_fd(v->a.restore, vm->exit_msg, sizeof(vm->exit_msg));
+		if (mem_fd < 0) {
+			ret = mem_fd;
+			goto out;
+		}
 	}
+	ret = kvm_vm_create(vm, info.mem_size, mem_fd);
+	if (ret)
+		goto out;
+	ret = evloop_new(&vm->loop);
+	if (ret)
+		VMM_FAIL(ret, "io_uring setup: %s", strerror(-ret));
 	vm->serial = serial_new(vm, vm->console_fd);
 	if (!vm->serial)
-		return -ENOMEM;
+		VMM_FAIL(-ENOMEM, "out of memory");
 	{
 		struct vsock_config vc = {
 			.base = VMM_VSOCK_BASE, .gsi = VMM_VSOCK_GSI, .guest_cid = VMM_GUEST_CID,
@@ -174,42 +270,39 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		};
 
 		ret = vsock_new(vm, &vc, &v->vsock);
+		if (ret)
+			VMM_FAIL(ret, "vsock device on %s: %s", v->a.vsock_uds, strerror(-ret));
 	}
-	if (ret) {
-		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vsock device on %s: %s",
-			 v->a.vsock_uds, strerror(-ret));
-		return ret;
-	}
-	{
+	if (v->a.restore) {
+		if (serial_restore(vm->serial, &snap) || vsock_restore(v->vsock, &snap))
+			VMM_FAIL(-EINVAL, "snapshot %s: device state missing or invalid", v->a.restore);
+	} else {
 		size_t n = (size_t)snprintf(cmdline, cmdline_len, "%s ", v->a.cmdline);
 
 		if (n >= cmdline_len ||
 		    virtio_mmio_cmdline(cmdline + n, cmdline_len - n, VMM_VSOCK_BASE, VMM_VSOCK_GSI) < 0)
-			return -E2BIG;
+			VMM_FAIL(-E2BIG, "kernel command line too long");
+		ret = boot_load(vm, v->a.kernel, v->a.initrd, cmdline, &bi, vm->exit_msg,
+				sizeof(vm->exit_msg));
+		if (ret)
+			goto out;
+		ret = mptable_write(vm, (int)info.nr_vcpus);
+		if (ret)
+			VMM_FAIL(ret, "MP table: %s", strerror(-ret));
 	}
-	ret = boot_load(vm, v->a.kernel, v->a.initrd, cmdline, &bi, vm->exit_msg,
-			sizeof(vm->exit_msg));
-	if (ret)
-		return ret;
-	ret = mptable_write(vm, (int)v->a.vcpus);
-	if (ret) {
-		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "MP table: %s", strerror(-ret));
-		return ret;
-	}
-	for (unsigned long i = 0; i < v->a.vcpus; i++) {
+	for (uint32_t i = 0; i < info.nr_vcpus; i++) {
 		ret = vcpu_create(vm, (int)i, &vm->vcpus[i]);
-		if (ret) {
-			snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vCPU %lu: %s", i, strerror(-ret));
-			return ret;
-		}
+		if (ret)
+			VMM_FAIL(ret, "vCPU %u: %s", i, strerror(-ret));
 		vm->nr_vcpus++;
 	}
-	ret = vcpu_setup_long_mode(vm->vcpus[0], bi.entry, bi.zero_page, bi.pml4, bi.gdt,
-				   bi.gdt_limit);
-	if (ret) {
+	if (v->a.restore)
+		ret = snapshot_restore_kvm(vm, &snap, vm->exit_msg, sizeof(vm->exit_msg));
+	else if ((ret = vcpu_setup_long_mode(vm->vcpus[0], bi.entry, bi.zero_page, bi.pml4,
+					       bi.gdt, bi.gdt_limit)))
 		snprintf(vm->exit_msg, sizeof(vm->exit_msg), "boot registers: %s", strerror(-ret));
-		return ret;
-	}
+	if (ret)
+		goto out;
 
 	sigemptyset(&ss);
 	sigaddset(&ss, SIGTERM);
@@ -223,17 +316,25 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		fcntl(v->a.ctl_fd, F_SETFD, FD_CLOEXEC);
 		ret = evloop_add(vm->loop, v->a.ctl_fd, POLLIN, vmm_on_ctl, v);
 		if (ret)
-			return ret;
+			VMM_FAIL(ret, "control socket: %s", strerror(-ret));
 	}
 	for (int i = 0; i < vm->nr_vcpus; i++) {
 		ret = vcpu_start(vm->vcpus[i]);
-		if (ret) {
-			snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vCPU thread: %s", strerror(-ret));
-			return ret;
-		}
+		if (ret)
+			VMM_FAIL(ret, "vCPU thread: %s", strerror(-ret));
 	}
-	return 0;
+	if (v->a.restore) {
+		/* The agent was listening when the snapshot was taken: ready at once. */
+		vmm_log(v, "t_restore_us", (vmm_now_ns() - vm->t_start_ns) / 1000);
+		vmm_on_ready(v);
+	}
+out:
+	if (mem_fd >= 0)
+		close(mem_fd);
+	snapshot_reader_free(&snap);
+	return ret;
 }
+#undef VMM_FAIL
 
 static const char *vmm_reason(int r)
 {

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "virtio/mmio.h"
 
+#include "snapshot.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -430,4 +432,76 @@ int virtio_mmio_cmdline(char *buf, size_t size, uint64_t base, uint32_t gsi)
 	int n = snprintf(buf, size, "virtio_mmio.device=%u@0x%" PRIx64 ":%" PRIu32, VIRTIO_MMIO_SIZE, base, gsi);
 
 	return n < 0 || (size_t)n >= size ? -ENOSPC : n;
+}
+
+struct virtio_mmio_snap_queue {
+	uint64_t desc_gpa, avail_gpa, used_gpa;
+	uint16_t size, last_avail, used_idx, ready;
+};
+
+struct virtio_mmio_snap {
+	uint32_t device_id, nr_queues;
+	uint32_t status, int_status;
+	uint32_t dev_feat_sel, drv_feat_sel, queue_sel, config_gen;
+	uint64_t drv_features;
+	struct virtio_mmio_snap_queue q[VIRTIO_MMIO_MAX_QUEUES];
+};
+
+void virtio_mmio_save(struct virtio_mmio *m, struct snap_writer *w, uint32_t index)
+{
+	struct virtio_mmio_snap s;
+
+	memset(&s, 0, sizeof(s));
+	s.device_id = m->ops->device_id;
+	s.nr_queues = m->ops->nr_queues;
+	s.status = m->status;
+	s.int_status = m->int_status;
+	s.dev_feat_sel = m->dev_feat_sel;
+	s.drv_feat_sel = m->drv_feat_sel;
+	s.queue_sel = m->queue_sel;
+	s.config_gen = m->config_gen;
+	s.drv_features = m->drv_features;
+	for (unsigned i = 0; i < m->ops->nr_queues; i++) {
+		struct virtq *q = &m->vq[i];
+
+		s.q[i] = (struct virtio_mmio_snap_queue){
+			q->desc_gpa, q->avail_gpa, q->used_gpa, q->size, q->last_avail, q->used_idx,
+			q->ready,
+		};
+	}
+	snap_put(w, SNAP_DEV_MMIO, index, &s, sizeof(s));
+}
+
+int virtio_mmio_restore(struct virtio_mmio *m, const struct snap_reader *r, uint32_t index)
+{
+	const struct virtio_mmio_snap *s;
+	uint32_t len = 0;
+
+	s = snap_get(r, SNAP_DEV_MMIO, index, &len);
+	if (!s || len != sizeof(*s) || s->device_id != m->ops->device_id ||
+	    s->nr_queues != m->ops->nr_queues)
+		return -EINVAL;
+	m->status = s->status;
+	m->int_status = s->int_status;
+	m->dev_feat_sel = s->dev_feat_sel;
+	m->drv_feat_sel = s->drv_feat_sel;
+	m->queue_sel = s->queue_sel < VIRTIO_MMIO_MAX_QUEUES ? s->queue_sel : 0;
+	m->config_gen = s->config_gen;
+	m->drv_features = s->drv_features;
+	for (unsigned i = 0; i < m->ops->nr_queues; i++) {
+		struct virtq *q = &m->vq[i];
+
+		virtq_reset(q);
+		q->size = s->q[i].size;
+		q->desc_gpa = s->q[i].desc_gpa;
+		q->avail_gpa = s->q[i].avail_gpa;
+		q->used_gpa = s->q[i].used_gpa;
+		if (!s->q[i].ready)
+			continue;
+		if (virtq_enable(q, m->ops->queue_max) < 0)
+			return -EINVAL;
+		q->last_avail = s->q[i].last_avail;
+		q->used_idx = s->q[i].used_idx;
+	}
+	return 0;
 }

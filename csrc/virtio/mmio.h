@@ -99,6 +99,19 @@ void virtio_mmio_signal(struct virtio_mmio *m);
 /* The guest broke the device: set DEVICE_NEEDS_RESET (0x40), send a config interrupt, stop notifies. */
 void virtio_mmio_fail(struct virtio_mmio *m);
 
+struct snap_writer;
+struct snap_reader;
+
+/* Append the transport's state (status, features, queues) as section SNAP_DEV_MMIO/index. Lock held. */
+void virtio_mmio_save(struct virtio_mmio *m, struct snap_writer *w, uint32_t index);
+
+/*
+ * Put transport state saved by virtio_mmio_save() back after init, before the
+ * vCPUs run: rings are re-resolved through vm_gpa(). Returns 0 or -EINVAL if
+ * the section is missing or describes rings outside RAM.
+ */
+int virtio_mmio_restore(struct virtio_mmio *m, const struct snap_reader *r, uint32_t index);
+
 /*
  * Kernel command-line word declaring the device to Linux's virtio_mmio:
  * "virtio_mmio.device=512@0x<base>:<gsi>". Returns its length, or -ENOSPC.

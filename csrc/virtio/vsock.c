@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "virtio/vsock.h"
 
+#include "snapshot.h"
+
 #include <errno.h>
 #include <poll.h>
 #include <stdbool.h>
@@ -961,4 +963,35 @@ void vsock_free(struct vsock *v)
 		close(v->work_fd);
 	}
 	free(v);
+}
+
+struct vsock_snap {
+	uint64_t guest_cid;
+	uint32_t next_port, reserved;
+};
+
+void vsock_save(struct vsock *v, struct snap_writer *w)
+{
+	struct vsock_snap s = { v->guest_cid, v->next_port, 0 };
+
+	virtio_mmio_lock(&v->mmio);
+	virtio_mmio_save(&v->mmio, w, 0);
+	snap_put(w, SNAP_DEV_VSOCK, 0, &s, sizeof(s));
+	virtio_mmio_unlock(&v->mmio);
+}
+
+int vsock_restore(struct vsock *v, const struct snap_reader *r)
+{
+	const struct vsock_snap *s;
+	uint32_t len = 0;
+	int ret;
+
+	s = snap_get(r, SNAP_DEV_VSOCK, 0, &len);
+	if (!s || len != sizeof(*s) || s->guest_cid != v->guest_cid)
+		return -EINVAL;
+	virtio_mmio_lock(&v->mmio);
+	ret = virtio_mmio_restore(&v->mmio, r, 0);
+	v->next_port = s->next_port;
+	virtio_mmio_unlock(&v->mmio);
+	return ret;
 }

@@ -48,4 +48,18 @@ void vsock_free(struct vsock *v);
  */
 int vsock_reset_transport(struct vsock *v);
 
+struct snap_writer;
+struct snap_reader;
+
+/* Append the device's state (transport + vsock sections). VM paused, loop thread. */
+void vsock_save(struct vsock *v, struct snap_writer *w);
+
+/*
+ * After vsock_new() in a restoring VMM, before vCPUs run: put the transport
+ * and device state back. Host connections of the snapshot are not carried
+ * over: call vsock_reset_transport() once the vCPUs run so the guest drops
+ * them. Returns 0 or -EINVAL.
+ */
+int vsock_restore(struct vsock *v, const struct snap_reader *r);
+
 #endif
