@@ -320,6 +320,41 @@ static int exec_client_feed(struct exec_client *x, const uint8_t *p, size_t n)
 	return 0;
 }
 
+/* The SETUP frame: header, struct smolvm_setup, entropy, hostname. */
+static int exec_client_build_setup(struct exec_client *x, const struct exec_setup *su, uint8_t **msg,
+				   size_t *msg_len)
+{
+	size_t hlen = su->hostname ? strlen(su->hostname) : 0;
+	size_t len = sizeof(struct smolvm_setup) + su->entropy_len + hlen;
+	struct smolvm_frame h;
+	struct smolvm_setup body;
+	uint8_t *m;
+
+	if (su->entropy_len > SMOLVM_SETUP_MAX_ENTROPY || hlen > SMOLVM_SETUP_MAX_HOSTNAME ||
+	    (su->entropy_len && !su->entropy))
+		return exec_client_fail(x, -EINVAL, "setup: entropy (%u) or hostname (%zu) too long",
+					su->entropy_len, hlen);
+	m = malloc(EXEC_CLIENT_HDR + len);
+	if (!m)
+		return exec_client_fail(x, -ENOMEM, "out of memory");
+	h.magic = htole32(SMOLVM_PROTO_MAGIC);
+	h.type = htole16(SMOLVM_SETUP);
+	h.flags = 0;
+	h.len = htole32((uint32_t)len);
+	body.wall_ns = htole64(su->wall_ns);
+	body.entropy_len = htole32(su->entropy_len);
+	body.hostname_len = htole32((uint32_t)hlen);
+	memcpy(m, &h, sizeof(h));
+	memcpy(m + EXEC_CLIENT_HDR, &body, sizeof(body));
+	if (su->entropy_len)
+		memcpy(m + EXEC_CLIENT_HDR + sizeof(body), su->entropy, su->entropy_len);
+	if (hlen)
+		memcpy(m + EXEC_CLIENT_HDR + sizeof(body) + su->entropy_len, su->hostname, hlen);
+	*msg = m;
+	*msg_len = EXEC_CLIENT_HDR + len;
+	return 0;
+}
+
 /* The EXEC frame: header, struct smolvm_exec, command, cwd, env strings. */
 static int exec_client_build(struct exec_client *x, const struct exec_request *req, uint8_t **msg, size_t *msg_len)
 {
@@ -410,7 +445,7 @@ int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req
 	x.opaque = opaque;
 	x.last_poll_ms = exec_client_now_ms();
 	x.deadline_ms = host_timeout_ms < 0 ? -1 : x.last_poll_ms + host_timeout_ms;
-	if (!uds_path || !req || !req->command) {
+	if (!uds_path || !req || (!req->command && !req->setup)) {
 		ret = exec_client_fail(&x, -EINVAL, "uds_path, req and req->command are required");
 		goto out;
 	}
@@ -419,7 +454,10 @@ int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req
 		goto out;
 	}
 	strcpy(sa.sun_path, uds_path);
-	ret = exec_client_build(&x, req, &msg, &msg_len);
+	if (req->setup)
+		ret = exec_client_build_setup(&x, req->setup, &msg, &msg_len);
+	else
+		ret = exec_client_build(&x, req, &msg, &msg_len);
 	if (ret < 0)
 		goto out;
 	rbuf = malloc(EXEC_CLIENT_RBUF);

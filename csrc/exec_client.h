@@ -8,12 +8,21 @@
 /* Per-stream cap on collected output; bytes beyond it are read and dropped (error[] then says so). */
 #define EXEC_OUTPUT_CAP (64u << 20)
 
+/* Per-sandbox identity sent once after boot or restore, before any command. */
+struct exec_setup {
+	uint64_t wall_ns;        /* host CLOCK_REALTIME; 0 = leave the guest clock */
+	const uint8_t *entropy;  /* credited to the guest RNG; <= SMOLVM_SETUP_MAX_ENTROPY */
+	uint32_t entropy_len;
+	const char *hostname;    /* NULL = leave it; <= SMOLVM_SETUP_MAX_HOSTNAME bytes */
+};
+
 struct exec_request {
 	const char *command;     /* run as `/bin/sh -c COMMAND` in the guest; required */
 	const char *cwd;         /* NULL or "" = "/" */
 	const char *const *env;  /* n_env "KEY=VALUE" strings over the agent's base environment */
 	uint32_t n_env;
 	uint32_t timeout_ms;     /* guest-side timeout; 0 = none */
+	const struct exec_setup *setup; /* non-NULL: send SETUP instead of EXEC (command unused) */
 };
 
 struct exec_output {

@@ -24,6 +24,7 @@ enum smolvm_frame_type {
 	SMOLVM_STDERR = 3, /* guest -> host: raw bytes */
 	SMOLVM_EXIT = 4,   /* guest -> host: struct smolvm_exit; last frame */
 	SMOLVM_ERROR = 5,  /* guest -> host: UTF-8 message; last frame */
+	SMOLVM_SETUP = 6,  /* host -> guest: struct smolvm_setup + data; answered by EXIT or ERROR */
 };
 
 struct smolvm_frame {
@@ -41,6 +42,21 @@ struct smolvm_frame {
 struct smolvm_exec {
 	uint32_t timeout_ms; /* 0: no timeout */
 	uint32_t n_env;
+} __attribute__((packed));
+
+/*
+ * SETUP payload: this struct, then entropy_len random bytes (added to the
+ * guest RNG and credited), then hostname_len bytes of hostname (no NUL).
+ * Sent once after every boot or restore, before the first EXEC, so that
+ * sandboxes restored from one snapshot differ. wall_ns 0 leaves the clock.
+ */
+#define SMOLVM_SETUP_MAX_ENTROPY 512u
+#define SMOLVM_SETUP_MAX_HOSTNAME 64u
+
+struct smolvm_setup {
+	uint64_t wall_ns; /* CLOCK_REALTIME of the host, ns since the epoch */
+	uint32_t entropy_len;
+	uint32_t hostname_len;
 } __attribute__((packed));
 
 #define SMOLVM_EXIT_TIMED_OUT 1u

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <endian.h>
 #include <errno.h>
+#include <linux/random.h>
 #include <fcntl.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
@@ -674,6 +675,61 @@ static int agent_conn_handshake(struct agent_conn *c)
 	return 0;
 }
 
+/*
+ * SETUP: fresh entropy (credited), the host's wall clock and the hostname, so
+ * that sandboxes restored from one snapshot differ. In --unix test mode the
+ * frame is checked but nothing is applied (that would change the host).
+ */
+static int agent_conn_setup(struct agent_conn *c)
+{
+	uint32_t len = le32toh(c->hdr.len);
+	struct smolvm_setup su;
+	struct smolvm_exit ex = { 0, 0, 0 };
+	const uint8_t *entropy, *host;
+	uint32_t elen, hlen;
+
+	if (len < sizeof(su))
+		return agent_conn_fail(c, "bad SETUP frame: %u bytes, shorter than its header", len);
+	memcpy(&su, c->payload, sizeof(su));
+	elen = le32toh(su.entropy_len);
+	hlen = le32toh(su.hostname_len);
+	if (elen > SMOLVM_SETUP_MAX_ENTROPY || hlen > SMOLVM_SETUP_MAX_HOSTNAME ||
+	    (uint64_t)sizeof(su) + elen + hlen != len)
+		return agent_conn_fail(c, "bad SETUP frame: entropy %u, hostname %u, payload %u bytes", elen, hlen,
+				       len);
+	entropy = c->payload + sizeof(su);
+	host = entropy + elen;
+	if (getpid() == 1) {
+		uint64_t wall = le64toh(su.wall_ns);
+
+		if (elen) {
+			struct {
+				int entropy_count, buf_size;
+				uint8_t buf[SMOLVM_SETUP_MAX_ENTROPY];
+			} pool;
+			int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+
+			pool.entropy_count = (int)elen * 8;
+			pool.buf_size = (int)elen;
+			memcpy(pool.buf, entropy, elen);
+			if (fd < 0 || ioctl(fd, RNDADDENTROPY, &pool) < 0)
+				agent_log("RNDADDENTROPY: %s", strerror(errno));
+			if (fd >= 0)
+				close(fd);
+		}
+		if (wall) {
+			struct timespec ts = { (time_t)(wall / 1000000000u), (long)(wall % 1000000000u) };
+
+			if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+				agent_log("clock_settime: %s", strerror(errno));
+		}
+		if (hlen && sethostname((const char *)host, hlen) < 0)
+			agent_log("sethostname: %s", strerror(errno));
+	}
+	c->state = AGENT_C_CLOSING;
+	return agent_conn_frame(c, SMOLVM_EXIT, &ex, sizeof(ex));
+}
+
 /* Read the EXEC frame; start the command when it is complete. */
 static int agent_conn_read_exec(struct agent *a, struct agent_conn *c)
 {
@@ -695,12 +751,13 @@ static int agent_conn_read_exec(struct agent *a, struct agent_conn *c)
 			if (magic != SMOLVM_PROTO_MAGIC)
 				return agent_conn_fail(c, "bad frame: magic 0x%08x, want 0x%08x (protocol SMV1)", magic,
 						       SMOLVM_PROTO_MAGIC);
-			if (type != SMOLVM_EXEC)
-				return agent_conn_fail(c, "bad frame: type %u, want EXEC (%u)", type, SMOLVM_EXEC);
+			if (type != SMOLVM_EXEC && type != SMOLVM_SETUP)
+				return agent_conn_fail(c, "bad frame: type %u, want EXEC (%u) or SETUP (%u)", type,
+						       SMOLVM_EXEC, SMOLVM_SETUP);
 			if (len > SMOLVM_MAX_PAYLOAD)
 				return agent_conn_fail(c, "bad EXEC frame: payload of %u bytes is over the limit of %u", len,
 						       SMOLVM_MAX_PAYLOAD);
-			if (len < sizeof(struct smolvm_exec))
+			if (type == SMOLVM_EXEC && len < sizeof(struct smolvm_exec))
 				return agent_conn_fail(c, "bad EXEC frame: payload of %u bytes is shorter than its %zu-byte header",
 						       len, sizeof(struct smolvm_exec));
 			c->payload = malloc(len);
@@ -709,6 +766,8 @@ static int agent_conn_read_exec(struct agent *a, struct agent_conn *c)
 			c->got = 0;
 			c->state = AGENT_C_PAYLOAD;
 		} else if (c->state == AGENT_C_PAYLOAD && c->got == le32toh(c->hdr.len)) {
+			if (le16toh(c->hdr.type) == SMOLVM_SETUP)
+				return agent_conn_setup(c);
 			return agent_conn_start(a, c);
 		}
 	}

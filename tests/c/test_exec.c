@@ -48,7 +48,7 @@ static double test_now(void)
 static int test_run(const char *cmd, const char *cwd, const char *const *env, uint32_t n_env, uint32_t timeout_ms,
 		    struct exec_output *o)
 {
-	struct exec_request r = { cmd, cwd, env, n_env, timeout_ms };
+	struct exec_request r = { cmd, cwd, env, n_env, timeout_ms, NULL };
 
 	return exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 60000, NULL, NULL, o);
 }
@@ -425,11 +425,45 @@ static void test_bad_frames(void)
 	CHECK(fd >= 0 && read(fd, &c, 1) == 0, "wrong port not refused");
 	if (fd >= 0)
 		close(fd);
-	struct exec_request r = { "true", NULL, NULL, 0, 0 };
+	struct exec_request r = { "true", NULL, NULL, 0, 0, NULL };
 	struct exec_output o;
 	int ret = exec_run(test_sock, 99, &r, 10000, NULL, NULL, &o);
 	CHECK(ret == -ECONNREFUSED, "wrong port: ret %d %s", ret, o.error);
 	exec_output_free(&o);
+}
+
+/* SETUP: accepted (and, in --unix mode, not applied); malformed ones get ERROR. */
+static void test_setup(void)
+{
+	static const uint8_t entropy[32] = { 1, 2, 3 };
+	struct exec_setup su = { 1700000000000000000ull, entropy, sizeof(entropy), "vm-test" };
+	struct exec_request r = { NULL, NULL, NULL, 0, 0, &su };
+	struct exec_output o;
+	int ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+
+	CHECK(ret == 0 && o.exit_code == 0, "setup: ret %d exit %d %s", ret, o.exit_code, o.error);
+	exec_output_free(&o);
+
+	su.entropy_len = SMOLVM_SETUP_MAX_ENTROPY + 1;
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+	CHECK(ret == -EINVAL, "oversized entropy: ret %d", ret);
+	exec_output_free(&o);
+
+	/* entropy_len says 16 but the payload holds only the header */
+	struct smolvm_setup bad = { 0, 16, 0 };
+	int fd = test_raw_connect(SMOLVM_AGENT_PORT);
+	struct smolvm_frame h;
+	uint8_t *msg = NULL;
+
+	CHECK(fd >= 0, "setup: connect");
+	if (fd < 0)
+		return;
+	test_raw_frame(fd, SMOLVM_PROTO_MAGIC, SMOLVM_SETUP, sizeof(bad), &bad, sizeof(bad));
+	bool got = test_raw_read(fd, &h, &msg);
+	CHECK(got && h.type == SMOLVM_ERROR && strstr((char *)msg, "bad SETUP frame"), "bad setup: \"%s\"",
+	      msg ? (char *)msg : "");
+	free(msg);
+	close(fd);
 }
 
 /* The host goes away mid-command: the agent kills the process group. */
@@ -509,7 +543,7 @@ static int test_interrupt_cb(void *opaque)
 
 static void test_host_side_limits(void)
 {
-	struct exec_request r = { "sleep 5", NULL, NULL, 0, 0 };
+	struct exec_request r = { "sleep 5", NULL, NULL, 0, 0, NULL };
 	struct exec_output o;
 	double t0 = test_now();
 	int calls = 0, ret;
@@ -631,6 +665,7 @@ int main(int argc, char **argv)
 		{ "cwd", test_cwd },
 		{ "concurrent", test_concurrent },
 		{ "bad_frames", test_bad_frames },
+		{ "setup", test_setup },
 		{ "host_close", test_host_close },
 		{ "backpressure", test_backpressure },
 		{ "host_side_limits", test_host_side_limits },
