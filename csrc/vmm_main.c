@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "boot.h"
+#include "ctl.h"
 #include "evloop.h"
 #include "kvm.h"
 #include "mptable.h"
@@ -30,7 +31,8 @@
 #define VMM_GUEST_CID 3
 
 struct vmm_args {
-	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore;
+	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen;
+	int daemonize;
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
 };
@@ -40,9 +42,8 @@ struct vmm {
 	struct vmm_args a;
 	struct vsock *vsock;
 	int sig_fd;
-	int paused;      /* paused by the owner (PAUSE) */
-	char ctl_buf[4096];
-	size_t ctl_len;
+	int paused; /* paused by a PAUSE command */
+	struct ctl *ctl;
 };
 
 static uint64_t vmm_now_ns(void)
@@ -56,7 +57,8 @@ static uint64_t vmm_now_ns(void)
 static void vmm_usage(void)
 {
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
-			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N\n");
+			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
+			"[--ctl-listen PATH] [--daemonize]\n");
 }
 
 static int vmm_parse(int argc, char **argv, struct vmm_args *a)
@@ -71,6 +73,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "console", required_argument, NULL, 'o' },
 		{ "ctl-fd", required_argument, NULL, 'f' },
 		{ "restore", required_argument, NULL, 'r' },
+		{ "ctl-listen", required_argument, NULL, 'l' },
+		{ "daemonize", no_argument, NULL, 'd' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -91,6 +95,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'o': a->console = optarg; break;
 		case 'f': a->ctl_fd = atoi(optarg); break;
 		case 'r': a->restore = optarg; break;
+		case 'l': a->ctl_listen = optarg; break;
+		case 'd': a->daemonize = 1; break;
 		default: return -EINVAL;
 		}
 	}
@@ -98,23 +104,6 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 	    a->vcpus < 1 || a->vcpus > VM_MAX_VCPUS)
 		return -EINVAL;
 	return 0;
-}
-
-/* Tell the owner something: one line on the control socket (best effort). */
-static void vmm_ctl(struct vmm *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void vmm_ctl(struct vmm *v, const char *fmt, ...)
-{
-	char line[512];
-	va_list ap;
-	int n;
-
-	if (v->a.ctl_fd < 0)
-		return;
-	va_start(ap, fmt);
-	n = vsnprintf(line, sizeof(line), fmt, ap);
-	va_end(ap);
-	if (n > 0)
-		(void)!write(v->a.ctl_fd, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
 }
 
 static void vmm_log(struct vmm *v, const char *key, uint64_t value)
@@ -128,7 +117,7 @@ static void vmm_on_ready(void *opaque)
 	struct vmm *v = opaque;
 
 	vmm_log(v, "t_ready_us", (vmm_now_ns() - v->vm.t_start_ns) / 1000);
-	vmm_ctl(v, "READY\n");
+	ctl_notify(v->ctl, "READY");
 }
 
 /* Save the paused VM: KVM state, devices, memory. Loop thread, so devices are quiet. */
@@ -155,13 +144,19 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 	return ret;
 }
 
-/* One command line from the owner: PAUSE, RESUME, SNAPSHOT <dir>. Answers OK or ERR <why>. */
-static void vmm_command(struct vmm *v, char *line)
+/*
+ * One control command: PING, PAUSE, RESUME, SNAPSHOT <dir>, DETACH (outlive
+ * the owner), STOP. Answers OK or ERR <why> on the asking connection.
+ */
+static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 {
+	struct vmm *v = opaque;
 	char err[300] = "";
 	int ret = 0;
 
-	if (!strcmp(line, "PAUSE")) {
+	if (!strcmp(line, "PING")) {
+		ret = 0;
+	} else if (!strcmp(line, "PAUSE")) {
 		if (!v->paused)
 			ret = vm_pause(&v->vm);
 		if (!ret)
@@ -174,46 +169,27 @@ static void vmm_command(struct vmm *v, char *line)
 		v->paused = 0;
 	} else if (!strncmp(line, "SNAPSHOT ", 9) && line[9] == '/') {
 		ret = vmm_snapshot(v, line + 9, err, sizeof(err));
-	} else if (!strcmp(line, "PING")) {
-		ret = 0;
+	} else if (!strcmp(line, "DETACH")) {
+		ctl_detach(v->ctl);
+	} else if (!strcmp(line, "STOP")) {
+		ctl_reply(conn, "OK");
+		vm_request_exit(&v->vm, VM_EXIT_STOPPED, "stopped on request");
+		return;
 	} else {
 		ret = -EINVAL;
 		snprintf(err, sizeof(err), "unknown command");
 	}
 	if (ret)
-		vmm_ctl(v, "ERR %s\n", err[0] ? err : strerror(-ret));
+		ctl_reply(conn, "ERR %s", err[0] ? err : strerror(-ret));
 	else
-		vmm_ctl(v, "OK\n");
+		ctl_reply(conn, "OK");
 }
 
-static void vmm_on_ctl(void *opaque, int fd, uint32_t revents)
+static void vmm_on_owner_gone(void *opaque)
 {
 	struct vmm *v = opaque;
-	ssize_t n;
-	char *nl;
 
-	(void)revents;
-	n = read(fd, v->ctl_buf + v->ctl_len, sizeof(v->ctl_buf) - 1 - v->ctl_len);
-	if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-		vm_request_exit(&v->vm, VM_EXIT_STOPPED, "owner closed the control socket");
-		return;
-	}
-	if (n < 0)
-		return;
-	v->ctl_len += (size_t)n;
-	v->ctl_buf[v->ctl_len] = 0;
-	while ((nl = strchr(v->ctl_buf, '\n'))) {
-		size_t used = (size_t)(nl - v->ctl_buf) + 1;
-
-		*nl = 0;
-		vmm_command(v, v->ctl_buf);
-		memmove(v->ctl_buf, v->ctl_buf + used, v->ctl_len - used + 1);
-		v->ctl_len -= used;
-	}
-	if (v->ctl_len == sizeof(v->ctl_buf) - 1) {
-		vmm_ctl(v, "ERR command too long\n");
-		v->ctl_len = 0;
-	}
+	vm_request_exit(&v->vm, VM_EXIT_STOPPED, "owner closed the control socket");
 }
 
 static void vmm_on_signal(void *opaque, int fd, uint32_t revents)
@@ -312,12 +288,13 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	v->sig_fd = signalfd(-1, &ss, SFD_CLOEXEC | SFD_NONBLOCK);
 	if (v->sig_fd >= 0)
 		evloop_add(vm->loop, v->sig_fd, POLLIN, vmm_on_signal, v);
-	if (v->a.ctl_fd >= 0) {
+	if (v->a.ctl_fd >= 0)
 		fcntl(v->a.ctl_fd, F_SETFD, FD_CLOEXEC);
-		ret = evloop_add(vm->loop, v->a.ctl_fd, POLLIN, vmm_on_ctl, v);
-		if (ret)
-			VMM_FAIL(ret, "control socket: %s", strerror(-ret));
-	}
+	ret = ctl_new(vm->loop, v->a.ctl_fd, v->a.ctl_listen, vmm_on_command, vmm_on_owner_gone, v,
+		      &v->ctl);
+	if (ret)
+		VMM_FAIL(ret, "control socket %s: %s", v->a.ctl_listen ? v->a.ctl_listen : "",
+			 strerror(-ret));
 	for (int i = 0; i < vm->nr_vcpus; i++) {
 		ret = vcpu_start(vm->vcpus[i]);
 		if (ret)
@@ -359,6 +336,18 @@ int main(int argc, char **argv)
 		vmm_usage();
 		return 2;
 	}
+	if (v.a.daemonize) {
+		/* Leave the spawner at once: it reaps us, init adopts the VMM. */
+		pid_t pid = fork();
+
+		if (pid < 0)
+			return 1;
+		if (pid > 0)
+			_exit(0);
+		setsid();
+	}
+	if (v.a.ctl_fd >= 0)
+		dprintf(v.a.ctl_fd, "PID %d\n", (int)getpid());
 	if (vcpu_signals_init() < 0)
 		return 1;
 	cmdline = malloc(8192);
@@ -382,12 +371,16 @@ int main(int argc, char **argv)
 	if (v.vm.console_fd >= 0)
 		dprintf(v.vm.console_fd, "\nsmolvm-vmm: exit %s: %s\n", vmm_reason(v.vm.exit_reason),
 			v.vm.exit_msg);
-	vmm_ctl(&v, "EXIT %s %s\n", vmm_reason(v.vm.exit_reason), v.vm.exit_msg);
+	if (v.ctl)
+		ctl_notify(v.ctl, "EXIT %s %s", vmm_reason(v.vm.exit_reason), v.vm.exit_msg);
+	else if (v.a.ctl_fd >= 0)
+		dprintf(v.a.ctl_fd, "EXIT %s %s\n", vmm_reason(v.vm.exit_reason), v.vm.exit_msg);
 	for (int i = 0; i < v.vm.nr_vcpus; i++) {
 		vcpu_destroy(v.vm.vcpus[i]);
 		v.vm.vcpus[i] = NULL;
 	}
 	v.vm.nr_vcpus = 0;
+	ctl_free(v.ctl);
 	vsock_free(v.vsock);
 	serial_free(v.vm.serial);
 	kvm_vm_destroy(&v.vm);
