@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <liburing.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +28,7 @@ struct evloop_watch {
 struct evloop {
 	struct io_uring ring;
 	int stop_fd;
-	volatile bool stopping;
+	_Atomic bool stopping; /* written by evloop_stop() from any thread */
 	struct evloop_watch w[EVLOOP_MAX_WATCH];
 };
 

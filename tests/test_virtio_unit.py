@@ -15,6 +15,7 @@ SOURCES = [
     "csrc/virtio/queue.c",
     "csrc/virtio/mmio.c",
     "csrc/virtio/vsock.c",
+    "csrc/snapshot.c",
 ]
 CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer"]
 
