@@ -1,0 +1,591 @@
+/* smolvm._smolvm: the only file that speaks CPython; spawns VMM processes and runs commands through exec_client. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "exec_client.h"
+#include "proto.h"
+
+extern char **environ;
+
+#define MODULE_CTL_LINE_MAX 4096 /* longest ctl line returned; longer ones come back in pieces */
+#define MODULE_SLICE_MS 100      /* how long the GIL stays released before signals are checked */
+
+/* Per-module state: no static PyObject globals. */
+typedef struct {
+	PyObject *protocol_error; /* smolvm._smolvm.ProtocolError */
+} module_state;
+
+static module_state *module_get_state(PyObject *module)
+{
+	return (module_state *)PyModule_GetState(module);
+}
+
+static int64_t module_now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * Converter for PyArg_Parse "O&": str (UTF-8, surrogateescape) or bytes to a
+ * new bytes reference without embedded NULs. Cleanup-capable (Py_CLEANUP_SUPPORTED).
+ */
+static int module_conv_cstr(PyObject *obj, void *addr)
+{
+	PyObject **result = addr;
+	PyObject *bytes = NULL;
+
+	if (obj == NULL) { /* cleanup call */
+		Py_CLEAR(*result);
+		return 1;
+	}
+	if (PyUnicode_Check(obj)) {
+		bytes = PyUnicode_AsEncodedString(obj, "utf-8", "surrogateescape");
+		if (bytes == NULL)
+			return 0;
+	} else if (PyBytes_Check(obj)) {
+		bytes = Py_NewRef(obj);
+	} else {
+		PyErr_Format(PyExc_TypeError, "expected str or bytes, not %.100s", Py_TYPE(obj)->tp_name);
+		return 0;
+	}
+	if ((size_t)PyBytes_GET_SIZE(bytes) != strlen(PyBytes_AS_STRING(bytes))) {
+		Py_DECREF(bytes);
+		PyErr_SetString(PyExc_ValueError, "embedded null character");
+		return 0;
+	}
+	*result = bytes;
+	return Py_CLEANUP_SUPPORTED;
+}
+
+/* A list/tuple of str|bytes as an owned tuple of bytes plus a NULL-terminated char* array. */
+struct module_strv {
+	PyObject *items; /* tuple of bytes, owned */
+	char **v;        /* PyMem_Malloc'd, n + 1 entries, points into items */
+	Py_ssize_t n;
+};
+
+static void module_strv_free(struct module_strv *sv)
+{
+	PyMem_Free(sv->v);
+	sv->v = NULL;
+	Py_CLEAR(sv->items);
+	sv->n = 0;
+}
+
+static int module_strv_from(PyObject *seq, const char *what, struct module_strv *sv)
+{
+	PyObject *fast = NULL;
+	Py_ssize_t i;
+
+	sv->items = NULL;
+	sv->v = NULL;
+	sv->n = 0;
+	if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
+		PyErr_Format(PyExc_TypeError, "%s must be a list of str, not %.100s", what,
+			     Py_TYPE(seq)->tp_name);
+		return -1;
+	}
+	fast = PySequence_Fast(seq, what);
+	if (fast == NULL)
+		return -1;
+	sv->n = PySequence_Fast_GET_SIZE(fast);
+	sv->items = PyTuple_New(sv->n);
+	sv->v = PyMem_Calloc((size_t)sv->n + 1, sizeof(char *));
+	if (sv->items == NULL || sv->v == NULL) {
+		PyErr_NoMemory();
+		goto fail;
+	}
+	for (i = 0; i < sv->n; i++) {
+		PyObject *bytes = NULL;
+		if (!module_conv_cstr(PySequence_Fast_GET_ITEM(fast, i), &bytes))
+			goto fail;
+		PyTuple_SET_ITEM(sv->items, i, bytes); /* steals */
+		sv->v[i] = PyBytes_AS_STRING(bytes);
+	}
+	Py_DECREF(fast);
+	return 0;
+fail:
+	Py_XDECREF(fast);
+	module_strv_free(sv);
+	return -1;
+}
+
+/* ---- spawn_vmm -------------------------------------------------------- */
+
+PyDoc_STRVAR(spawn_vmm_doc,
+"spawn_vmm(argv, stderr_path=None) -> (pid, ctl_fd)\n\n"
+"Start argv[0] with argv in a new process group, with one end of a fresh\n"
+"AF_UNIX stream socketpair on its fd 3 and every other fd above 2 closed.\n"
+"stdin and stdout are /dev/null; stderr is /dev/null or appended to\n"
+"stderr_path. Signal mask and dispositions are reset to the defaults.\n"
+"Returns the child's pid and the parent's end of the socket (close-on-exec).\n"
+"The caller reaps the child with os.waitpid().");
+
+static PyObject *module_spawn_vmm(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+	static char *kwlist[] = {"argv", "stderr_path", NULL};
+	PyObject *argv_obj = NULL, *stderr_obj = Py_None, *stderr_path = NULL;
+	PyObject *result = NULL;
+	struct module_strv argv = {0};
+	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t attr;
+	int fa_ok = 0, attr_ok = 0;
+	int sv[2] = {-1, -1};
+	int child_fd = -1;
+	pid_t pid = -1;
+	sigset_t mask, defaults;
+	int err;
+
+	(void)module;
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:spawn_vmm", kwlist, &argv_obj, &stderr_obj))
+		return NULL;
+	if (stderr_obj != Py_None && !PyUnicode_FSConverter(stderr_obj, &stderr_path))
+		return NULL;
+	if (module_strv_from(argv_obj, "argv", &argv) < 0)
+		goto out;
+	if (argv.n < 1) {
+		PyErr_SetString(PyExc_ValueError, "argv must not be empty");
+		goto out;
+	}
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+		PyErr_SetFromErrno(PyExc_OSError);
+		goto out;
+	}
+	/* Move the child's end above 3 so that neither the /dev/null opens nor dup2(…, 3) clobber it. */
+	child_fd = fcntl(sv[1], F_DUPFD_CLOEXEC, 4);
+	if (child_fd < 0) {
+		PyErr_SetFromErrno(PyExc_OSError);
+		goto out;
+	}
+
+	err = posix_spawn_file_actions_init(&fa);
+	if (err == 0) {
+		fa_ok = 1;
+		err = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	}
+	if (err == 0)
+		err = posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+	if (err == 0) {
+		if (stderr_path != NULL)
+			err = posix_spawn_file_actions_addopen(&fa, 2, PyBytes_AS_STRING(stderr_path),
+							       O_WRONLY | O_CREAT | O_APPEND, 0600);
+		else
+			err = posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+	}
+	if (err == 0)
+		err = posix_spawn_file_actions_adddup2(&fa, child_fd, 3); /* dup2 clears CLOEXEC on 3 */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
+	if (err == 0)
+		err = posix_spawn_file_actions_addclosefrom_np(&fa, 4);
+#endif
+	if (err == 0) {
+		err = posix_spawnattr_init(&attr);
+		if (err == 0)
+			attr_ok = 1;
+	}
+	sigemptyset(&mask);
+	sigfillset(&defaults);
+	sigdelset(&defaults, SIGKILL);
+	sigdelset(&defaults, SIGSTOP);
+	if (err == 0)
+		err = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+							     POSIX_SPAWN_SETSIGDEF);
+	if (err == 0)
+		err = posix_spawnattr_setpgroup(&attr, 0);
+	if (err == 0)
+		err = posix_spawnattr_setsigmask(&attr, &mask);
+	if (err == 0)
+		err = posix_spawnattr_setsigdefault(&attr, &defaults);
+	if (err != 0) {
+		errno = err;
+		PyErr_SetFromErrno(PyExc_OSError);
+		goto out;
+	}
+
+	Py_BEGIN_ALLOW_THREADS
+	err = posix_spawn(&pid, argv.v[0], &fa, &attr, argv.v, environ);
+	Py_END_ALLOW_THREADS
+	if (err != 0) {
+		errno = err;
+		PyErr_SetFromErrnoWithFilename(PyExc_OSError, argv.v[0]);
+		goto out;
+	}
+
+	result = Py_BuildValue("(ii)", (int)pid, sv[0]);
+	if (result == NULL) {
+		/* Cannot hand the child over: make sure it does not outlive us. */
+		kill(pid, SIGKILL);
+		goto out;
+	}
+	sv[0] = -1; /* now the caller's */
+out:
+	if (attr_ok)
+		posix_spawnattr_destroy(&attr);
+	if (fa_ok)
+		posix_spawn_file_actions_destroy(&fa);
+	if (child_fd >= 0)
+		close(child_fd);
+	if (sv[1] >= 0)
+		close(sv[1]);
+	if (sv[0] >= 0)
+		close(sv[0]);
+	module_strv_free(&argv);
+	Py_XDECREF(stderr_path);
+	return result;
+}
+
+/* ---- wait_line -------------------------------------------------------- */
+
+enum { LINE_AGAIN = 0, LINE_DONE = 1, LINE_EOF = 2, LINE_ERR = 3 };
+
+/*
+ * Without the GIL: wait up to slice_ms for data on fd, then read bytes one at
+ * a time (so nothing past the newline is consumed) while they are available.
+ * Appends to buf/len. Returns LINE_DONE when a newline was read or buf is full,
+ * LINE_EOF on end of file, LINE_AGAIN when the slice ran out, LINE_ERR with
+ * *err set.
+ */
+static int module_read_line_slice(int fd, char *buf, size_t cap, size_t *len, int slice_ms, int *err)
+{
+	struct pollfd pfd = {.fd = fd, .events = POLLIN};
+	int timeout = slice_ms;
+
+	for (;;) {
+		int r = poll(&pfd, 1, timeout);
+		if (r < 0) {
+			*err = errno;
+			return LINE_ERR;
+		}
+		if (r == 0)
+			return LINE_AGAIN;
+		if (pfd.revents & POLLNVAL) {
+			*err = EBADF;
+			return LINE_ERR;
+		}
+		char c;
+		ssize_t n = read(fd, &c, 1);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				timeout = 0;
+				continue;
+			}
+			*err = errno;
+			return LINE_ERR;
+		}
+		if (n == 0)
+			return LINE_EOF;
+		buf[(*len)++] = c;
+		if (c == '\n' || *len == cap)
+			return LINE_DONE;
+		timeout = 0; /* keep draining what is already there; poll(0) ends the slice */
+	}
+}
+
+PyDoc_STRVAR(wait_line_doc,
+"wait_line(fd, timeout) -> bytes | None\n\n"
+"Read one line (up to and including b'\\n') from fd, waiting at most timeout\n"
+"seconds (negative: forever). Returns None on timeout, b'' at end of file, and\n"
+"what was read before end of file without a newline. The GIL is released\n"
+"while waiting; signals are checked every 100 ms so Ctrl-C works.");
+
+static PyObject *module_wait_line(PyObject *module, PyObject *args)
+{
+	int fd;
+	double timeout;
+	char buf[MODULE_CTL_LINE_MAX];
+	size_t len = 0;
+	int64_t deadline;
+
+	(void)module;
+	if (!PyArg_ParseTuple(args, "id:wait_line", &fd, &timeout))
+		return NULL;
+	if (fd < 0) {
+		PyErr_SetString(PyExc_ValueError, "fd must be >= 0");
+		return NULL;
+	}
+	if (timeout != timeout) {
+		PyErr_SetString(PyExc_ValueError, "timeout must not be NaN");
+		return NULL;
+	}
+	deadline = timeout < 0 ? -1 : module_now_ms() + (int64_t)(timeout * 1000.0 + 0.5);
+
+	for (;;) {
+		int slice = MODULE_SLICE_MS, st, err = 0;
+		if (deadline >= 0) {
+			int64_t left = deadline - module_now_ms();
+			if (left < 0)
+				left = 0;
+			if (left < slice)
+				slice = (int)left;
+		}
+		Py_BEGIN_ALLOW_THREADS
+		st = module_read_line_slice(fd, buf, sizeof(buf), &len, slice, &err);
+		Py_END_ALLOW_THREADS
+		switch (st) {
+		case LINE_DONE:
+		case LINE_EOF:
+			return PyBytes_FromStringAndSize(buf, (Py_ssize_t)len);
+		case LINE_ERR:
+			if (err != EINTR) {
+				errno = err;
+				return PyErr_SetFromErrno(PyExc_OSError);
+			}
+			break;
+		default:
+			break;
+		}
+		if (PyErr_CheckSignals() < 0)
+			return NULL;
+		if (deadline >= 0 && module_now_ms() >= deadline) {
+			if (len == 0)
+				Py_RETURN_NONE;
+			/* A line cut by the deadline: hand back what came so far. */
+			return PyBytes_FromStringAndSize(buf, (Py_ssize_t)len);
+		}
+	}
+}
+
+/* ---- exec ------------------------------------------------------------- */
+
+/* exec_run's interrupted() hook: take the GIL briefly and run pending signal handlers. */
+static int module_exec_interrupted(void *opaque)
+{
+	PyGILState_STATE gil;
+	int r;
+
+	(void)opaque;
+	gil = PyGILState_Ensure();
+	r = PyErr_CheckSignals();
+	PyGILState_Release(gil);
+	return r < 0;
+}
+
+PyDoc_STRVAR(exec_doc,
+"exec(uds_path, port, command, cwd, env, timeout_ms, host_timeout_ms)\n"
+"    -> (exit_code, signal, stdout, stderr, timed_out)\n\n"
+"Connect to the guest agent through the VMM's vsock Unix socket, run\n"
+"`/bin/sh -c command` in cwd ('' = '/') with env (a list of 'KEY=VALUE'),\n"
+"killed by the guest after timeout_ms (0 = never); give up after\n"
+"host_timeout_ms on the host side. Raises OSError with the errno\n"
+"(ConnectionRefusedError, FileNotFoundError, ConnectionResetError,\n"
+"TimeoutError) or ProtocolError carrying the agent's message.");
+
+static PyObject *module_exec(PyObject *module, PyObject *args)
+{
+	PyObject *uds = NULL, *command = NULL, *cwd = NULL, *env_obj = NULL;
+	PyObject *result = NULL;
+	struct module_strv env = {0};
+	unsigned int port, timeout_ms;
+	int host_timeout_ms, rc;
+	struct exec_request req;
+	struct exec_output out;
+
+	memset(&out, 0, sizeof(out));
+	memset(&req, 0, sizeof(req));
+	if (!PyArg_ParseTuple(args, "O&IO&O&OIi:exec", PyUnicode_FSConverter, &uds, &port,
+			      module_conv_cstr, &command, module_conv_cstr, &cwd, &env_obj,
+			      &timeout_ms, &host_timeout_ms))
+		return NULL;
+	if (module_strv_from(env_obj, "env", &env) < 0)
+		goto cleanup;
+	if ((size_t)env.n > UINT32_MAX) {
+		PyErr_SetString(PyExc_OverflowError, "too many environment entries");
+		goto cleanup;
+	}
+
+	req.command = PyBytes_AS_STRING(command);
+	req.cwd = PyBytes_AS_STRING(cwd);
+	req.env = (const char *const *)env.v;
+	req.n_env = (uint32_t)env.n;
+	req.timeout_ms = timeout_ms;
+
+	/* Everything the call reads is C memory owned by objects we hold: safe without the GIL. */
+	Py_BEGIN_ALLOW_THREADS
+	rc = exec_run(PyBytes_AS_STRING(uds), port, &req, host_timeout_ms, module_exec_interrupted, NULL,
+		      &out);
+	Py_END_ALLOW_THREADS
+
+	if (rc == 0) {
+		/* Empty streams come back as NULL, which "y#" would turn into None. */
+		result = Py_BuildValue("(iiy#y#O)", out.exit_code, out.signal,
+				       out.out ? (const char *)out.out : "", (Py_ssize_t)out.out_len,
+				       out.err ? (const char *)out.err : "", (Py_ssize_t)out.err_len,
+				       out.timed_out ? Py_True : Py_False);
+	} else if (rc == -EINTR && PyErr_Occurred()) {
+		/* KeyboardInterrupt (or another handler's exception) is already set. */
+	} else if (rc == -E2BIG) {
+		PyErr_SetString(PyExc_ValueError,
+				"command, cwd and env together are too large for one request (1 MiB)");
+	} else if (rc == -EPROTO) {
+		module_state *st = module_get_state(module);
+		out.error[sizeof(out.error) - 1] = '\0';
+		PyErr_SetString(st->protocol_error,
+				out.error[0] ? out.error : "protocol error from the guest agent");
+	} else {
+		int e = rc < 0 ? -rc : EIO;
+		out.error[sizeof(out.error) - 1] = '\0';
+		PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", e,
+						      out.error[0] ? out.error : strerror(e));
+		if (exc != NULL) {
+			PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+			Py_DECREF(exc);
+		}
+	}
+	exec_output_free(&out);
+cleanup:
+	module_strv_free(&env);
+	Py_XDECREF(uds);
+	Py_XDECREF(command);
+	Py_XDECREF(cwd);
+	return result;
+}
+
+/* ---- kvm_info --------------------------------------------------------- */
+
+PyDoc_STRVAR(kvm_info_doc,
+"kvm_info() -> dict\n\n"
+"Open /dev/kvm and report its API version and a few capabilities\n"
+"(KVM_CHECK_EXTENSION values). Raises OSError if /dev/kvm cannot be opened.");
+
+static PyObject *module_kvm_info(PyObject *module, PyObject *unused)
+{
+	static const struct {
+		const char *name;
+		int cap;
+	} caps[] = {
+		{"irqchip", KVM_CAP_IRQCHIP},
+		{"pit2", KVM_CAP_PIT2},
+		{"ioeventfd", KVM_CAP_IOEVENTFD},
+		{"irqfd", KVM_CAP_IRQFD},
+		{"nr_vcpus", KVM_CAP_NR_VCPUS},
+		{"max_vcpus", KVM_CAP_MAX_VCPUS},
+		{"immediate_exit", KVM_CAP_IMMEDIATE_EXIT},
+	};
+	PyObject *dict = NULL, *val = NULL;
+	int fd = -1, version;
+	size_t i;
+
+	(void)module;
+	(void)unused;
+	fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/dev/kvm");
+		goto fail;
+	}
+	version = ioctl(fd, KVM_GET_API_VERSION, 0);
+	if (version < 0) {
+		PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/dev/kvm");
+		goto fail;
+	}
+	dict = PyDict_New();
+	if (dict == NULL)
+		goto fail;
+	val = PyLong_FromLong(version);
+	if (val == NULL || PyDict_SetItemString(dict, "api_version", val) < 0)
+		goto fail;
+	Py_CLEAR(val);
+	for (i = 0; i < sizeof(caps) / sizeof(caps[0]); i++) {
+		int r = ioctl(fd, KVM_CHECK_EXTENSION, caps[i].cap);
+		val = PyLong_FromLong(r < 0 ? 0 : r);
+		if (val == NULL || PyDict_SetItemString(dict, caps[i].name, val) < 0)
+			goto fail;
+		Py_CLEAR(val);
+	}
+	close(fd);
+	return dict;
+fail:
+	Py_XDECREF(val);
+	Py_XDECREF(dict);
+	if (fd >= 0)
+		close(fd);
+	return NULL;
+}
+
+/* ---- module ----------------------------------------------------------- */
+
+static PyMethodDef module_methods[] = {
+	{"spawn_vmm", (PyCFunction)(void (*)(void))module_spawn_vmm, METH_VARARGS | METH_KEYWORDS,
+	 spawn_vmm_doc},
+	{"wait_line", module_wait_line, METH_VARARGS, wait_line_doc},
+	{"exec", module_exec, METH_VARARGS, exec_doc},
+	{"kvm_info", module_kvm_info, METH_NOARGS, kvm_info_doc},
+	{NULL, NULL, 0, NULL},
+};
+
+static int module_exec_slot(PyObject *module)
+{
+	module_state *st = module_get_state(module);
+
+	st->protocol_error = PyErr_NewExceptionWithDoc(
+		"smolvm._smolvm.ProtocolError",
+		"The guest agent sent a malformed frame or an ERROR frame; args[0] is its message.",
+		PyExc_RuntimeError, NULL);
+	if (st->protocol_error == NULL)
+		return -1;
+	if (PyModule_AddObjectRef(module, "ProtocolError", st->protocol_error) < 0)
+		return -1;
+	if (PyModule_AddIntConstant(module, "AGENT_PORT", SMOLVM_AGENT_PORT) < 0)
+		return -1;
+	if (PyModule_AddIntConstant(module, "PROTO_MAGIC", SMOLVM_PROTO_MAGIC) < 0)
+		return -1;
+	if (PyModule_AddIntConstant(module, "MAX_PAYLOAD", SMOLVM_MAX_PAYLOAD) < 0)
+		return -1;
+	return 0;
+}
+
+static int module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+	module_state *st = module_get_state(module);
+	Py_VISIT(st->protocol_error);
+	return 0;
+}
+
+static int module_clear(PyObject *module)
+{
+	module_state *st = module_get_state(module);
+	Py_CLEAR(st->protocol_error);
+	return 0;
+}
+
+static void module_free(void *module)
+{
+	(void)module_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+	{Py_mod_exec, (void *)module_exec_slot},
+	{0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+	PyModuleDef_HEAD_INIT,
+	.m_name = "smolvm._smolvm",
+	.m_doc = "smolvm's native core: VMM process spawning, ctl lines, guest exec, KVM probing.",
+	.m_size = sizeof(module_state),
+	.m_methods = module_methods,
+	.m_slots = module_slots,
+	.m_traverse = module_traverse,
+	.m_clear = module_clear,
+	.m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__smolvm(void)
+{
+	return PyModuleDef_Init(&module_def);
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-step setup on Debian 12: apt packages, `pip install .`, then the guest kernel, agent and initramfs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  linux-source-6.1 flex bison libelf-dev libssl-dev bc gcc make libc6-dev patch xz-utils  # guest kernel
+  liburing-dev busybox-static qemu-system-x86                                            # VMM, guest root, baseline
+  python3 python3-dev python3-pip                                                        # the package
+)
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: apt-get install ${missing[*]}"
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Debian's own python3 refuses pip installs outside a venv (PEP 668) unless told otherwise.
+pip_flags=()
+if python3 -c 'import os, sys, sysconfig
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if managed and sys.prefix == sys.base_prefix else 1)'; then
+  pip_flags+=(--break-system-packages)
+fi
+echo "setup: pip install .[test] (builds the _smolvm extension and smolvm-vmm)"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${pip_flags[@]}" ".[test]"
+
+# `python3 -m smolvm` run from this checkout imports ./smolvm: give it the compiled parts just installed.
+installed=$(cd / && python3 -c 'import pathlib, smolvm; print(pathlib.Path(smolvm.__file__).resolve().parent)')
+if [ "$installed" != "$PWD/smolvm" ]; then
+  cp -f "$installed"/_smolvm*.so "$installed"/smolvm-vmm smolvm/
+fi
+
+# Run from / so that `-m smolvm` imports the installed package.
+(cd / && python3 -m smolvm build)
+(cd / && python3 -m smolvm doctor) || echo "setup: smolvm doctor reports problems (above); VMs will not start until they are fixed"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite twice: the normal build, then the same tests built with ASan+UBSan.
+# Arguments, if any, replace `tests` as what pytest runs (e.g. scripts/test.sh tests/test_vm.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(tests)
+
+./scripts/setup.sh
+
+export PYTHONSAFEPATH=1 # import the installed smolvm, never ./smolvm
+
+run_pytest() {
+  local rc=0
+  python3 -m pytest -v "${targets[@]}" || rc=$?
+  if [ "$rc" = 5 ]; then
+    echo "test.sh: pytest collected no tests" >&2
+    return 1
+  fi
+  return "$rc"
+}
+
+echo "=== test.sh: tests against the normal build"
+run_pytest
+
+echo "=== test.sh: building with SMOLVM_SANITIZE=1 (ASan+UBSan) into build/asan-site"
+asan_site=$root/build/asan-site
+rm -rf "$asan_site"
+SMOLVM_SANITIZE=1 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  --no-deps --target "$asan_site" .
+
+logs=$(mktemp -d /tmp/smolvm-asan.XXXXXX)
+echo "=== test.sh: the same tests under ASan+UBSan (reports go to $logs)"
+rc=0
+PYTHONPATH="$asan_site" \
+  LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
+  ASAN_OPTIONS="detect_leaks=0:log_path=$logs/asan" \
+  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$logs/ubsan" \
+  run_pytest || rc=$?
+if compgen -G "$logs/*" >/dev/null; then
+  echo "test.sh: sanitizer reports:" >&2
+  for f in "$logs"/*; do echo "--- $f" >&2; cat "$f" >&2; done
+  rc=1
+fi
+exit "$rc"

@@ -1,0 +1,45 @@
+"""The exceptions smolvm raises; every one is a SmolVMError and says what to do next."""
+
+from __future__ import annotations
+
+
+class SmolVMError(Exception):
+    """Base class of every smolvm error."""
+
+
+class KVMUnavailableError(SmolVMError):
+    """/dev/kvm is missing or cannot be opened; the message carries the fix."""
+
+
+class VMStartError(SmolVMError):
+    """The VM did not reach a ready guest agent. `console_tail` holds the end of the guest console."""
+
+    def __init__(self, message: str, *, console_tail: str = "", vm_id: str | None = None) -> None:
+        super().__init__(message)
+        self.console_tail = console_tail
+        self.vm_id = vm_id
+
+
+class VMGoneError(SmolVMError):
+    """The VM's VMM process ended (crash, kill, guest reboot or shutdown) while it was in use."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_reason: str = "",
+        console_tail: str = "",
+        vm_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.exit_reason = exit_reason
+        self.console_tail = console_tail
+        self.vm_id = vm_id
+
+
+class VMNotRunningError(SmolVMError):
+    """The VM was closed; create a new SmolVM to run more commands."""
+
+
+class AgentError(SmolVMError):
+    """The guest agent broke the protocol, dropped the connection or stopped answering."""

@@ -1,0 +1,156 @@
+"""Host detection and the guest kernel command line: the compat profile for hosts whose KVM emulates ring 0."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# Arguments every guest boots with. lpj= (added by kernel_cmdline) skips the delay-loop calibration.
+BASE_ARGS: tuple[str, ...] = (
+    "console=ttyS0",
+    "reboot=k",
+    "panic=-1",
+    "pci=off",
+    "nomodules",
+    "8250.nr_uarts=1",
+    "rdinit=/init",
+    "tsc=reliable",
+    "no_timer_check",
+)
+
+# What got Linux 6.1 through on a KVM that emulates guest ring 0 (see shared/pvm-notes.md).
+# The kernel keeps only the first ~128 characters of clearcpuid=: keep the list short.
+COMPAT_CLEARCPUID = (
+    "cx16,popcnt,erms,fsrm,rep_good,smap,smep,pcid,invpcid,fsgsbase,"
+    "rdrand,rdseed,rdpid,avx,avx2,avx512f,bmi1,bmi2"
+)
+COMPAT_ARGS: tuple[str, ...] = ("smolvm_compat", "noxsave", f"clearcpuid={COMPAT_CLEARCPUID}")
+
+# CONFIG_HZ of our guest kernel (CONFIG_HZ_100 in kernel-config/smolvm.config).
+KERNEL_HZ = 100
+
+PROFILES = ("native", "compat")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The active profile: `name` ("native" or "compat"), why it was chosen, and its extra boot args."""
+
+    name: str
+    reason: str
+    extra_args: tuple[str, ...]
+
+    @property
+    def compat(self) -> bool:
+        return self.name == "compat"
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first CPU listed in /proc/cpuinfo text."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_mhz(cpuinfo: str) -> float | None:
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What the host offers: kind is "VT-x", "AMD-V", "PVM" or "unknown"."""
+
+    kind: str
+    detail: str
+    kvm_present: bool
+    pvm_loaded: bool
+    flags: frozenset[str]
+
+
+def host_info(root: Path = Path("/")) -> HostInfo:
+    """Look at /dev/kvm, /sys/module/kvm_pvm and /proc/cpuinfo under root."""
+    kvm_present = (root / "dev/kvm").exists()
+    pvm_loaded = (root / "sys/module/kvm_pvm").exists()
+    flags = frozenset(cpu_flags(_read(root / "proc/cpuinfo")))
+    if pvm_loaded:
+        return HostInfo("PVM", "kvm_pvm module loaded (/sys/module/kvm_pvm)", kvm_present, True, flags)
+    if "vmx" in flags:
+        return HostInfo("VT-x", "vmx flag in /proc/cpuinfo", kvm_present, False, flags)
+    if "svm" in flags:
+        return HostInfo("AMD-V", "svm flag in /proc/cpuinfo", kvm_present, False, flags)
+    if kvm_present:
+        return HostInfo(
+            "PVM",
+            "/dev/kvm exists but /proc/cpuinfo has no vmx/svm: KVM without hardware "
+            "virtualization (PVM-style, emulating guest ring 0)",
+            True,
+            False,
+            flags,
+        )
+    return HostInfo("unknown", "no /dev/kvm and no vmx/svm flag in /proc/cpuinfo", False, False, flags)
+
+
+def detect(env: Mapping[str, str] | None = None, root: Path = Path("/")) -> Profile:
+    """The profile to boot with: SMOLVM_PROFILE=compat|native forces one, else the host decides."""
+    env = os.environ if env is None else env
+    forced = env.get("SMOLVM_PROFILE", "").strip()
+    if forced:
+        if forced not in PROFILES:
+            raise ValueError(
+                f"SMOLVM_PROFILE={forced!r} is not a profile: use one of {', '.join(PROFILES)}"
+            )
+        return _make(forced, f"forced by SMOLVM_PROFILE={forced}")
+    host = host_info(root)
+    if host.kind == "PVM":
+        return _make("compat", f"{host.detail}; guest ring 0 is emulated, so the kernel needs workarounds")
+    if host.kind in ("VT-x", "AMD-V"):
+        return _make("native", f"hardware virtualization ({host.kind}: {host.detail})")
+    return _make("native", f"host kind unknown ({host.detail}); assuming hardware virtualization")
+
+
+def _make(name: str, reason: str) -> Profile:
+    return Profile(name=name, reason=reason, extra_args=COMPAT_ARGS if name == "compat" else ())
+
+
+def lpj_arg(root: Path = Path("/")) -> str | None:
+    """`lpj=N` from the host's CPU clock (loops per jiffy = Hz / HZ), or None if unknown."""
+    mhz = cpu_mhz(_read(root / "proc/cpuinfo"))
+    if not mhz or mhz <= 0:
+        return None
+    return f"lpj={int(mhz * 1_000_000 / KERNEL_HZ)}"
+
+
+def kernel_cmdline(
+    profile: Profile,
+    *,
+    env: Mapping[str, str] | None = None,
+    root: Path = Path("/"),
+) -> str:
+    """Base args + lpj + the profile's args + $SMOLVM_CMDLINE_EXTRA. The VMM adds its virtio_mmio.device= args."""
+    env = os.environ if env is None else env
+    args = list(BASE_ARGS)
+    lpj = lpj_arg(root)
+    if lpj:
+        args.append(lpj)
+    args += profile.extra_args
+    extra = env.get("SMOLVM_CMDLINE_EXTRA", "").split()
+    args += extra
+    return " ".join(args)
