@@ -43,3 +43,11 @@ class VMNotRunningError(SmolVMError):
 
 class AgentError(SmolVMError):
     """The guest agent broke the protocol, dropped the connection or stopped answering."""
+
+
+class VMNotFoundError(SmolVMError, LookupError):
+    """No VM with that id on this machine (deleted, never existed, or its VMM is gone)."""
+
+
+class SnapshotError(SmolVMError):
+    """A snapshot is missing, truncated, corrupt or from another smolvm version."""
