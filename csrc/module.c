@@ -376,6 +376,31 @@ static int module_exec_interrupted(void *opaque)
 	return r < 0;
 }
 
+/* Turn a failed exec_run() into the Python exception it means. */
+static void module_exec_raise(PyObject *module, int rc, struct exec_output *out)
+{
+	if (rc == -EINTR && PyErr_Occurred()) {
+		/* KeyboardInterrupt (or another handler's exception) is already set. */
+	} else if (rc == -E2BIG) {
+		PyErr_SetString(PyExc_ValueError,
+				"command, cwd and env together are too large for one request (1 MiB)");
+	} else if (rc == -EPROTO) {
+		module_state *st = module_get_state(module);
+		out->error[sizeof(out->error) - 1] = '\0';
+		PyErr_SetString(st->protocol_error,
+				out->error[0] ? out->error : "protocol error from the guest agent");
+	} else {
+		int e = rc < 0 ? -rc : EIO;
+		out->error[sizeof(out->error) - 1] = '\0';
+		PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", e,
+						      out->error[0] ? out->error : strerror(e));
+		if (exc != NULL) {
+			PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+			Py_DECREF(exc);
+		}
+	}
+}
+
 PyDoc_STRVAR(exec_doc,
 "exec(uds_path, port, command, cwd, env, timeout_ms, host_timeout_ms)\n"
 "    -> (exit_code, signal, stdout, stderr, timed_out)\n\n"
@@ -427,25 +452,8 @@ static PyObject *module_exec(PyObject *module, PyObject *args)
 				       out.out ? (const char *)out.out : "", (Py_ssize_t)out.out_len,
 				       out.err ? (const char *)out.err : "", (Py_ssize_t)out.err_len,
 				       out.timed_out ? Py_True : Py_False);
-	} else if (rc == -EINTR && PyErr_Occurred()) {
-		/* KeyboardInterrupt (or another handler's exception) is already set. */
-	} else if (rc == -E2BIG) {
-		PyErr_SetString(PyExc_ValueError,
-				"command, cwd and env together are too large for one request (1 MiB)");
-	} else if (rc == -EPROTO) {
-		module_state *st = module_get_state(module);
-		out.error[sizeof(out.error) - 1] = '\0';
-		PyErr_SetString(st->protocol_error,
-				out.error[0] ? out.error : "protocol error from the guest agent");
 	} else {
-		int e = rc < 0 ? -rc : EIO;
-		out.error[sizeof(out.error) - 1] = '\0';
-		PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", e,
-						      out.error[0] ? out.error : strerror(e));
-		if (exc != NULL) {
-			PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-			Py_DECREF(exc);
-		}
+		module_exec_raise(module, rc, &out);
 	}
 	exec_output_free(&out);
 cleanup:
@@ -453,6 +461,54 @@ cleanup:
 	Py_XDECREF(uds);
 	Py_XDECREF(command);
 	Py_XDECREF(cwd);
+	return result;
+}
+
+PyDoc_STRVAR(setup_doc,
+"setup(uds_path, port, wall_ns, entropy, hostname, host_timeout_ms) -> None\n\n"
+"Send the agent its per-sandbox identity: host wall clock (ns since the epoch,\n"
+"0 = leave), entropy bytes credited to the guest RNG, hostname. The GIL is\n"
+"released while waiting. Raises like exec().");
+
+static PyObject *module_setup(PyObject *module, PyObject *args)
+{
+	PyObject *uds = NULL, *result = NULL;
+	unsigned int port;
+	unsigned long long wall_ns;
+	Py_buffer entropy = { 0 };
+	const char *hostname;
+	int host_timeout_ms, rc;
+	struct exec_setup su;
+	struct exec_request req;
+	struct exec_output out;
+
+	memset(&out, 0, sizeof(out));
+	memset(&req, 0, sizeof(req));
+	if (!PyArg_ParseTuple(args, "O&IKy*si:setup", PyUnicode_FSConverter, &uds, &port, &wall_ns,
+			      &entropy, &hostname, &host_timeout_ms))
+		return NULL;
+	if (entropy.len > SMOLVM_SETUP_MAX_ENTROPY || strlen(hostname) > SMOLVM_SETUP_MAX_HOSTNAME) {
+		PyErr_SetString(PyExc_ValueError, "setup: entropy or hostname too long");
+		goto cleanup;
+	}
+	su.wall_ns = wall_ns;
+	su.entropy = entropy.buf;
+	su.entropy_len = (uint32_t)entropy.len;
+	su.hostname = hostname;
+	req.setup = &su;
+	Py_BEGIN_ALLOW_THREADS
+	rc = exec_run(PyBytes_AS_STRING(uds), port, &req, host_timeout_ms, module_exec_interrupted, NULL,
+		      &out);
+	Py_END_ALLOW_THREADS
+	if (rc == 0) {
+		result = Py_NewRef(Py_None);
+	} else {
+		module_exec_raise(module, rc, &out);
+	}
+	exec_output_free(&out);
+cleanup:
+	PyBuffer_Release(&entropy);
+	Py_XDECREF(uds);
 	return result;
 }
 
@@ -524,6 +580,7 @@ static PyMethodDef module_methods[] = {
 	 spawn_vmm_doc},
 	{"wait_line", module_wait_line, METH_VARARGS, wait_line_doc},
 	{"exec", module_exec, METH_VARARGS, exec_doc},
+	{"setup", module_setup, METH_VARARGS, setup_doc},
 	{"kvm_info", module_kvm_info, METH_NOARGS, kvm_info_doc},
 	{NULL, NULL, 0, NULL},
 };

@@ -36,6 +36,37 @@ def reap(pid: int, grace: float) -> int | None:
         return None
 
 
+def is_child(pid: int) -> bool:
+    """Is pid an unreaped child of this process?"""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None or True
+    except ChildProcessError:
+        return False
+
+
+def wait_gone(pid: int, start: int | None, grace: float) -> None:
+    """Wait up to grace seconds for a process that is not our child to end, then SIGKILL it.
+
+    `start` (its start time in ticks) guards against killing a reused pid.
+    """
+    from .registry import process_start
+
+    if start is None:
+        return
+    deadline = time.monotonic() + grace
+    while process_start(pid) == start:
+        if time.monotonic() >= deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = time.monotonic() + grace
+            grace = 0.0
+            if deadline < time.monotonic():
+                return
+        time.sleep(0.01)
+
+
 def poll_exit(pid: int) -> tuple[bool, int | None]:
     """(exited, status) without blocking; exited is True also when it is no longer our child."""
     try:

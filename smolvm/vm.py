@@ -13,10 +13,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from . import _process, _validate
+from . import _ctl, _process, _validate, registry, snapshots
 from ._native import native, vmm_path
 from ._paths import home
-from .errors import AgentError, SmolVMError, VMGoneError, VMNotRunningError, VMStartError
+from .build._cache import progress
+from .errors import (
+    AgentError,
+    SmolVMError,
+    SnapshotError,
+    VMGoneError,
+    VMNotFoundError,
+    VMNotRunningError,
+    VMStartError,
+)
 from .kvm import check_kvm
 from .profile import Profile, detect, kernel_cmdline
 from .result import RunResult
@@ -26,6 +35,8 @@ CLOSE_GRACE_S = 5.0  # after closing the ctl socket, wait this long before SIGKI
 GONE_PROBE_S = 2.0  # how long a failed run waits to learn whether the VMM has ended
 UDS_MAX = 107 - 8  # sun_path holds 107 bytes; leave room for the VMM's "_<port>" listeners
 KEEP_FAILED_LOGS = 10
+SETUP_ENTROPY_BYTES = 64
+CTL_TIMEOUT_S = 120.0  # a snapshot writes guest memory: allow for slow disks
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 
@@ -52,6 +63,10 @@ class SmolVM:
         boot_timeout: float | None = None,
     ) -> None:
         self._status = "created"
+        self._source: Path | None = None  # restore from this snapshot instead of booting
+        self._persistent = False  # start() outside `with`: outlives this process until delete()
+        self._attached = False  # a handle from from_id(): the VM belongs to another process
+        self._record: registry.VMRecord | None = None
         self._memory = _validate.memory_mib(memory)
         self._vcpus = _validate.vcpus(vcpus)
         self._kernel = _validate.optional_file("kernel", kernel)
@@ -62,7 +77,7 @@ class SmolVM:
         self._owner_pid = os.getpid()
         self._pid: int | None = None
         self._ctl_fd = -1
-        self._state_dir = home() / "vms" / self._vm_id
+        self._state_dir = registry.vms_root() / self._vm_id
         self._gone: VMGoneError | None = None
         self._profile: Profile | None = None
         self._boot_time: float | None = None
@@ -75,7 +90,19 @@ class SmolVM:
 
     @property
     def status(self) -> str:
-        """"created" (not booted yet), "running", or "stopped" (closed or gone)."""
+        """"created" (not started), "running", "paused", or "stopped" (deleted, closed or gone).
+
+        For a persistent VM this is the VM's own state, also after this handle was closed.
+        """
+        rec = self._record
+        if rec is not None and (self._persistent or self._attached) and self._status != "created":
+            try:
+                rec = registry.load(self._vm_id)
+            except VMNotFoundError:
+                return "stopped"
+            if not registry.alive(rec):
+                return "stopped"
+            return "paused" if rec.extra.get("paused") else "running"
         return self._status
 
     @property
@@ -120,7 +147,9 @@ class SmolVM:
     # ---- lifecycle ----------------------------------------------------------------
 
     def __enter__(self) -> SmolVM:
-        return self.start()
+        if self._status == "created":
+            self._start(persistent=False)
+        return self
 
     def __exit__(
         self,
@@ -128,10 +157,21 @@ class SmolVM:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if self._persistent or self._attached:
+            self.close()  # a persistent VM used in `with` keeps running: delete() ends it
+        else:
+            self.delete()
 
     def start(self) -> SmolVM:
-        """Boot the VM and wait until its guest agent is ready. No-op if running."""
+        """Start the VM and wait until its guest agent is ready. No-op if running.
+
+        A VM started with start() outside a `with` block is persistent: it keeps running
+        after this process exits, other processes reach it with SmolVM.from_id(vm_id), and
+        only delete() (or `smolvm rm`) ends it. close() just lets go of this handle.
+        """
+        return self._start(persistent=True)
+
+    def _start(self, persistent: bool) -> SmolVM:
         with self._lock:
             if self._status == "running":
                 return self
@@ -139,41 +179,170 @@ class SmolVM:
             check_kvm()
             nat = native()
             vmm = vmm_path()
-            kernel, initrd = self._artifacts()
             self._profile = detect()
-            argv = self._argv(vmm, kernel, initrd, kernel_cmdline(self._profile))
+            self._persistent = persistent
+            base: Path | None = None
+            if self._source is not None:
+                argv = self._restore_argv(vmm, self._source)
+            else:
+                kernel, initrd = self._artifacts()
+                cmdline = kernel_cmdline(self._profile)
+                key = snapshots.base_key(kernel, initrd, cmdline, self._memory, self._vcpus, vmm)
+                base = snapshots.base_dir(key)
+                if snapshots.complete(base):
+                    argv = self._restore_argv(vmm, base)
+                    self._source = base
+                else:
+                    argv = self._argv(vmm, kernel, initrd, cmdline)
+                    progress(
+                        f"booting a new {self._memory} MiB guest to make its base snapshot "
+                        "(once per configuration; minutes on emulating hosts)"
+                    )
             t0 = time.monotonic()
             try:
-                self._pid, self._ctl_fd = nat.spawn_vmm(
+                pid, self._ctl_fd = nat.spawn_vmm(
                     argv, stderr_path=str(self._state_dir / "vmm.stderr")
                 )
             except OSError as e:
                 shutil.rmtree(self._state_dir, ignore_errors=True)
                 self._status = "stopped"
                 raise VMStartError(f"could not start {vmm}: {e}", vm_id=self._vm_id) from e
+            self._pid = pid
             try:
+                if persistent:
+                    _process.reap(pid, CLOSE_GRACE_S)  # the daemonizing parent exits at once
+                    self._pid = None
                 failure = self._wait_ready(t0 + self._boot_timeout)
-            except BaseException:  # Ctrl-C during boot: leave nothing behind
+                if failure is None and self._source is None and base is not None:
+                    self._save_base(base)
+                if failure is None:
+                    self._setup_guest()
+                    if persistent:
+                        self._command("DETACH")
+            except BaseException:  # Ctrl-C during boot, or a failed setup: leave nothing behind
                 self._teardown(grace=0.0)
                 raise
             if failure is not None:
                 raise self._start_failed(failure)
             self._boot_time = time.monotonic() - t0
             self._status = "running"
+            self._record = registry.VMRecord(
+                vm_id=self._vm_id, pid=self._pid or 0,
+                pid_start=registry.process_start(self._pid or 0) or 0,
+                memory=self._memory, vcpus=self._vcpus, persistent=persistent,
+                owner_pid=os.getpid(), created=time.time(),
+                source=str(self._source or ""),
+            )  # fmt: skip
+            registry.save(self._record)
             _live.add(self)
             return self
 
     def close(self) -> None:
-        """Stop the VM: the VMM exits when its control socket closes. Idempotent."""
+        """Let go of this handle. An ephemeral VM (a `with` block, or started by run())
+        stops; a persistent one (start() outside `with`, or from_id()) keeps running
+        until delete(). Idempotent."""
         with self._lock:
             if self._status != "running":
-                self._status = "stopped"
+                if self._status == "created":
+                    self._status = "stopped"
                 return
             self._status = "stopped"
+            _live.discard(self)
             if os.getpid() != self._owner_pid:  # a forked child: the VM is not ours
                 self._close_ctl()
                 return
+            if self._persistent or self._attached:
+                self._close_ctl()  # detached: the VMM does not notice
+                return
             self._teardown(grace=CLOSE_GRACE_S)
+
+    def delete(self) -> None:
+        """Stop the VM for good and remove everything it left on disk. Idempotent."""
+        with self._lock:
+            if self._status == "created":
+                self._status = "stopped"
+                return
+            rec = self._record
+            if rec is None:
+                try:
+                    rec = registry.load(self._vm_id)
+                except VMNotFoundError:
+                    self._status = "stopped"
+                    return
+            self._status = "stopped"
+            _live.discard(self)
+            _stop_vmm(rec, self._ctl_fd, self._pid)
+            self._close_ctl()
+            self._pid = None
+            registry.remove(self._vm_id)
+
+    def stop(self) -> None:
+        """Shut the VM down (same as delete(): a stopped microVM keeps nothing worth keeping)."""
+        self.delete()
+
+    def pause(self) -> None:
+        """Freeze the guest's vCPUs; background processes resume where they were on resume()."""
+        self._command("PAUSE")
+        self._set_paused(True)
+
+    def resume(self) -> None:
+        """Let a paused guest run again."""
+        self._command("RESUME")
+        self._set_paused(False)
+
+    def snapshot(self, name: str) -> snapshots.SnapshotInfo:
+        """Save this running VM (memory, CPUs, devices) as a named snapshot.
+
+        SmolVM.from_snapshot(name) then gives new sandboxes that start from exactly this
+        state in milliseconds, each with its own copy-on-write memory. An existing snapshot
+        of that name is replaced.
+        """
+        final = snapshots.user_dir(name)
+        self._require_running()
+        tmp = snapshots.staging_dir(final)
+        try:
+            self._command(f"SNAPSHOT {tmp}")
+            snapshots.publish(tmp, final, self._meta(), replace=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return snapshots.info(name)
+
+    @classmethod
+    def from_snapshot(cls, name: str, *, boot_timeout: float | None = None) -> SmolVM:
+        """A new (not yet started) VM that will start from snapshot `name`."""
+        snap = snapshots.info(name)
+        vm = cls(memory=snap.memory, vcpus=snap.vcpus, boot_timeout=boot_timeout)
+        vm._source = snap.path
+        return vm
+
+    @classmethod
+    def from_id(cls, vm_id: str) -> SmolVM:
+        """A handle on a running VM, from any process on this machine.
+
+        Raises VMNotFoundError for unknown ids, and for VMs whose VMM has gone
+        (their record is cleaned up). close() on the handle leaves the VM running.
+        """
+        rec = registry.load(vm_id)
+        if not registry.alive(rec):
+            registry.remove(vm_id)
+            raise VMNotFoundError(
+                f"VM {vm_id} is gone: its VMM process (pid {rec.pid}) is no longer running; "
+                "its record was cleaned up. Start a new SmolVM."
+            )
+        vm = cls(memory=rec.memory, vcpus=rec.vcpus)
+        vm._vm_id = vm_id
+        vm._state_dir = rec.dir
+        vm._record = rec
+        vm._attached = True
+        vm._persistent = rec.persistent
+        vm._status = "running"
+        return vm
+
+    @staticmethod
+    def list() -> list[registry.VMRecord]:
+        """The VMs running on this machine (records of VMs whose VMM is gone are removed)."""
+        live, _gone = registry.scan()
+        return live
 
     def __del__(self) -> None:
         if getattr(self, "_status", None) == "running":
@@ -202,8 +371,9 @@ class SmolVM:
         t_ms = _validate.timeout_ms(timeout)
         env_list = _validate.env(env)
         cwd_s = _validate.cwd(cwd)
-        if self._status != "running":
-            self.start()
+        if self._status == "created":
+            self._start(persistent=False)
+        self._require_running()
         nat = native()
         uds = str(self._state_dir / "vsock.sock")
         t0 = time.monotonic()
@@ -275,10 +445,95 @@ class SmolVM:
             "--cmdline", cmdline,
             "--mem-mib", str(self._memory),
             "--vcpus", str(self._vcpus),
-            "--vsock-uds", str(uds),
+            *self._common_argv(),
+        ]  # fmt: skip
+
+    def _restore_argv(self, vmm: Path, snap: Path) -> list[str]:
+        self._check_uds()
+        self._state_dir.mkdir(parents=True, exist_ok=False)
+        return [str(vmm), "--restore", str(snap), *self._common_argv()]
+
+    def _check_uds(self) -> None:
+        uds = self._state_dir / "vsock.sock"
+        if len(os.fsencode(uds)) > UDS_MAX:
+            raise VMStartError(
+                f"the VM socket path {uds} is too long for a Unix socket "
+                f"({len(os.fsencode(uds))} > {UDS_MAX} bytes): set SMOLVM_HOME to a shorter folder"
+            )
+
+    def _common_argv(self) -> list[str]:
+        argv = [
+            "--vsock-uds", str(self._state_dir / "vsock.sock"),
             "--console", str(self.console_log),
             "--ctl-fd", "3",
+            "--ctl-listen", str(self._state_dir / "ctl.sock"),
         ]  # fmt: skip
+        if self._persistent:
+            argv.append("--daemonize")
+        return argv
+
+    def _save_base(self, base: Path) -> None:
+        """Snapshot the freshly booted, idle guest as the base of its configuration."""
+        tmp = snapshots.staging_dir(base)
+        try:
+            self._command(f"SNAPSHOT {tmp}")
+            snapshots.publish(tmp, base, self._meta())
+            progress(f"saved the base snapshot {base}; later VMs of this configuration restore it")
+        except SmolVMError as e:
+            progress(f"could not save the base snapshot ({e}); later VMs will boot again")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _meta(self) -> dict[str, object]:
+        return {
+            "memory": self._memory, "vcpus": self._vcpus, "created": time.time(),
+            "source_vm": self._vm_id,
+            "profile": self._profile.name if self._profile else "",
+        }  # fmt: skip
+
+    def _setup_guest(self) -> None:
+        """Give the guest its own entropy, the host's clock and its vm_id as hostname."""
+        nat = native()
+        try:
+            nat.setup(
+                str(self._state_dir / "vsock.sock"), nat.AGENT_PORT, time.time_ns(),
+                secrets.token_bytes(SETUP_ENTROPY_BYTES), self._vm_id, 60_000,
+            )  # fmt: skip
+        except (OSError, nat.ProtocolError) as e:
+            raise VMStartError(
+                f"VM {self._vm_id}: the guest agent refused its setup: {e}", vm_id=self._vm_id
+            ) from e
+
+    def _command(self, line: str) -> str:
+        """A control command to this VM's VMM (PAUSE, RESUME, SNAPSHOT dir, DETACH, STOP)."""
+        try:
+            return _ctl.command(self._state_dir / "ctl.sock", line, CTL_TIMEOUT_S)
+        except _ctl.ControlError as e:
+            raise SmolVMError(f"VM {self._vm_id}: {line.split()[0]} failed: {e}") from None
+        except OSError as e:
+            if self._attached or self._persistent:
+                raise VMGoneError(
+                    f"VM {self._vm_id} is gone (its control socket: {e}); start a new SmolVM",
+                    vm_id=self._vm_id,
+                ) from None
+            self._raise_if_gone()
+            raise SmolVMError(f"VM {self._vm_id}: control socket failed: {e}") from e
+
+    def _require_running(self) -> None:
+        if self._status != "running":
+            self._raise_if_stopped()
+            raise VMNotRunningError(f"VM {self._vm_id} is not running; call start() first")
+
+    def _set_paused(self, paused: bool) -> None:
+        if self._record is None:
+            return
+        try:
+            rec = registry.load(self._vm_id)
+        except VMNotFoundError:
+            return
+        rec.extra["paused"] = paused
+        registry.save(rec)
+        self._record = rec
 
     def _wait_ready(self, deadline: float) -> str | None:
         """Read ctl lines until READY; return None, or why the boot failed."""
@@ -294,6 +549,9 @@ class SmolVM:
                 return "the VMM process ended during boot"
             if line.strip() == b"READY":
                 return None
+            if line.startswith(b"PID "):
+                self._pid = int(line.split()[1])  # the daemonized VMM's own pid
+                continue
             parsed = _process.parse_exit_line(line)
             if parsed is not None:
                 reason, message = parsed
@@ -319,6 +577,9 @@ class SmolVM:
                 self._raise_if_stopped()
 
     def _probe_gone(self) -> None:
+        if self._attached or self._persistent:
+            self._probe_gone_detached()
+            return
         nat = native()
         reason, message, eof = "", "", False
         deadline = time.monotonic() + GONE_PROBE_S
@@ -353,6 +614,23 @@ class SmolVM:
             msg, exit_reason=exit_reason, console_tail=console, vm_id=self._vm_id
         )
 
+    def _probe_gone_detached(self) -> None:
+        """A VM this process does not own: alive is what the registry's pid check says."""
+        rec = self._record
+        if rec is not None and registry.alive(rec):
+            return
+        console = _process.tail(self.console_log)
+        self._kept_log = _keep_log(self.console_log, self._vm_id)
+        self._close_ctl()
+        self._status = "stopped"
+        _live.discard(self)
+        registry.remove(self._vm_id)
+        self._gone = VMGoneError(
+            f"VM {self._vm_id} is gone: its VMM process ended. Create a new SmolVM to continue."
+            f"{self._kept_note()}\n" + _process.format_tails(console, ""),
+            exit_reason="vmm ended", console_tail=console, vm_id=self._vm_id,
+        )
+
     def _kept_note(self) -> str:
         return f" Console log kept in {self._kept_log}" if self._kept_log else ""
 
@@ -372,7 +650,12 @@ class SmolVM:
         self._status = "stopped"
         _live.discard(self)
         self._close_ctl()
-        status = _process.reap(self._pid, grace) if self._pid is not None else None
+        status = None
+        if self._pid is not None:
+            if _process.is_child(self._pid):
+                status = _process.reap(self._pid, grace)
+            else:
+                _process.wait_gone(self._pid, registry.process_start(self._pid), grace)
         if keep_logs:
             self._last_tails = (
                 _process.tail(self.console_log),
@@ -381,6 +664,19 @@ class SmolVM:
             self._kept_log = _keep_log(self.console_log, self._vm_id)
         shutil.rmtree(self._state_dir, ignore_errors=True)
         return status
+
+
+def _stop_vmm(rec: registry.VMRecord, ctl_fd: int, pid: int | None) -> None:
+    """Ask the VMM to stop, wait for it to go (SIGKILL after a grace period)."""
+    if registry.alive(rec):
+        try:
+            _ctl.command(rec.ctl_path, "STOP", timeout=CLOSE_GRACE_S)
+        except (OSError, SmolVMError):
+            pass  # wedged or already going: the kill below takes care of it
+    if pid is not None and _process.is_child(pid):
+        _process.reap(pid, CLOSE_GRACE_S)
+    elif rec.pid:
+        _process.wait_gone(rec.pid, rec.pid_start, CLOSE_GRACE_S)
 
 
 def _keep_log(console: Path, vm_id: str) -> Path | None:

@@ -714,6 +714,9 @@ static int agent_conn_setup(struct agent_conn *c)
 			memcpy(pool.buf, entropy, elen);
 			if (fd < 0 || ioctl(fd, RNDADDENTROPY, &pool) < 0)
 				agent_log("RNDADDENTROPY: %s", strerror(errno));
+			/* Credited entropy alone waits for the next periodic reseed: force one now. */
+			else if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA)
+				agent_log("RNDRESEEDCRNG: %s", strerror(errno));
 			if (fd >= 0)
 				close(fd);
 		}
