@@ -131,7 +131,7 @@ def vmm_timings(console: Path) -> dict[str, str]:
 
 
 def bench_smolvm(kernel: Path, initrd: Path, runs: int, boot_timeout: float) -> dict[str, Any]:
-    vm = SmolVM(kernel=kernel, initrd=initrd, boot_timeout=boot_timeout)
+    vm = SmolVM(kernel=kernel, initrd=initrd, boot_timeout=boot_timeout, cold_boot=True)
     watch = ConsoleWatch(vm.console_log, [INIT_MARKER])
     t0 = time.monotonic()
     try:
@@ -149,7 +149,7 @@ def bench_smolvm(kernel: Path, initrd: Path, runs: int, boot_timeout: float) -> 
         mem = mem_kib(vm.pid)
     finally:
         watch.stop()
-        vm.close()
+        vm.delete()
     t_init = watch.seen.get(INIT_MARKER)
     first_run = timings.get("t_first_run_us")
     return {

@@ -61,8 +61,10 @@ class SmolVM:
         kernel: str | os.PathLike[str] | None = None,
         initrd: str | os.PathLike[str] | None = None,
         boot_timeout: float | None = None,
+        cold_boot: bool = False,
     ) -> None:
         self._status = "created"
+        self._cold_boot = bool(cold_boot)  # boot the kernel even if a base snapshot exists
         self._source: Path | None = None  # restore from this snapshot instead of booting
         self._persistent = False  # start() outside `with`: outlives this process until delete()
         self._attached = False  # a handle from from_id(): the VM belongs to another process
@@ -189,7 +191,10 @@ class SmolVM:
                 cmdline = kernel_cmdline(self._profile)
                 key = snapshots.base_key(kernel, initrd, cmdline, self._memory, self._vcpus, vmm)
                 base = snapshots.base_dir(key)
-                if snapshots.complete(base):
+                if self._cold_boot:
+                    argv = self._argv(vmm, kernel, initrd, cmdline)
+                    base = None
+                elif snapshots.complete(base):
                     argv = self._restore_argv(vmm, base)
                     self._source = base
                 else:

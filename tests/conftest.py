@@ -1,9 +1,8 @@
-"""Shared fixtures: one real VM per test session, a second one booted alongside for the test that kills it."""
+"""Shared fixtures: one real VM per test session, and fresh ones restored from its base snapshot."""
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,17 +15,13 @@ NO_KVM_REASON = "/dev/kvm is absent: this host offers no KVM, so no VM can boot 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Tests that boot their own VM run last (stable sort keeps the rest in order).
+    # Tests that take a VM of their own run last (stable sort keeps the rest in order).
     items.sort(key=lambda item: item.get_closest_marker("own_vm") is not None)
-    config.stash[_SPARE_NEEDED] = any(item.get_closest_marker("own_vm") for item in items)
     if not KVM.exists():
         skip = pytest.mark.skip(reason=NO_KVM_REASON)
         for item in items:
             if item.get_closest_marker("vm") or item.get_closest_marker("own_vm"):
                 item.add_marker(skip)
-
-
-_SPARE_NEEDED = pytest.StashKey[bool]()
 
 
 def ensure_artifacts() -> None:
@@ -38,71 +33,26 @@ def ensure_artifacts() -> None:
     ensure_initramfs()
 
 
-class SpareVM:
-    """A VM booted in a background thread while the shared one boots (boots take minutes here)."""
-
-    def __init__(self) -> None:
-        self.vm: SmolVM | None = None
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.thread is not None:
-            return
-        vm = self.vm = SmolVM()
-
-        def boot() -> None:
-            try:
-                vm.start()
-            except BaseException as e:  # handed to the test that takes the VM
-                self.error = e
-
-        self.thread = threading.Thread(target=boot, name="spare-vm-boot", daemon=True)
-        self.thread.start()
-
-    def take(self) -> SmolVM:
-        if self.thread is None:
-            ensure_artifacts()
-            self.start()
-        assert self.thread is not None and self.vm is not None
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.vm
-
-    def close(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-        if self.vm is not None:
-            self.vm.close()
-
-
 @pytest.fixture(scope="session")
-def spare_vm() -> Iterator[SpareVM]:
-    spare = SpareVM()
-    yield spare
-    spare.close()
+def vm() -> Iterator[SmolVM]:
+    """The VM shared by the session's tests.
 
-
-@pytest.fixture(scope="session")
-def vm(request: pytest.FixtureRequest, spare_vm: SpareVM) -> Iterator[SmolVM]:
-    """The VM shared by the session's tests (booted once: a boot takes minutes on some hosts)."""
+    The first VM of a configuration boots (minutes on emulating hosts) and saves the base
+    snapshot; every later one, in this run or the next, restores it in milliseconds.
+    """
     ensure_artifacts()
-    if request.config.stash.get(_SPARE_NEEDED, False):
-        spare_vm.start()
     shared = SmolVM()
     shared.start()
-    print(f"\nshared VM {shared.vm_id} booted in {shared.boot_time:.1f} s")
+    print(f"\nshared VM {shared.vm_id} ready in {shared.boot_time:.1f} s")
     yield shared
-    shared.close()
+    shared.delete()
 
 
 @pytest.fixture
-def own_vm(spare_vm: SpareVM) -> Iterator[SmolVM]:
-    """A VM of the test's own (the spare booted at session start), closed afterwards."""
-    vm = spare_vm.take()
-    yield vm
-    vm.close()
+def own_vm(vm: SmolVM) -> Iterator[SmolVM]:
+    """An ephemeral VM of the test's own (`with SmolVM()`), restored from the base snapshot."""
+    with SmolVM() as own:
+        yield own
 
 
 @pytest.fixture

@@ -168,7 +168,7 @@ def test_bad_kernel_gives_start_error(tmp_path: Path) -> None:
 
 
 def test_boot_timeout_cleans_up() -> None:
-    vm = SmolVM(boot_timeout=2)
+    vm = SmolVM(boot_timeout=2, cold_boot=True)
     with pytest.raises(VMStartError, match="not ready within"):
         vm.start()
     assert not vm.state_dir.exists()
@@ -179,10 +179,8 @@ ORPHAN_SCRIPT = r"""
 import sys, threading, time
 from smolvm import SmolVM
 vm = SmolVM()
-threading.Thread(target=vm.start, daemon=True).start()
-while vm._pid is None:
-    time.sleep(0.05)
-print(vm._pid, vm.state_dir, flush=True)
+vm.__enter__()  # an ephemeral VM, as in `with SmolVM() as vm:`
+print(vm.pid, vm.state_dir, flush=True)
 time.sleep(1000)
 """
 
