@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,8 +45,11 @@ def base_key(kernel: Path, initrd: Path, cmdline: str, memory: int, vcpus: int, 
         st = p.stat()
         return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
 
+    # The VMM by content: a reinstall of the same build must keep hitting the cache, and any
+    # change to the VMM (its snapshot format, devices) must miss it.
+    vmm_hash = hashlib.sha256(vmm.read_bytes()).digest()
     return digest(
-        [b"base-v1", ident(kernel), ident(initrd), ident(vmm), cmdline.encode(),
+        [b"base-v1", ident(kernel), ident(initrd), vmm_hash, cmdline.encode(),
          str(memory).encode(), str(vcpus).encode()]
     )  # fmt: skip
 
