@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._paths import home
+from ._paths import data_dir, home
 from .build._cache import digest
 from .errors import SnapshotError
 
@@ -45,9 +45,16 @@ def base_key(kernel: Path, initrd: Path, cmdline: str, memory: int, vcpus: int, 
         st = p.stat()
         return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
 
-    # The VMM by content: a reinstall of the same build must keep hitting the cache, and any
-    # change to the VMM (its snapshot format, devices) must miss it.
-    vmm_hash = hashlib.sha256(vmm.read_bytes()).digest()
+    # The VMM by its sources (shipped with the package) and build flavour: a reinstall of
+    # the same code keeps hitting the cache (binaries differ by build path in debug info),
+    # any change to the VMM (snapshot format, devices) misses it.
+    h = hashlib.sha256()
+    src = data_dir("csrc")
+    for f in sorted(src.rglob("*")):
+        if f.is_file() and f.suffix in (".c", ".h"):
+            h.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
+    h.update(b"asan" if b"__asan_init" in vmm.read_bytes() else b"plain")
+    vmm_hash = h.digest()
     return digest(
         [b"base-v1", ident(kernel), ident(initrd), vmm_hash, cmdline.encode(),
          str(memory).encode(), str(vcpus).encode()]
