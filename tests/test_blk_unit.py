@@ -52,8 +52,9 @@ def _build(tmp_path: Path, sanitizer: str) -> subprocess.CompletedProcess[str]:
 def _run(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     supp = tmp_path / "tsan.supp"
     supp.write_text(TSAN_SUPPRESSIONS)
+    # Our own sanitizer runtime is linked in: drop the ASan preload the suite may run under.
     env = dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
         TMPDIR=str(tmp_path),  # the sparse disk images go here
         ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",

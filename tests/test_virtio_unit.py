@@ -45,8 +45,9 @@ def _build(tmp_path: Path, sanitizer: str) -> subprocess.CompletedProcess[str]:
 
 
 def _run(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    # Our own sanitizer runtime is linked in: drop the ASan preload the suite may run under.
     env = dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
         ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
         TSAN_OPTIONS="halt_on_error=1",
