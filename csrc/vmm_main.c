@@ -22,6 +22,7 @@
 #include "serial.h"
 #include "snapshot.h"
 #include "vcpu.h"
+#include "virtio/blk.h"
 #include "virtio/mmio.h"
 #include "virtio/vsock.h"
 #include "vm.h"
@@ -29,18 +30,24 @@
 #define VMM_VSOCK_BASE 0xd0000000ull
 #define VMM_VSOCK_GSI 5
 #define VMM_GUEST_CID 3
+#define VMM_MAX_DISKS 4
+#define VMM_BLK_BASE 0xd0001000ull /* disk i at VMM_BLK_BASE + i * 0x1000, GSI 6 + i */
+#define VMM_BLK_GSI 6
 
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen;
 	int daemonize;
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
+	int nr_disks;
+	char *disks[VMM_MAX_DISKS]; /* "PATH" or "PATH,ro" */
 };
 
 struct vmm {
 	struct vm vm;
 	struct vmm_args a;
 	struct vsock *vsock;
+	struct blk *blk[VMM_MAX_DISKS];
 	int sig_fd;
 	int paused; /* paused by a PAUSE command */
 	struct ctl *ctl;
@@ -58,7 +65,7 @@ static void vmm_usage(void)
 {
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
-			"[--ctl-listen PATH] [--daemonize]\n");
+			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]...\n");
 }
 
 static int vmm_parse(int argc, char **argv, struct vmm_args *a)
@@ -75,6 +82,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "restore", required_argument, NULL, 'r' },
 		{ "ctl-listen", required_argument, NULL, 'l' },
 		{ "daemonize", no_argument, NULL, 'd' },
+		{ "disk", required_argument, NULL, 'b' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -97,6 +105,11 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'r': a->restore = optarg; break;
 		case 'l': a->ctl_listen = optarg; break;
 		case 'd': a->daemonize = 1; break;
+		case 'b':
+			if (a->nr_disks >= VMM_MAX_DISKS)
+				return -E2BIG;
+			a->disks[a->nr_disks++] = optarg;
+			break;
 		default: return -EINVAL;
 		}
 	}
@@ -136,6 +149,8 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 	}
 	serial_save(v->vm.serial, &devs);
 	vsock_save(v->vsock, &devs);
+	for (int i = 0; i < v->a.nr_disks; i++)
+		blk_save(v->blk[i], &devs, 1 + (uint32_t)i);
 	ret = snapshot_save(&v->vm, dir, &devs, err, errlen);
 	free(devs.buf);
 	if (!v->paused)
@@ -249,15 +264,48 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		if (ret)
 			VMM_FAIL(ret, "vsock device on %s: %s", v->a.vsock_uds, strerror(-ret));
 	}
+	for (int i = 0; i < v->a.nr_disks; i++) {
+		char *path = v->a.disks[i], *comma = strrchr(path, ',');
+		struct blk_config bc = {
+			.base = VMM_BLK_BASE + (uint64_t)i * 0x1000, .gsi = VMM_BLK_GSI + (uint32_t)i,
+			.path = path, .read_only = false, .serial = NULL,
+		};
+
+		if (comma && !strcmp(comma, ",ro")) {
+			*comma = 0;
+			bc.read_only = true;
+		}
+		ret = blk_new(vm, &bc, &v->blk[i]);
+		if (ret)
+			VMM_FAIL(ret, "disk %s: %s", path, strerror(-ret));
+	}
 	if (v->a.restore) {
 		if (serial_restore(vm->serial, &snap) || vsock_restore(v->vsock, &snap))
 			VMM_FAIL(-EINVAL, "snapshot %s: device state missing or invalid", v->a.restore);
+		for (int i = 0; i < v->a.nr_disks; i++)
+			if (blk_restore(v->blk[i], &snap, 1 + (uint32_t)i))
+				VMM_FAIL(-EINVAL, "snapshot %s: disk %d state missing or does not match %s",
+					 v->a.restore, i, v->a.disks[i]);
 	} else {
 		size_t n = (size_t)snprintf(cmdline, cmdline_len, "%s ", v->a.cmdline);
+		int w;
 
 		if (n >= cmdline_len ||
-		    virtio_mmio_cmdline(cmdline + n, cmdline_len - n, VMM_VSOCK_BASE, VMM_VSOCK_GSI) < 0)
+		    (w = virtio_mmio_cmdline(cmdline + n, cmdline_len - n, VMM_VSOCK_BASE,
+					     VMM_VSOCK_GSI)) < 0)
 			VMM_FAIL(-E2BIG, "kernel command line too long");
+		n += (size_t)w;
+		for (int i = 0; i < v->a.nr_disks; i++) {
+			if (n + 1 >= cmdline_len)
+				VMM_FAIL(-E2BIG, "kernel command line too long");
+			cmdline[n++] = ' ';
+			w = virtio_mmio_cmdline(cmdline + n, cmdline_len - n,
+						VMM_BLK_BASE + (uint64_t)i * 0x1000,
+						VMM_BLK_GSI + (uint32_t)i);
+			if (w < 0)
+				VMM_FAIL(-E2BIG, "kernel command line too long");
+			n += (size_t)w;
+		}
 		ret = boot_load(vm, v->a.kernel, v->a.initrd, cmdline, &bi, vm->exit_msg,
 				sizeof(vm->exit_msg));
 		if (ret)
@@ -382,6 +430,8 @@ int main(int argc, char **argv)
 	v.vm.nr_vcpus = 0;
 	ctl_free(v.ctl);
 	vsock_free(v.vsock);
+	for (int i = 0; i < v.a.nr_disks; i++)
+		blk_free(v.blk[i]);
 	serial_free(v.vm.serial);
 	kvm_vm_destroy(&v.vm);
 	evloop_free(v.vm.loop);

@@ -182,6 +182,14 @@ class SmolVM:
             nat = native()
             vmm = vmm_path()
             self._profile = detect()
+            if self._profile.compat and self._vcpus > 1 and self._source is None:
+                self._status = "stopped"
+                raise VMStartError(
+                    f"vcpus={self._vcpus}: on this host (compat profile: {self._profile.reason}) "
+                    "secondary vCPUs never come up during boot; use vcpus=1 here. "
+                    "Hosts with VT-x/AMD-V run several vCPUs.",
+                    vm_id=self._vm_id,
+                )
             self._persistent = persistent
             base: Path | None = None
             if self._source is not None:

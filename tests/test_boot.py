@@ -26,7 +26,9 @@ pytestmark = pytest.mark.vm
 BANNER_TIMEOUT_S = 600.0  # bzImage decompression runs in emulated ring 0 on some hosts
 
 
-def boot_until(tmp_path: Path, kernel: Path, vcpus: int, want: list[str]) -> str:
+def boot_until(
+    tmp_path: Path, kernel: Path, vcpus: int, want: list[str], extra: list[str] | None = None
+) -> str:
     """Start smolvm-vmm on kernel with earlyprintk; return the console once all `want` appear."""
     console = tmp_path / "console.log"
     cmdline = kernel_cmdline(detect()) + " earlyprintk=serial,ttyS0"
@@ -34,7 +36,7 @@ def boot_until(tmp_path: Path, kernel: Path, vcpus: int, want: list[str]) -> str
     proc = subprocess.Popen(
         [str(vmm_path()), "--kernel", str(kernel), "--cmdline", cmdline, "--mem-mib", "256",
          "--vcpus", str(vcpus), "--vsock-uds", str(tmp_path / "v.sock"),
-         "--console", str(console), "--ctl-fd", str(child.fileno())],
+         "--console", str(console), "--ctl-fd", str(child.fileno()), *(extra or [])],
         pass_fds=[child.fileno()], stderr=subprocess.PIPE,
     )  # fmt: skip
     child.close()
@@ -60,12 +62,24 @@ def boot_until(tmp_path: Path, kernel: Path, vcpus: int, want: list[str]) -> str
             proc.wait()
 
 
-def test_vmlinux_elf_boot_with_two_vcpus(tmp_path: Path) -> None:
+def test_mp_table_describes_every_vcpu(tmp_path: Path) -> None:
     kernel = ensure_kernel() / "vmlinux"
     text = boot_until(tmp_path, kernel, 2, ["Linux version", "Processor #1"])
+    assert "found SMP MP-table" in text and "Processor #0" in text
+
+
+def test_vmlinux_elf_boot_with_a_disk(tmp_path: Path) -> None:
+    kernel = ensure_kernel() / "vmlinux"
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(3 << 20)  # 3 MiB = 6144 sectors
+    text = boot_until(
+        tmp_path, kernel, 1, ["Linux version", "[vda] 6144 512-byte"], ["--disk", f"{disk},ro"]
+    )
     assert "found SMP MP-table" in text
     assert re.search(r"BIOS-e820: \[mem 0x0*100000-0x0*fffffff\] usable", text), text[-3000:]
     assert "virtio_mmio.device=512@0xd0000000:5" in text  # the VMM declared its vsock device
+    assert "virtio_mmio.device=512@0xd0001000:6" in text  # and the disk
 
 
 def test_bzimage_boot(tmp_path: Path) -> None:

@@ -243,3 +243,15 @@ def test_kill_9_of_the_vmm_gives_clear_error(own_vm: SmolVM) -> None:
         vm.run("true")
     vm.close()
     vm.close()
+
+
+def test_several_vcpus_refused_clearly_on_compat_hosts() -> None:
+    from smolvm.profile import detect
+
+    if not detect().compat:
+        pytest.skip("only the compat profile (ring-0-emulating KVM) refuses several vCPUs")
+    vm = SmolVM(vcpus=2)
+    with pytest.raises(VMStartError, match="vcpus=2.*vcpus=1"):
+        vm.start()
+    assert vm.status == "stopped"
+    assert not vm.state_dir.exists()
