@@ -349,7 +349,15 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			VMM_FAIL(ret, "vCPU thread: %s", strerror(-ret));
 	}
 	if (v->a.restore) {
-		/* The agent was listening when the snapshot was taken: ready at once. */
+		/*
+		 * Host ends of connections open at snapshot time are gone: the event
+		 * queue's transport reset makes the guest drop its ends (listening
+		 * sockets stay). Then the agent, listening at snapshot time, is ready.
+		 */
+		ret = vsock_reset_transport(v->vsock);
+		if (ret && ret != -ENOBUFS)
+			VMM_FAIL(ret, "vsock transport reset after restore: %s", strerror(-ret));
+		ret = 0;
 		vmm_log(v, "t_restore_us", (vmm_now_ns() - vm->t_start_ns) / 1000);
 		vmm_on_ready(v);
 	}

@@ -78,6 +78,7 @@ struct vsock {
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	bool drop_pending; /* drop all connections on the loop thread (reset) */
 	bool tx_pending;   /* TX paused because rst_q was full */
+	bool reset_waiting; /* TRANSPORT_RESET sent; hold new REQUESTs until the guest handled it */
 	unsigned pushed;   /* queues pushed since the last interrupt decision */
 	struct vsock_conn *conns[VSOCK_MAX_CONNS];
 	unsigned rr;
@@ -568,6 +569,12 @@ static int vsock_conn_rx_one(struct vsock *v, struct vsock_conn *c)
 		return r;
 	}
 	if (c->state == VSOCK_CONN_CONNECTING && c->req_pending) {
+		/*
+		 * After a transport reset the guest drops every connected socket: a
+		 * connection made before it handled the event would be dropped too.
+		 */
+		if (v->reset_waiting)
+			return 0;
 		vsock_conn_hdr(c, VIRTIO_VSOCK_OP_REQUEST, &h);
 		r = vsock_rx_ctrl(v, &h);
 		if (r > 0)
@@ -798,6 +805,11 @@ static void vsock_config_read(void *dev, uint32_t off, void *data, uint32_t len)
 	uint64_t cid = v->guest_cid; /* le64 on a little-endian host */
 
 	memcpy(data, (uint8_t *)&cid + off, len);
+	/* Linux reads the CID while handling TRANSPORT_RESET, just before dropping its sockets. */
+	if (v->reset_waiting) {
+		v->reset_waiting = false;
+		vsock_poke(v);
+	}
 }
 
 static void vsock_queue_notify(void *dev, unsigned q)
@@ -821,6 +833,7 @@ static void vsock_reset(void *dev)
 
 	/* vCPU thread: sockets are the loop's, so they are closed there */
 	v->drop_pending = true;
+	v->reset_waiting = false;
 	v->rst_n = v->rst_head = 0;
 	v->tx_pending = false;
 	v->pushed = 0;
@@ -869,6 +882,7 @@ int vsock_reset_transport(struct vsock *v)
 	}
 	virtq_chain_to(&v->rxc, 0, &id, sizeof(id));
 	virtq_push(q, v->rxc.head, sizeof(id));
+	v->reset_waiting = true;
 	if (virtq_want_irq(q))
 		virtio_mmio_signal(&v->mmio);
 out:

@@ -2097,6 +2097,14 @@ static void test_vsock_resets(void)
 	WAIT(&w, client_eof(fd));
 	close(fd);
 	g_reset_state(&w.g);
+	/* Until the driver handled the event (Linux re-reads the CID), new REQUESTs wait. */
+	fd = client_connect(&w);
+	client_write_all(&w, fd, "CONNECT 52\n");
+	for (int k = 0; k < 50; k++)
+		step(&w);
+	CHECK(!w.g.c[0].used);
+	(void)mr(w.vm, 0x100); /* config space: guest_cid */
+	close(fd);
 	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
 	CHECK(write(fd, "x", 1) == 1);
 	WAIT(&w, gc->data_len == 1);
