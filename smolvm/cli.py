@@ -1,4 +1,4 @@
-"""The `smolvm` command: doctor (is this host ready?), build (guest artifacts), run (one command in a fresh VM)."""
+"""The `smolvm` command: doctor, build, run; ls, exec, rm for running VMs; snapshot create/ls/rm."""
 
 from __future__ import annotations
 
@@ -14,6 +14,40 @@ from typing import Any
 from . import __version__
 
 EXIT_SMOLVM_ERROR = 125  # like `docker run`: the sandbox failed, not the command
+EXIT_NOT_FOUND = 1  # unknown VM id or snapshot name
+EXIT_USAGE = 2  # as argparse
+EXIT_TIMED_OUT = 124  # as timeout(1)
+
+
+def _err(msg: str) -> None:
+    print(f"smolvm: error: {msg}", file=sys.stderr)
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _command_words(words: Sequence[str]) -> str | None:
+    """The shell command from `-- CMD...`: one word is used as is, several are quoted and joined."""
+    words = list(words)
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        return None
+    return words[0] if len(words) == 1 else shlex.join(words)
 
 
 def _du(path: Path) -> int:
@@ -71,6 +105,53 @@ def _cache_report(home: Path) -> dict[str, Any]:
     return report
 
 
+def _default_base_key(home: Path, rep: dict[str, Any]) -> str | None:
+    """The base snapshot key of a default SmolVM() (512 MiB, 1 vCPU) now, if its inputs are built."""
+    from ._native import vmm_path
+    from .build.initramfs import INITRAMFS_NAME
+    from .profile import detect, kernel_cmdline
+    from .snapshots import base_key
+
+    cache = rep["cache"]
+    if not (cache["kernel"]["built"] and cache["initramfs"]["built"]):
+        return None
+    kernel = home / "kernel" / cache["kernel"]["current"] / "vmlinux"
+    initrd = home / "initramfs" / cache["initramfs"]["current"] / INITRAMFS_NAME
+    try:
+        return base_key(kernel, initrd, kernel_cmdline(detect()), 512, 1, vmm_path())
+    except Exception:  # a missing VMM or artifact: doctor reports those elsewhere
+        return None
+
+
+def _snapshot_report(home: Path, rep: dict[str, Any]) -> dict[str, Any]:
+    """Base snapshots (one per boot configuration) and user snapshots, with the disk they use."""
+    from . import snapshots
+
+    base_root = home / "snapshots" / ".base"
+    bases = []
+    for d in sorted(base_root.iterdir()) if base_root.is_dir() else []:
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        try:
+            meta = snapshots.read_meta(d)
+        except Exception:
+            meta = {}
+        bases.append({
+            "key": d.name, "memory": meta.get("memory"), "vcpus": meta.get("vcpus"),
+            "created": meta.get("created"), "bytes": _du(d), "problem": snapshots.problem(d),
+        })  # fmt: skip
+    user = snapshots.list_all(damaged=True)
+    key = _default_base_key(home, rep)
+    return {
+        "base": bases,
+        "base_bytes": sum(b["bytes"] for b in bases),
+        "default_base_key": key,
+        "default_base_cached": key is not None and any(b["key"] == key and not b["problem"] for b in bases),
+        "user": [_snap_json(i) for i in user],
+        "user_bytes": sum(i.size_bytes for i in user),
+    }
+
+
 def doctor_report() -> dict[str, Any]:
     from ._native import native, vmm_path
     from ._paths import home
@@ -126,8 +207,13 @@ def doctor_report() -> dict[str, Any]:
     h = home()
     rep["home"] = {"path": str(h), "bytes": _du(h)}
     rep["cache"] = _cache_report(h)
+    rep["snapshots"] = _snapshot_report(h, rep)
     vms = h / "vms"
     rep["vm_dirs"] = sorted(p.name for p in vms.iterdir()) if vms.is_dir() else []
+    from . import registry
+
+    live, gone = registry.scan()
+    rep["vms"] = {"running": len(live), "ids": [r.vm_id for r in live], "gone_cleaned_up": gone}
     for kind in ("kernel", "agent", "initramfs"):
         if not rep["cache"][kind]["built"]:
             rep.setdefault("hints", []).append(f"{kind} not built yet: run `smolvm build`")
@@ -170,8 +256,24 @@ def _print_doctor(rep: dict[str, Any]) -> None:
             line(kind, f"not built (run `smolvm build`){stale}")
     for note in rep["cache"]["_notes"]:
         line("note", note)
-    if rep["vm_dirs"]:
-        line("VM dirs", ", ".join(rep["vm_dirs"]))
+    snaps = rep["snapshots"]
+    bases = snaps["base"]
+    if snaps["default_base_cached"]:
+        current = "the default configuration's (512 MiB, 1 vCPU) is cached: new VMs restore it"
+    else:
+        current = "none yet for the default configuration: the next SmolVM() boots and saves it"
+    line("base snaps", f"{len(bases)} cached, {_mib(snaps['base_bytes'])} on disk; {current}")
+    for b in bases:
+        if b["problem"]:
+            line("", f"{b['key']}: DAMAGED ({b['problem']})")
+    user = snaps["user"]
+    names = ", ".join(u["name"] + (" (DAMAGED)" if u["problem"] else "") for u in user)
+    line("snapshots", f"{len(user)}, {_mib(snaps['user_bytes'])} on disk" + (f": {names}" if names else ""))
+    vms = rep["vms"]
+    line("VMs", f"{vms['running']} running" + (f": {', '.join(vms['ids'])}" if vms["ids"] else ""))
+    if vms["gone_cleaned_up"]:
+        line("", f"cleaned up the records of {len(vms['gone_cleaned_up'])} VM(s) whose VMM had ended: "
+             + ", ".join(vms["gone_cleaned_up"]))  # fmt: skip
     print("OK: this host can run smolvm VMs" if rep["ok"] else "PROBLEMS:\n  - " + "\n  - ".join(rep["problems"]))
 
 
@@ -210,13 +312,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .profile import detect
     from .vm import SmolVM
 
-    words = list(args.command)
-    if words and words[0] == "--":
-        words = words[1:]
-    if not words:
+    command = _command_words(args.command)
+    if command is None:
         print("smolvm run: give a command after --, e.g. `smolvm run -- uname -a`", file=sys.stderr)
         return 2
-    command = words[0] if len(words) == 1 else shlex.join(words)
     try:
         vm = SmolVM(memory=args.memory, vcpus=args.vcpus)
         slow = " (compat profile: this host emulates guest ring 0, a boot takes minutes)" if detect().compat else ""
@@ -235,6 +334,224 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.timed_out:
         print(f"smolvm: the command timed out after {args.timeout} s", file=sys.stderr)
     return result.exit_code & 0xFF
+
+
+def _vm_json(rec: Any, now: float) -> dict[str, Any]:
+    return {
+        "vm_id": rec.vm_id, "status": "paused" if rec.extra.get("paused") else "running",
+        "pid": rec.pid, "memory": rec.memory, "vcpus": rec.vcpus, "persistent": rec.persistent,
+        "owner_pid": rec.owner_pid, "created": rec.created, "age_s": round(now - rec.created, 1),
+        "source": rec.source,
+    }  # fmt: skip
+
+
+def _report_gone(gone: list[str]) -> None:
+    if gone:
+        print(
+            f"smolvm: cleaned up the records of {len(gone)} VM(s) whose VMM had ended: {', '.join(gone)}",
+            file=sys.stderr,
+        )
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    import time
+
+    from . import registry
+
+    live, gone = registry.scan()
+    now = time.time()
+    vms = [_vm_json(r, now) for r in live]
+    if args.json:
+        print(json.dumps({"vms": vms, "gone": gone}, indent=2))
+        return 0
+    if vms:
+        rows = [["VM ID", "STATUS", "PID", "MEMORY", "VCPUS", "KIND", "AGE"]]
+        for v in vms:
+            kind = "persistent" if v["persistent"] else f"ephemeral (owner pid {v['owner_pid']})"
+            rows.append([v["vm_id"], v["status"], str(v["pid"]), f"{v['memory']} MiB", str(v["vcpus"]),
+                         kind, _age(v["age_s"])])  # fmt: skip
+        _table(rows)
+    else:
+        print("no VMs running")
+    _report_gone(gone)
+    return 0
+
+
+def _exec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=60, help="command timeout in seconds (default 60)")
+    p.add_argument("--cwd", help="working directory in the guest")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the command (repeatable)")  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help="print {exit_code, stdout, stderr, timed_out, duration} as JSON")  # fmt: skip
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from .errors import SmolVMError, VMNotFoundError
+    from .vm import SmolVM
+
+    words = list(args.command)
+    if "--" in words and words[0].startswith("-"):  # options between ID and --
+        i = words.index("--")
+        opts = argparse.ArgumentParser(prog="smolvm exec", add_help=False)
+        _exec_options(opts)
+        args = opts.parse_args(words[:i], namespace=args)
+        words = words[i + 1 :]
+    command = _command_words(words)
+    if command is None:
+        print("smolvm exec: give a command after --, e.g. `smolvm exec ID -- uname -a`", file=sys.stderr)
+        return EXIT_USAGE
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            print(f"smolvm exec: --env wants NAME=VALUE, got {item!r}", file=sys.stderr)
+            return EXIT_USAGE
+        env[name] = value
+    try:
+        vm = SmolVM.from_id(args.vm_id)
+    except VMNotFoundError as e:
+        _err(str(e))
+        return EXIT_NOT_FOUND
+    try:
+        result = vm.run(command, timeout=args.timeout, env=env or None, cwd=args.cwd)
+    except (SmolVMError, ValueError, TypeError) as e:
+        _err(str(e))
+        return EXIT_SMOLVM_ERROR
+    finally:
+        vm.close()
+    if args.json:
+        print(json.dumps({
+            "exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr,
+            "timed_out": result.timed_out, "duration": round(result.duration, 3),
+        }))  # fmt: skip
+        return EXIT_TIMED_OUT if result.timed_out else result.exit_code & 0xFF
+    sys.stdout.flush()
+    sys.stdout.buffer.write(result.stdout_bytes)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr_bytes)
+    sys.stderr.flush()
+    if result.timed_out:
+        print(f"smolvm: the command timed out after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMED_OUT
+    return result.exit_code & 0xFF
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from . import registry
+    from .errors import SmolVMError, VMNotFoundError
+    from .vm import SmolVM
+
+    if args.all == bool(args.vm_ids):
+        print("smolvm rm: give VM ids or --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.all:
+        live, gone = registry.scan()
+        ids = [r.vm_id for r in live]
+        _report_gone(gone)
+        if not ids:
+            print("no VMs running")
+    else:
+        ids = list(dict.fromkeys(args.vm_ids))
+    rc = 0
+    for vm_id in ids:
+        try:
+            rec = registry.load(vm_id)
+        except VMNotFoundError as e:
+            _err(str(e))
+            rc = EXIT_NOT_FOUND
+            continue
+        if not registry.alive(rec):
+            registry.remove(vm_id)
+            print(f"{vm_id}: already gone (its VMM had ended); its record was cleaned up")
+            continue
+        try:
+            SmolVM.from_id(vm_id).delete()
+        except VMNotFoundError:  # ended between the check and now: nothing left to delete
+            print(f"{vm_id}: already gone; its record was cleaned up")
+            continue
+        except SmolVMError as e:
+            _err(f"could not delete {vm_id}: {e}")
+            rc = EXIT_SMOLVM_ERROR
+            continue
+        print(f"deleted {vm_id}")
+    return rc
+
+
+def _snap_json(i: Any) -> dict[str, Any]:
+    return {
+        "name": i.name, "path": str(i.path), "memory": i.memory, "vcpus": i.vcpus,
+        "created": i.created, "source_vm": i.source_vm, "bytes": i.size_bytes,
+        "problem": i.problem or None,
+    }  # fmt: skip
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    from . import snapshots
+    from .errors import SmolVMError, VMNotFoundError
+    from .vm import SmolVM
+
+    try:
+        snapshots.check_name(args.name)
+    except ValueError as e:
+        print(f"smolvm snapshot create: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        vm = SmolVM.from_id(args.vm_id)
+    except VMNotFoundError as e:
+        _err(str(e))
+        return EXIT_NOT_FOUND
+    try:
+        info = vm.snapshot(args.name)
+    except SmolVMError as e:
+        _err(str(e))
+        return EXIT_SMOLVM_ERROR
+    finally:
+        vm.close()
+    if args.json:
+        print(json.dumps(_snap_json(info), indent=2))
+    else:
+        print(f"saved snapshot {info.name} of {args.vm_id} ({_mib(info.size_bytes)} on disk); "
+              f"start copies with SmolVM.from_snapshot({info.name!r})")  # fmt: skip
+    return 0
+
+
+def cmd_snapshot_ls(args: argparse.Namespace) -> int:
+    import time
+
+    from . import snapshots
+
+    snaps = snapshots.list_all(damaged=True)
+    if args.json:
+        print(json.dumps({"snapshots": [_snap_json(i) for i in snaps]}, indent=2))
+        return 0
+    if not snaps:
+        print("no snapshots (take one with `smolvm snapshot create ID NAME` or vm.snapshot(name))")
+        return 0
+    now = time.time()
+    rows = [["NAME", "MEMORY", "VCPUS", "DISK", "AGE", "FROM VM", "STATE"]]
+    for i in snaps:
+        rows.append([i.name, f"{i.memory} MiB" if i.memory else "-", str(i.vcpus or "-"),
+                     _mib(i.size_bytes), _age(now - i.created) if i.created else "-",
+                     i.source_vm or "-", f"DAMAGED: {i.problem}" if i.problem else "ok"])  # fmt: skip
+    _table(rows)
+    return 0
+
+
+def cmd_snapshot_rm(args: argparse.Namespace) -> int:
+    from . import snapshots
+    from .errors import SnapshotError
+
+    rc = 0
+    for name in dict.fromkeys(args.names):
+        try:
+            snapshots.delete(name)
+        except (SnapshotError, ValueError) as e:
+            _err(str(e))
+            rc = EXIT_NOT_FOUND
+            continue
+        print(f"deleted snapshot {name}")
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +576,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60, help="command timeout in seconds (default 60)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("ls", help="list running VMs (records of VMs whose VMM ended are cleaned up)")
+    ls.add_argument("--json", action="store_true", help='machine-readable: {"vms": [...], "gone": [...]}')
+    ls.set_defaults(func=cmd_ls)
+
+    e = sub.add_parser(
+        "exec",
+        help="run a command in a running VM, print its output, exit with its code",
+        description="Exit status: the command's; 124 if it timed out; 1 for an unknown VM id; "
+        "125 if the VM could not run it.",
+    )
+    _exec_options(e)
+    e.add_argument("vm_id", metavar="ID")
+    e.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    e.set_defaults(func=cmd_exec)
+
+    rm = sub.add_parser("rm", help="delete VMs (stop them and remove their state)")
+    rm.add_argument("vm_ids", nargs="*", metavar="ID")
+    rm.add_argument("--all", action="store_true", help="delete every VM on this machine")
+    rm.set_defaults(func=cmd_rm)
+
+    sn = sub.add_parser("snapshot", help="named snapshots: create, ls, rm")
+    snsub = sn.add_subparsers(dest="snapshot_cmd", required=True)
+    sc = snsub.add_parser("create", help="save a running VM as a named snapshot")
+    sc.add_argument("vm_id", metavar="ID")
+    sc.add_argument("name", metavar="NAME")
+    sc.add_argument("--json", action="store_true", help="machine-readable output")
+    sc.set_defaults(func=cmd_snapshot_create)
+    sl = snsub.add_parser("ls", help="list snapshots (damaged ones say why)")
+    sl.add_argument("--json", action="store_true", help='machine-readable: {"snapshots": [...]}')
+    sl.set_defaults(func=cmd_snapshot_ls)
+    sr = snsub.add_parser("rm", help="delete snapshots")
+    sr.add_argument("names", nargs="+", metavar="NAME")
+    sr.set_defaults(func=cmd_snapshot_rm)
     return p
 
 

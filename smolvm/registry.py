@@ -77,9 +77,19 @@ def process_start(pid: int) -> int | None:
     # the command name may hold spaces and parentheses: fields restart after the last ')'
     fields = stat[stat.rfind(b")") + 2 :].split()
     try:
+        if fields[0] in (b"Z", b"X") and len(_tasks(pid)) <= 1:
+            return None  # a zombie whose threads are all gone: ended, only not reaped yet
         return int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def _tasks(pid: int) -> list[str]:
+    """The thread ids of pid (a zombie leader keeps its live threads until they exit)."""
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
 
 
 def alive(rec: VMRecord) -> bool:

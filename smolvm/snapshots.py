@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ META = "meta.json"
 STATE = "state.bin"
 MEMORY = "memory.bin"
 
+# state.bin starts with csrc/snapshot.c's struct snap_header (little-endian, 64 bytes):
+# magic, version, header_size, payload_len, checksum (FNV-1a 64 of the payload), mem_size,
+# nr_vcpus, 5 reserved u32.
+STATE_HEADER = struct.Struct("<8sIIQQQI20x")
+STATE_MAGIC = b"SMOLSNAP"
+STATE_VERSION = 1
+STATE_MAX = 64 << 20  # SNAP_MAX_STATE
+
 
 @dataclass
 class SnapshotInfo:
@@ -30,6 +39,7 @@ class SnapshotInfo:
     created: float
     source_vm: str
     size_bytes: int  # disk actually used (the memory file is sparse)
+    problem: str = ""  # why it cannot be restored (list_all() only; info() raises instead)
 
 
 def root() -> Path:
@@ -108,15 +118,73 @@ def read_meta(path: Path) -> dict[str, object]:
         raise SnapshotError(f"{path / META} is corrupt: {e}") from None
 
 
-def info(name: str) -> SnapshotInfo:
+def _fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def problem(path: Path) -> str | None:
+    """Why the snapshot folder at path cannot be restored, or None if its files look whole.
+
+    Checks what the VMM checks before it restores (csrc/snapshot.c): state.bin's magic,
+    version, length and checksum, and that memory.bin is exactly the guest's memory size.
+    """
+    state, memory = path / STATE, path / MEMORY
+    for f in (path / META, state, memory):
+        if not f.is_file():
+            return f"{f.name} is missing (incomplete snapshot)"
+    try:
+        size = state.stat().st_size
+        if size < STATE_HEADER.size:
+            return f"{state} is truncated ({size} bytes, shorter than its {STATE_HEADER.size}-byte header)"
+        if size > STATE_MAX:
+            return f"{state} is {size} bytes, more than any smolvm snapshot state: not a smolvm snapshot"
+        data = state.read_bytes()
+        mem_size = memory.stat().st_size
+    except OSError as e:
+        return f"cannot read it: {e}"
+    magic, version, header_size, payload_len, checksum, want_mem, vcpus = STATE_HEADER.unpack_from(data)
+    if magic != STATE_MAGIC:
+        return f"{state} is not a smolvm snapshot state (bad magic {magic!r})"
+    if version != STATE_VERSION or header_size != STATE_HEADER.size:
+        return f"{state} has snapshot format version {version}; this smolvm reads {STATE_VERSION}"
+    payload = memoryview(data)[STATE_HEADER.size :]
+    if len(payload) < payload_len:
+        return f"{state} is truncated ({len(payload)} of {payload_len} payload bytes)"
+    if len(payload) > payload_len:
+        return f"{state} has {len(payload) - payload_len} stray bytes after its payload (corrupt)"
+    if _fnv1a64(payload) != checksum:
+        return f"{state} fails its checksum (corrupt)"
+    if mem_size != want_mem:
+        what = "truncated" if mem_size < want_mem else "too long"
+        return f"{memory} is {what}: {mem_size} bytes, the guest has {want_mem}"
+    if vcpus == 0:
+        return f"{state} describes a VM without vCPUs (corrupt)"
+    return None
+
+
+def check(path: Path, what: str, fix: str) -> None:
+    """Raise SnapshotError naming the problem if the snapshot at path cannot be restored."""
+    why = problem(path)
+    if why is not None:
+        raise SnapshotError(f"{what} at {path} cannot be restored: {why}. {fix}")
+
+
+def info(name: str, *, verify: bool = True) -> SnapshotInfo:
+    """The snapshot `name`; with verify, raises SnapshotError if its files are damaged."""
     path = user_dir(name)
     if not path.exists():
         known = ", ".join(s.name for s in list_all()) or "none"
         raise SnapshotError(f"no snapshot named {name!r} (snapshots here: {known})")
-    if not complete(path):
-        raise SnapshotError(f"snapshot {name!r} at {path} is incomplete: delete it and take it again")
+    if verify:
+        check(
+            path, f"snapshot {name!r}",
+            f"Delete it (`smolvm snapshot rm {name}`) and take it again with vm.snapshot({name!r}).",
+        )  # fmt: skip
     meta = read_meta(path)
-    used = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
+    used = _used(path)
     return SnapshotInfo(
         name=name, path=path, memory=int(str(meta.get("memory", 0))),
         vcpus=int(str(meta.get("vcpus", 0))), created=float(str(meta.get("created", 0))),
@@ -124,16 +192,29 @@ def info(name: str) -> SnapshotInfo:
     )  # fmt: skip
 
 
-def list_all() -> list[SnapshotInfo]:
+def list_all(*, damaged: bool = False) -> list[SnapshotInfo]:
+    """The user snapshots; with damaged=True also those that cannot be restored (`problem` says why)."""
     out = []
     for p in sorted(root().iterdir()):
-        if p.name.startswith(".") or not complete(p):
+        if p.name.startswith(".") or not p.is_dir() or not NAME_RE.match(p.name):
+            continue
+        why = problem(p) if damaged else (None if complete(p) else "incomplete")
+        if why is not None and not damaged:
             continue
         try:
-            out.append(info(p.name))
-        except (SnapshotError, ValueError):
-            continue
+            snap = info(p.name, verify=False)
+        except (SnapshotError, ValueError) as e:
+            if not damaged:
+                continue
+            snap = SnapshotInfo(p.name, p, 0, 0, 0.0, "", _used(p), problem=str(e))
+        if why is not None:
+            snap.problem = why
+        out.append(snap)
     return out
+
+
+def _used(path: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
 
 
 def delete(name: str) -> None:

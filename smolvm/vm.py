@@ -105,6 +105,8 @@ class SmolVM:
             if not registry.alive(rec):
                 return "stopped"
             return "paused" if rec.extra.get("paused") else "running"
+        if self._status == "running" and rec is not None and rec.extra.get("paused"):
+            return "paused"  # an ephemeral VM: pause() recorded it in self._record
         return self._status
 
     @property
@@ -193,6 +195,12 @@ class SmolVM:
             self._persistent = persistent
             base: Path | None = None
             if self._source is not None:
+                self._status = "stopped"  # a damaged snapshot ends this VM before it starts
+                snapshots.check(
+                    self._source, f"snapshot {self._source.name!r}",
+                    f"delete it (`smolvm snapshot rm {self._source.name}`) and take it again",
+                )  # fmt: skip
+                self._status = "created"
                 argv = self._restore_argv(vmm, self._source)
             else:
                 kernel, initrd = self._artifacts()
@@ -202,7 +210,7 @@ class SmolVM:
                 if self._cold_boot:
                     argv = self._argv(vmm, kernel, initrd, cmdline)
                     base = None
-                elif snapshots.complete(base):
+                elif snapshots.complete(base) and not self._damaged_base(base):
                     argv = self._restore_argv(vmm, base)
                     self._source = base
                 else:
@@ -496,6 +504,16 @@ class SmolVM:
             progress(f"could not save the base snapshot ({e}); later VMs will boot again")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _damaged_base(base: Path) -> bool:
+        """A base snapshot that fails its checks is removed (and the guest booted anew)."""
+        why = snapshots.problem(base)
+        if why is None:
+            return False
+        progress(f"the base snapshot {base} is damaged ({why}); removing it and booting")
+        shutil.rmtree(base, ignore_errors=True)
+        return True
 
     def _meta(self) -> dict[str, object]:
         return {
