@@ -320,13 +320,30 @@ static int exec_client_feed(struct exec_client *x, const uint8_t *p, size_t n)
 	return 0;
 }
 
+/* A buffer for one frame of `len` payload bytes, its header filled in; NULL (error set) on ENOMEM. */
+static uint8_t *exec_client_frame_alloc(struct exec_client *x, uint16_t type, size_t len)
+{
+	struct smolvm_frame h;
+	uint8_t *m = malloc(EXEC_CLIENT_HDR + len);
+
+	if (!m) {
+		exec_client_fail(x, -ENOMEM, "out of memory");
+		return NULL;
+	}
+	h.magic = htole32(SMOLVM_PROTO_MAGIC);
+	h.type = htole16(type);
+	h.flags = 0;
+	h.len = htole32((uint32_t)len);
+	memcpy(m, &h, sizeof(h));
+	return m;
+}
+
 /* The SETUP frame: header, struct smolvm_setup, entropy, hostname. */
 static int exec_client_build_setup(struct exec_client *x, const struct exec_setup *su, uint8_t **msg,
 				   size_t *msg_len)
 {
 	size_t hlen = su->hostname ? strlen(su->hostname) : 0;
 	size_t len = sizeof(struct smolvm_setup) + su->entropy_len + hlen;
-	struct smolvm_frame h;
 	struct smolvm_setup body;
 	uint8_t *m;
 
@@ -334,17 +351,12 @@ static int exec_client_build_setup(struct exec_client *x, const struct exec_setu
 	    (su->entropy_len && !su->entropy))
 		return exec_client_fail(x, -EINVAL, "setup: entropy (%u) or hostname (%zu) too long",
 					su->entropy_len, hlen);
-	m = malloc(EXEC_CLIENT_HDR + len);
+	m = exec_client_frame_alloc(x, SMOLVM_SETUP, len);
 	if (!m)
-		return exec_client_fail(x, -ENOMEM, "out of memory");
-	h.magic = htole32(SMOLVM_PROTO_MAGIC);
-	h.type = htole16(SMOLVM_SETUP);
-	h.flags = 0;
-	h.len = htole32((uint32_t)len);
+		return -ENOMEM;
 	body.wall_ns = htole64(su->wall_ns);
 	body.entropy_len = htole32(su->entropy_len);
 	body.hostname_len = htole32((uint32_t)hlen);
-	memcpy(m, &h, sizeof(h));
 	memcpy(m + EXEC_CLIENT_HDR, &body, sizeof(body));
 	if (su->entropy_len)
 		memcpy(m + EXEC_CLIENT_HDR + sizeof(body), su->entropy, su->entropy_len);
@@ -360,7 +372,6 @@ static int exec_client_build(struct exec_client *x, const struct exec_request *r
 {
 	const char *cwd = req->cwd ? req->cwd : "";
 	size_t len = sizeof(struct smolvm_exec) + strlen(req->command) + 1 + strlen(cwd) + 1, off;
-	struct smolvm_frame h;
 	struct smolvm_exec ex;
 	uint8_t *m;
 	uint32_t i;
@@ -377,16 +388,11 @@ static int exec_client_build(struct exec_client *x, const struct exec_request *r
 	if (len > SMOLVM_MAX_PAYLOAD)
 		return exec_client_fail(x, -E2BIG, "command, cwd and env take more than the %u bytes one EXEC frame holds",
 					SMOLVM_MAX_PAYLOAD);
-	m = malloc(EXEC_CLIENT_HDR + len);
+	m = exec_client_frame_alloc(x, SMOLVM_EXEC, len);
 	if (!m)
-		return exec_client_fail(x, -ENOMEM, "out of memory");
-	h.magic = htole32(SMOLVM_PROTO_MAGIC);
-	h.type = htole16(SMOLVM_EXEC);
-	h.flags = 0;
-	h.len = htole32((uint32_t)len);
+		return -ENOMEM;
 	ex.timeout_ms = htole32(req->timeout_ms);
 	ex.n_env = htole32(req->n_env);
-	memcpy(m, &h, sizeof(h));
 	memcpy(m + EXEC_CLIENT_HDR, &ex, sizeof(ex));
 	off = EXEC_CLIENT_HDR + sizeof(ex);
 	memcpy(m + off, req->command, strlen(req->command) + 1);
