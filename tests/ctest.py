@@ -1,0 +1,55 @@
+"""Build and run a C unit test of csrc/ under a sanitizer (shared by the virtio and blk tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer"]
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler {cc!r}; install gcc or set CC")
+    return cc
+
+
+def build(exe: Path, sources: list[str], sanitizer: str, libs: list[str]) -> subprocess.CompletedProcess[str]:
+    """Compile sources (relative to the repo root) into exe with -fsanitize=sanitizer.
+
+    A TSan build this compiler can't make is skipped; so is a missing liburing.
+    """
+    cmd = [
+        compiler(), *CFLAGS, f"-fsanitize={sanitizer}",
+        *(["-fno-sanitize-recover=undefined"] if "undefined" in sanitizer else []),
+        "-I", str(ROOT / "csrc"), "-o", str(exe), *(str(ROOT / s) for s in sources), *libs,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0 and sanitizer == "thread" and "fsanitize=thread" in done.stderr:
+        pytest.skip("ThreadSanitizer is not available with this compiler")
+    if done.returncode != 0 and "-luring" in libs and "-luring" in done.stderr + done.stdout:
+        pytest.skip("liburing is not installed (apt-get install liburing-dev)")
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def run(exe: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run a sanitizer-built test binary; sanitizer errors are fatal."""
+    # Our own sanitizer runtime is linked in: drop the ASan preload the suite may run under.
+    env = dict(
+        {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
+        ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+        TSAN_OPTIONS="halt_on_error=1",
+    )
+    env.update(extra_env)
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, env=env, check=False)
+    if done.returncode != 0 and "unexpected memory mapping" in done.stderr:
+        pytest.skip("ThreadSanitizer cannot run in this environment")
+    return done
