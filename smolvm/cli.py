@@ -326,14 +326,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (SmolVMError, ValueError, TypeError) as e:
         print(f"smolvm: error: {e}", file=sys.stderr)
         return EXIT_SMOLVM_ERROR
+    return _emit(result, args.timeout)
+
+
+def _emit(result: Any, timeout: float) -> int:
+    """Write a command's raw output to our stdout/stderr; return its exit status (124 on timeout)."""
     sys.stdout.flush()
     sys.stdout.buffer.write(result.stdout_bytes)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr_bytes)
     sys.stderr.flush()
     if result.timed_out:
-        print(f"smolvm: the command timed out after {args.timeout} s", file=sys.stderr)
-    return result.exit_code & 0xFF
+        print(f"smolvm: the command timed out after {timeout:g} s", file=sys.stderr)
+        return EXIT_TIMED_OUT
+    return int(result.exit_code) & 0xFF
 
 
 def _vm_json(rec: Any, now: float) -> dict[str, Any]:
@@ -426,15 +432,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             "timed_out": result.timed_out, "duration": round(result.duration, 3),
         }))  # fmt: skip
         return EXIT_TIMED_OUT if result.timed_out else result.exit_code & 0xFF
-    sys.stdout.flush()
-    sys.stdout.buffer.write(result.stdout_bytes)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(result.stderr_bytes)
-    sys.stderr.flush()
-    if result.timed_out:
-        print(f"smolvm: the command timed out after {args.timeout:g} s", file=sys.stderr)
-        return EXIT_TIMED_OUT
-    return result.exit_code & 0xFF
+    return _emit(result, args.timeout)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
