@@ -58,6 +58,7 @@ struct blk {
 	char serial[BLK_SERIAL_MAX];
 	bool pushed;       /* used entries added since the last interrupt decision */
 	bool restored;     /* interrupt the guest once the loop runs (blk_restore) */
+	bool resized;      /* tell the guest its capacity changed once the loop runs (blk_restore) */
 	unsigned inflight; /* busy slots */
 	unsigned nfree;
 	uint16_t free_slot[BLK_QUEUE_MAX];
@@ -348,6 +349,9 @@ static void blk_event_cb(void *opaque, int fd, uint32_t revents)
 	if (b->restored)
 		b->pushed = true;
 	b->restored = false;
+	if (b->resized)
+		virtio_mmio_config_changed(&b->mmio);
+	b->resized = false;
 	blk_flush_out(b);
 	virtio_mmio_unlock(&b->mmio);
 }
@@ -553,12 +557,17 @@ int blk_restore(struct blk *b, const struct snap_reader *r, uint32_t index)
 	int err;
 
 	s = snap_get(r, SNAP_DEV_BLK, index, &len);
-	if (!s || len != sizeof(*s) || s->capacity != b->capacity || s->read_only != b->read_only)
+	if (!s || len != sizeof(*s) || s->read_only != b->read_only)
+		return -EINVAL;
+	/* Only a writable disk that was empty when the snapshot was taken may come back with
+	 * another size: the guest cannot have used it, and learns the size from the interrupt. */
+	if (s->capacity != b->capacity && (s->capacity != 0 || b->read_only))
 		return -EINVAL;
 	virtio_mmio_lock(&b->mmio);
 	err = virtio_mmio_restore(&b->mmio, r, index);
 	if (!err) {
 		b->restored = true;
+		b->resized = s->capacity != b->capacity;
 		if (write(b->efd, &one, sizeof(one)) < 0) {
 			/* counter saturated: the loop wakes anyway */
 		}

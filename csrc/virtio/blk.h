@@ -77,8 +77,11 @@ void blk_save(struct blk *b, struct snap_writer *w, uint32_t index);
 /*
  * After blk_new() in a restoring VMM, before vCPUs run: put the sections of
  * blk_save() back. The image must have the capacity and read-only setting it
- * had. Once the loop runs, the guest gets one used-ring interrupt, in case
- * the one raised at save time is not part of the snapshot. Returns 0 or
+ * had, except that a writable disk empty (0 sectors) at save time may come
+ * back with any size: the guest then gets a config-change interrupt and reads
+ * the new capacity. Once the loop runs, the guest gets one used-ring
+ * interrupt, in case the one raised at save time is not part of the
+ * snapshot. Returns 0 or
  * -EINVAL (section missing, different disk, rings outside RAM).
  */
 int blk_restore(struct blk *b, const struct snap_reader *r, uint32_t index);

@@ -76,6 +76,15 @@ void virtio_mmio_fail(struct virtio_mmio *m)
 	}
 }
 
+void virtio_mmio_config_changed(struct virtio_mmio *m)
+{
+	m->config_gen++;
+	if (m->status & VIRTIO_CONFIG_S_DRIVER_OK) {
+		m->int_status |= VIRTIO_MMIO_INT_CONFIG;
+		virtio_mmio_raise(m);
+	}
+}
+
 /* Deliver a kick for queue q; lock held. */
 static void virtio_mmio_kick(struct virtio_mmio *m, unsigned q)
 {

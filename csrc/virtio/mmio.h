@@ -98,6 +98,9 @@ void virtio_mmio_signal(struct virtio_mmio *m);
 
 /* The guest broke the device: set DEVICE_NEEDS_RESET (0x40), send a config interrupt, stop notifies. */
 void virtio_mmio_fail(struct virtio_mmio *m);
+/* The device's config space changed: bump ConfigGeneration and, once the driver is live,
+ * raise the config-change interrupt. Lock held. */
+void virtio_mmio_config_changed(struct virtio_mmio *m);
 
 struct snap_writer;
 struct snap_reader;

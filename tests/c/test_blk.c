@@ -1033,6 +1033,59 @@ static void test_save_restore(void)
 	free(pat);
 }
 
+/* A disk that was empty at save time comes back bigger: config-change interrupt, new capacity. */
+static void test_restore_resized(void)
+{
+	struct blk_config cfg = { .base = 0xd0000000, .gsi = 6 };
+	struct snap_writer wr = { 0 };
+	struct snap_reader rd = { 0 };
+	struct world w;
+	struct blk *other = NULL;
+	uint64_t *cap;
+	uint32_t len = 0, gen0;
+	int e0;
+
+	cur_test = "restore_resized";
+	nsnaps = 0;
+	world_init(&w, false, NULL);
+	blk_save(w.blk, &wr, 1);
+	cap = (uint64_t *)snap_get(&rd, SNAP_DEV_BLK, 1, &len); /* first field: capacity */
+	CHECK(cap && len >= sizeof(*cap) && *cap == DISK_SECTORS);
+	*cap = 0; /* as if the disk had been a 0-byte placeholder */
+	evloop_stop(w.loop);
+	CHECK(pthread_join(w.thread, NULL) == 0);
+	blk_free(w.blk);
+	evloop_free(w.loop);
+	CHECK(evloop_new(&w.loop) == 0);
+	w.vm->loop = w.loop;
+	cfg.path = w.path;
+	cfg.read_only = true; /* a read-only disk must keep its size */
+	CHECK(blk_new(w.vm, &cfg, &other) == 0);
+	CHECK(blk_restore(other, &rd, 1) == -EINVAL);
+	blk_free(other);
+	cfg.read_only = false;
+	CHECK(blk_new(w.vm, &cfg, &w.blk) == 0);
+	CHECK(blk_restore(w.blk, &rd, 1) == 0);
+	gen0 = mr(&w, VIRTIO_MMIO_CONFIG_GENERATION);
+	CHECK(!(mr(&w, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG));
+	e0 = __atomic_load_n(&irq_edges, __ATOMIC_RELAXED);
+	CHECK(pthread_create(&w.thread, NULL, loop_main, w.loop) == 0);
+	{
+		int64_t t0 = now_ms();
+
+		while (__atomic_load_n(&irq_edges, __ATOMIC_RELAXED) == e0) {
+			CHECK(now_ms() - t0 < 10000);
+			poll(NULL, 0, 1);
+		}
+	}
+	CHECK(mr(&w, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG);
+	CHECK(mr(&w, VIRTIO_MMIO_CONFIG_GENERATION) == gen0 + 1);
+	CHECK(config_read64(&w, 0) == DISK_SECTORS);
+	CHECK(g_io(&w, VIRTIO_BLK_T_IN, DISK_SECTORS - 8, G_DATA, 4096, 2) == VIRTIO_BLK_S_OK);
+	CHECK(!device_broken(&w));
+	world_fini(&w);
+}
+
 static void test_new_errors(void)
 {
 	struct evloop *loop = NULL;
@@ -1117,6 +1170,7 @@ int main(void)
 	test_reset_in_flight();
 	test_no_interrupt();
 	test_save_restore();
+	test_restore_resized();
 	printf("all blk tests passed\n");
 	return 0;
 }
