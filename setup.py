@@ -17,7 +17,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-EXT_SOURCES = ["csrc/module.c", "csrc/exec_client.c"]
+EXT_SOURCES = ["csrc/module.c", "csrc/exec_client.c", "csrc/file_client.c"]
 VMM_MAIN = "csrc/vmm_main.c"
 VMM_NAME = "smolvm-vmm"
 DATA_DIRS = ("csrc", "guest", "kernel-config")  # shipped as smolvm/_data/<name>

@@ -24,16 +24,9 @@
 #define EXEC_CLIENT_UD_CANCEL 2u
 #define EXEC_CLIENT_HDR sizeof(struct smolvm_frame)
 
-/* State of one exec_run() call. At most one operation is in flight on the ring at a time. */
+/* State of one exec_run() call. */
 struct exec_client {
-	struct io_uring ring;
-	bool ring_ready;
-	bool in_flight;
-	int fd;
-	int64_t deadline_ms; /* CLOCK_MONOTONIC; -1 = none */
-	int64_t last_poll_ms;
-	int (*interrupted)(void *);
-	void *opaque;
+	struct exec_conn conn;
 	struct exec_output *out;
 	size_t out_cap, err_cap;
 	bool truncated;
@@ -43,7 +36,7 @@ struct exec_client {
 	bool in_payload;
 	uint16_t type;
 	uint32_t left;      /* payload bytes of the current frame still to come */
-	uint8_t small[256]; /* EXIT payload, or the start of an ERROR message */
+	uint8_t small[256]; /* EXIT payload, or the start of an ERROR payload */
 	size_t small_len;
 	bool done; /* EXIT or ERROR seen */
 };
@@ -56,48 +49,86 @@ static int64_t exec_client_now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int exec_client_fail(struct exec_client *x, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int exec_client_fail(struct exec_client *x, int err, const char *fmt, ...)
+int exec_conn_fail(struct exec_conn *c, int err, const char *fmt, ...)
 {
 	va_list ap;
 
-	va_start(ap, fmt);
-	vsnprintf(x->out->error, sizeof(x->out->error), fmt, ap);
-	va_end(ap);
+	if (c->error && c->error_size) {
+		va_start(ap, fmt);
+		vsnprintf(c->error, c->error_size, fmt, ap);
+		va_end(ap);
+	}
 	return err;
 }
 
+#define exec_client_fail(x, err, ...) exec_conn_fail(&(x)->conn, err, __VA_ARGS__)
+
+void exec_frame_header(void *dst, uint16_t type, uint32_t len)
+{
+	struct smolvm_frame h;
+
+	h.magic = htole32(SMOLVM_PROTO_MAGIC);
+	h.type = htole16(type);
+	h.flags = 0;
+	h.len = htole32(len);
+	memcpy(dst, &h, sizeof(h));
+}
+
+int exec_parse_error(const uint8_t *payload, size_t len, int *err, char *msg, size_t msg_size)
+{
+	struct smolvm_error e;
+	size_t n;
+
+	*err = 0;
+	if (msg_size)
+		msg[0] = 0;
+	if (len < sizeof(e))
+		return -EPROTO;
+	memcpy(&e, payload, sizeof(e));
+	*err = (int32_t)le32toh((uint32_t)e.err);
+	if (*err < 0 || *err > 4095)
+		*err = 0; /* not an errno: a protocol error, which its message explains */
+	n = len - sizeof(e);
+	if (msg_size) {
+		if (n >= msg_size)
+			n = msg_size - 1;
+		memcpy(msg, payload + sizeof(e), n);
+		msg[n] = 0;
+	}
+	return 0;
+}
+
 /* Cancel the operation in flight (if any) and wait until the kernel is done with its buffer. */
-static void exec_client_cancel(struct exec_client *x)
+static void exec_conn_cancel(struct exec_conn *c)
 {
 	struct io_uring_sqe *sqe;
 	struct io_uring_cqe *cqe;
 
-	if (!x->in_flight)
+	if (!c->in_flight)
 		return;
-	sqe = io_uring_get_sqe(&x->ring);
+	sqe = io_uring_get_sqe(&c->ring);
 	if (sqe) {
 		io_uring_prep_cancel64(sqe, EXEC_CLIENT_UD_OP, 0);
 		io_uring_sqe_set_data64(sqe, EXEC_CLIENT_UD_CANCEL);
-		io_uring_submit(&x->ring);
+		io_uring_submit(&c->ring);
 	}
-	shutdown(x->fd, SHUT_RDWR); /* completes a recv/send the cancel could not catch */
-	while (x->in_flight) {
-		int ret = io_uring_wait_cqe(&x->ring, &cqe);
+	shutdown(c->fd, SHUT_RDWR); /* completes a recv/send the cancel could not catch */
+	while (c->in_flight) {
+		int ret = io_uring_wait_cqe(&c->ring, &cqe);
 		if (ret == -EINTR)
 			continue;
 		if (ret < 0)
 			return; /* in_flight stays true: the caller then leaks the buffer rather than free it */
 		if (io_uring_cqe_get_data64(cqe) == EXEC_CLIENT_UD_OP)
-			x->in_flight = false;
-		io_uring_cqe_seen(&x->ring, cqe);
+			c->in_flight = false;
+		io_uring_cqe_seen(&c->ring, cqe);
 	}
 }
 
 /* A fresh SQE tagged as the operation; NULL cannot happen with one op in flight on a ring of 8. */
-static struct io_uring_sqe *exec_client_sqe(struct exec_client *x)
+static struct io_uring_sqe *exec_conn_sqe(struct exec_conn *c)
 {
-	struct io_uring_sqe *sqe = io_uring_get_sqe(&x->ring);
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&c->ring);
 
 	if (sqe)
 		io_uring_sqe_set_data64(sqe, EXEC_CLIENT_UD_OP);
@@ -110,72 +141,72 @@ static struct io_uring_sqe *exec_client_sqe(struct exec_client *x)
  * Returns 0 with *res = the completion's result, or -ETIMEDOUT / -EINTR /
  * -errno (the operation then cancelled).
  */
-static int exec_client_wait(struct exec_client *x, int *res)
+static int exec_conn_wait(struct exec_conn *c, int *res)
 {
 	struct io_uring_cqe *cqe;
 	int ret;
 
-	ret = io_uring_submit(&x->ring);
+	ret = io_uring_submit(&c->ring);
 	if (ret < 0)
-		return exec_client_fail(x, ret, "io_uring_submit: %s", strerror(-ret));
-	x->in_flight = true;
+		return exec_conn_fail(c, ret, "io_uring_submit: %s", strerror(-ret));
+	c->in_flight = true;
 	for (;;) {
 		int64_t now = exec_client_now_ms(), slice = EXEC_CLIENT_SLICE_MS;
 		struct __kernel_timespec ts;
 
-		if (x->interrupted && now - x->last_poll_ms >= EXEC_CLIENT_SLICE_MS) {
-			x->last_poll_ms = now;
-			if (x->interrupted(x->opaque)) {
-				ret = exec_client_fail(x, -EINTR, "interrupted");
+		if (c->interrupted && now - c->last_poll_ms >= EXEC_CLIENT_SLICE_MS) {
+			c->last_poll_ms = now;
+			if (c->interrupted(c->opaque)) {
+				ret = exec_conn_fail(c, -EINTR, "interrupted");
 				goto out;
 			}
 		}
-		if (x->deadline_ms >= 0) {
-			if (now >= x->deadline_ms) {
-				ret = exec_client_fail(x, -ETIMEDOUT, "no EXIT from the guest agent within the host timeout");
+		if (c->deadline_ms >= 0) {
+			if (now >= c->deadline_ms) {
+				ret = exec_conn_fail(c, -ETIMEDOUT, "no answer from the guest agent within the host timeout");
 				goto out;
 			}
-			if (x->deadline_ms - now < slice)
-				slice = x->deadline_ms - now;
+			if (c->deadline_ms - now < slice)
+				slice = c->deadline_ms - now;
 		}
 		ts.tv_sec = slice / 1000;
 		ts.tv_nsec = (slice % 1000) * 1000000;
-		ret = io_uring_wait_cqe_timeout(&x->ring, &cqe, &ts);
+		ret = io_uring_wait_cqe_timeout(&c->ring, &cqe, &ts);
 		if (ret == -ETIME)
 			continue;
 		if (ret == -EINTR) {
-			x->last_poll_ms = INT64_MIN / 2; /* a signal: ask interrupted() right away */
+			c->last_poll_ms = INT64_MIN / 2; /* a signal: ask interrupted() right away */
 			continue;
 		}
 		if (ret < 0) {
-			ret = exec_client_fail(x, ret, "io_uring_wait_cqe_timeout: %s", strerror(-ret));
+			ret = exec_conn_fail(c, ret, "io_uring_wait_cqe_timeout: %s", strerror(-ret));
 			goto out;
 		}
 		if (io_uring_cqe_get_data64(cqe) != EXEC_CLIENT_UD_OP) {
-			io_uring_cqe_seen(&x->ring, cqe);
+			io_uring_cqe_seen(&c->ring, cqe);
 			continue;
 		}
 		*res = cqe->res;
-		io_uring_cqe_seen(&x->ring, cqe);
-		x->in_flight = false;
+		io_uring_cqe_seen(&c->ring, cqe);
+		c->in_flight = false;
 		return 0;
 	}
 out:
-	exec_client_cancel(x);
+	exec_conn_cancel(c);
 	return ret;
 }
 
-static int exec_client_send_all(struct exec_client *x, const void *buf, size_t len)
+int exec_conn_send(struct exec_conn *c, const void *buf, size_t len)
 {
 	const uint8_t *p = buf;
 	int ret, res;
 
 	while (len) {
-		struct io_uring_sqe *sqe = exec_client_sqe(x);
+		struct io_uring_sqe *sqe = exec_conn_sqe(c);
 		if (!sqe)
-			return -EBUSY;
-		io_uring_prep_send(sqe, x->fd, p, len, MSG_NOSIGNAL);
-		ret = exec_client_wait(x, &res);
+			return exec_conn_fail(c, -EBUSY, "io_uring: no free submission entry");
+		io_uring_prep_send(sqe, c->fd, p, len, MSG_NOSIGNAL);
+		ret = exec_conn_wait(c, &res);
 		if (ret < 0)
 			return ret;
 		if (res == -EINTR || res == -EAGAIN)
@@ -188,23 +219,118 @@ static int exec_client_send_all(struct exec_client *x, const void *buf, size_t l
 	return 0;
 }
 
-/* One recv into buf. Returns bytes (0 = EOF) or -errno. */
-static int exec_client_recv(struct exec_client *x, uint8_t *buf, size_t len)
+int exec_conn_recv(struct exec_conn *c, void *buf, size_t len)
 {
 	int ret, res;
 
 	for (;;) {
-		struct io_uring_sqe *sqe = exec_client_sqe(x);
+		struct io_uring_sqe *sqe = exec_conn_sqe(c);
 		if (!sqe)
-			return -EBUSY;
-		io_uring_prep_recv(sqe, x->fd, buf, len, 0);
-		ret = exec_client_wait(x, &res);
+			return exec_conn_fail(c, -EBUSY, "io_uring: no free submission entry");
+		io_uring_prep_recv(sqe, c->fd, buf, len, 0);
+		ret = exec_conn_wait(c, &res);
 		if (ret < 0)
 			return ret;
 		if (res != -EINTR && res != -EAGAIN)
 			return res;
 	}
 }
+
+/* Read the "OK <n>\n" reply into buf; what follows the line is moved to the start of buf. */
+static int exec_conn_handshake(struct exec_conn *c, uint32_t port, uint8_t *buf, size_t buf_size, size_t *extra)
+{
+	size_t have = 0, rest;
+	uint8_t *nl = NULL;
+	int n;
+
+	while (!nl) {
+		n = exec_conn_recv(c, buf + have, buf_size - have);
+		if (n == 0 || n == -ECONNRESET || n == -EPIPE)
+			return exec_conn_fail(c, -ECONNREFUSED, "the guest refused vsock port %u (is the agent up?)", port);
+		if (n < 0)
+			return n == -ETIMEDOUT || n == -EINTR ? n : exec_conn_fail(c, n, "vsock handshake: %s", strerror(-n));
+		have += (size_t)n;
+		nl = memchr(buf, '\n', have);
+		if (!nl && (have > EXEC_CLIENT_HS_MAX || have == buf_size))
+			break;
+	}
+	if (!nl || nl - buf < 3 || memcmp(buf, "OK ", 3) != 0)
+		return exec_conn_fail(c, -ECONNREFUSED, "vsock handshake: unexpected reply \"%.*s\"",
+				      (int)(have < 40 ? have : 40), (const char *)buf);
+	rest = have - (size_t)(nl + 1 - buf);
+	memmove(buf, nl + 1, rest);
+	*extra = rest;
+	return 0;
+}
+
+int exec_conn_open(struct exec_conn *c, const char *uds_path, uint32_t port, int host_timeout_ms,
+		   int (*interrupted)(void *), void *opaque, char *error, size_t error_size, uint8_t *buf,
+		   size_t buf_size, size_t *extra)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct io_uring_sqe *sqe;
+	char line[32];
+	int ret, res, n;
+
+	memset(c, 0, sizeof(*c));
+	c->fd = -1;
+	c->error = error;
+	c->error_size = error_size;
+	c->interrupted = interrupted;
+	c->opaque = opaque;
+	c->last_poll_ms = exec_client_now_ms();
+	c->deadline_ms = host_timeout_ms < 0 ? -1 : c->last_poll_ms + host_timeout_ms;
+	*extra = 0;
+	if (!uds_path || buf_size < EXEC_CLIENT_HS_MAX)
+		return exec_conn_fail(c, -EINVAL, "exec_conn_open: no socket path, or a buffer under %d bytes",
+				      EXEC_CLIENT_HS_MAX);
+	if (strlen(uds_path) >= sizeof(sa.sun_path))
+		return exec_conn_fail(c, -ENAMETOOLONG, "socket path too long: %s", uds_path);
+	strcpy(sa.sun_path, uds_path);
+	ret = io_uring_queue_init(8, &c->ring, 0);
+	if (ret < 0)
+		return exec_conn_fail(c, ret, "io_uring_queue_init: %s", strerror(-ret));
+	c->ring_ready = true;
+	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c->fd < 0)
+		return exec_conn_fail(c, -errno, "socket: %s", strerror(errno));
+
+	sqe = exec_conn_sqe(c);
+	if (!sqe)
+		return exec_conn_fail(c, -EBUSY, "io_uring: no free submission entry");
+	io_uring_prep_connect(sqe, c->fd, (struct sockaddr *)&sa, sizeof(sa));
+	ret = exec_conn_wait(c, &res);
+	if (ret < 0)
+		return ret;
+	if (res < 0)
+		return exec_conn_fail(c, res, "connect %s: %s", uds_path, strerror(-res));
+
+	n = snprintf(line, sizeof(line), "CONNECT %u\n", port);
+	ret = exec_conn_send(c, line, (size_t)n);
+	if (ret == -EPIPE || ret == -ECONNRESET)
+		return exec_conn_fail(c, -ECONNREFUSED, "the VMM closed %s during the vsock handshake", uds_path);
+	if (ret < 0)
+		return ret;
+	return exec_conn_handshake(c, port, buf, buf_size, extra);
+}
+
+bool exec_conn_close(struct exec_conn *c)
+{
+	bool idle = true;
+
+	if (c->ring_ready) {
+		exec_conn_cancel(c);
+		idle = !c->in_flight;
+		io_uring_queue_exit(&c->ring);
+		c->ring_ready = false;
+	}
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+	return idle;
+}
+
+/* ---- exec_run ---- */
 
 /* Append to one output stream, growing it geometrically, dropping what is beyond EXEC_OUTPUT_CAP. */
 static int exec_client_append(struct exec_client *x, uint8_t **buf, size_t *len, size_t *cap, const uint8_t *p,
@@ -239,6 +365,7 @@ static int exec_client_append(struct exec_client *x, uint8_t **buf, size_t *len,
 static int exec_client_frame_done(struct exec_client *x)
 {
 	struct smolvm_exit ex;
+	char msg[sizeof(x->small)];
 
 	x->in_payload = false;
 	x->hdr_got = 0;
@@ -250,7 +377,9 @@ static int exec_client_frame_done(struct exec_client *x)
 		x->done = true;
 	} else if (x->type == SMOLVM_ERROR) {
 		x->done = true;
-		return exec_client_fail(x, -EPROTO, "%.*s", (int)x->small_len, (const char *)x->small);
+		if (exec_parse_error(x->small, x->small_len, &x->out->guest_err, msg, sizeof(msg)) < 0)
+			return exec_client_fail(x, -EPROTO, "bad ERROR frame from the guest agent: %zu bytes", x->small_len);
+		return exec_client_fail(x, -EPROTO, "%s", msg[0] ? msg : "the guest agent sent an empty ERROR");
 	}
 	return 0;
 }
@@ -323,18 +452,13 @@ static int exec_client_feed(struct exec_client *x, const uint8_t *p, size_t n)
 /* A buffer for one frame of `len` payload bytes, its header filled in; NULL (error set) on ENOMEM. */
 static uint8_t *exec_client_frame_alloc(struct exec_client *x, uint16_t type, size_t len)
 {
-	struct smolvm_frame h;
 	uint8_t *m = malloc(EXEC_CLIENT_HDR + len);
 
 	if (!m) {
 		exec_client_fail(x, -ENOMEM, "out of memory");
 		return NULL;
 	}
-	h.magic = htole32(SMOLVM_PROTO_MAGIC);
-	h.type = htole16(type);
-	h.flags = 0;
-	h.len = htole32((uint32_t)len);
-	memcpy(m, &h, sizeof(h));
+	exec_frame_header(m, type, (uint32_t)len);
 	return m;
 }
 
@@ -354,9 +478,11 @@ static int exec_client_build_setup(struct exec_client *x, const struct exec_setu
 	m = exec_client_frame_alloc(x, SMOLVM_SETUP, len);
 	if (!m)
 		return -ENOMEM;
+	memset(&body, 0, sizeof(body));
 	body.wall_ns = htole64(su->wall_ns);
 	body.entropy_len = htole32(su->entropy_len);
 	body.hostname_len = htole32((uint32_t)hlen);
+	body.flags = htole32(su->flags);
 	memcpy(m + EXEC_CLIENT_HDR, &body, sizeof(body));
 	if (su->entropy_len)
 		memcpy(m + EXEC_CLIENT_HDR + sizeof(body), su->entropy, su->entropy_len);
@@ -408,58 +534,24 @@ static int exec_client_build(struct exec_client *x, const struct exec_request *r
 	return 0;
 }
 
-/* Read the "OK <n>\n" reply into buf; bytes after the line go to the frame parser. */
-static int exec_client_handshake(struct exec_client *x, uint32_t port, uint8_t *buf)
-{
-	size_t have = 0;
-	uint8_t *nl = NULL;
-	int n;
-
-	while (!nl) {
-		n = exec_client_recv(x, buf + have, EXEC_CLIENT_RBUF - have);
-		if (n == 0 || n == -ECONNRESET || n == -EPIPE)
-			return exec_client_fail(x, -ECONNREFUSED,
-						"the guest refused vsock port %u (is the agent up?)", port);
-		if (n < 0)
-			return n == -ETIMEDOUT || n == -EINTR ? n : exec_client_fail(x, n, "vsock handshake: %s", strerror(-n));
-		have += (size_t)n;
-		nl = memchr(buf, '\n', have);
-		if (!nl && have > EXEC_CLIENT_HS_MAX)
-			break;
-	}
-	if (!nl || nl - buf < 3 || memcmp(buf, "OK ", 3) != 0)
-		return exec_client_fail(x, -ECONNREFUSED, "vsock handshake: unexpected reply \"%.*s\"",
-					(int)(have < 40 ? have : 40), (const char *)buf);
-	return exec_client_feed(x, nl + 1, have - (size_t)(nl + 1 - buf));
-}
-
 int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req, int host_timeout_ms,
 	     int (*interrupted)(void *), void *opaque, struct exec_output *out)
 {
 	struct exec_client x;
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	uint8_t *msg = NULL, *rbuf = NULL;
-	size_t msg_len = 0;
-	char line[32];
-	int ret, res, send_err = 0, n;
+	size_t msg_len = 0, extra = 0;
+	int ret, send_err = 0, n;
 
 	memset(out, 0, sizeof(*out));
 	memset(&x, 0, sizeof(x));
-	x.fd = -1;
+	x.conn.fd = -1;
+	x.conn.error = out->error;
+	x.conn.error_size = sizeof(out->error);
 	x.out = out;
-	x.interrupted = interrupted;
-	x.opaque = opaque;
-	x.last_poll_ms = exec_client_now_ms();
-	x.deadline_ms = host_timeout_ms < 0 ? -1 : x.last_poll_ms + host_timeout_ms;
 	if (!uds_path || !req || (!req->command && !req->setup)) {
 		ret = exec_client_fail(&x, -EINVAL, "uds_path, req and req->command are required");
 		goto out;
 	}
-	if (strlen(uds_path) >= sizeof(sa.sun_path)) {
-		ret = exec_client_fail(&x, -ENAMETOOLONG, "socket path too long: %s", uds_path);
-		goto out;
-	}
-	strcpy(sa.sun_path, uds_path);
 	if (req->setup)
 		ret = exec_client_build_setup(&x, req->setup, &msg, &msg_len);
 	else
@@ -471,44 +563,16 @@ int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req
 		ret = exec_client_fail(&x, -ENOMEM, "out of memory");
 		goto out;
 	}
-	ret = io_uring_queue_init(8, &x.ring, 0);
-	if (ret < 0) {
-		ret = exec_client_fail(&x, ret, "io_uring_queue_init: %s", strerror(-ret));
-		goto out;
-	}
-	x.ring_ready = true;
-	x.fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (x.fd < 0) {
-		ret = exec_client_fail(&x, -errno, "socket: %s", strerror(errno));
-		goto out;
-	}
-
-	struct io_uring_sqe *sqe = exec_client_sqe(&x);
-	if (!sqe) {
-		ret = -EBUSY;
-		goto out;
-	}
-	io_uring_prep_connect(sqe, x.fd, (struct sockaddr *)&sa, sizeof(sa));
-	ret = exec_client_wait(&x, &res);
+	ret = exec_conn_open(&x.conn, uds_path, port, host_timeout_ms, interrupted, opaque, out->error,
+			     sizeof(out->error), rbuf, EXEC_CLIENT_RBUF, &extra);
 	if (ret < 0)
 		goto out;
-	if (res < 0) {
-		ret = exec_client_fail(&x, res, "connect %s: %s", uds_path, strerror(-res));
-		goto out;
-	}
-
-	n = snprintf(line, sizeof(line), "CONNECT %u\n", port);
-	ret = exec_client_send_all(&x, line, (size_t)n);
-	if (ret == -EPIPE || ret == -ECONNRESET)
-		ret = exec_client_fail(&x, -ECONNREFUSED, "the VMM closed %s during the vsock handshake", uds_path);
-	if (ret < 0)
-		goto out;
-	ret = exec_client_handshake(&x, port, rbuf);
+	ret = exec_client_feed(&x, rbuf, extra);
 	if (ret < 0)
 		goto out;
 
 	/* If the agent rejects the request early it sends ERROR and closes: read that rather than EPIPE. */
-	ret = exec_client_send_all(&x, msg, msg_len);
+	ret = exec_conn_send(&x.conn, msg, msg_len);
 	if (ret == -EPIPE || ret == -ECONNRESET)
 		send_err = ret;
 	else if (ret < 0)
@@ -517,7 +581,7 @@ int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req
 	msg = NULL;
 
 	while (!x.done) {
-		n = exec_client_recv(&x, rbuf, EXEC_CLIENT_RBUF);
+		n = exec_conn_recv(&x.conn, rbuf, EXEC_CLIENT_RBUF);
 		if (n == 0 || n == -ECONNRESET || n == -EPIPE) {
 			ret = exec_client_fail(&x, -ECONNRESET, "the guest agent closed the connection before EXIT%s",
 					       send_err ? " (while the request was being sent)" : "");
@@ -536,14 +600,8 @@ int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req
 		snprintf(out->error, sizeof(out->error), "output truncated: each stream keeps its first %u MiB",
 			 EXEC_OUTPUT_CAP >> 20);
 out:
-	if (x.ring_ready) {
-		exec_client_cancel(&x);
-		if (x.in_flight)
-			rbuf = msg = NULL; /* the kernel may still use them: leak rather than free */
-		io_uring_queue_exit(&x.ring);
-	}
-	if (x.fd >= 0)
-		close(x.fd);
+	if (!exec_conn_close(&x.conn))
+		rbuf = msg = NULL; /* the kernel may still use them: leak rather than free */
 	free(rbuf);
 	free(msg);
 	if (ret < 0 && !out->error[0])

@@ -2,6 +2,8 @@
 #ifndef SMOLVM_EXEC_CLIENT_H
 #define SMOLVM_EXEC_CLIENT_H
 
+#include <liburing.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -14,6 +16,7 @@ struct exec_setup {
 	const uint8_t *entropy;  /* credited to the guest RNG; <= SMOLVM_SETUP_MAX_ENTROPY */
 	uint32_t entropy_len;
 	const char *hostname;    /* NULL = leave it; <= SMOLVM_SETUP_MAX_HOSTNAME bytes */
+	uint32_t flags;          /* SMOLVM_SETUP_* (proto.h), e.g. SMOLVM_SETUP_ROOT */
 };
 
 struct exec_request {
@@ -33,6 +36,7 @@ struct exec_output {
 	int exit_code; /* 128+N when killed by signal N; 124 on timeout */
 	int signal;
 	int timed_out;
+	int guest_err;   /* the errno of an ERROR frame (0: none, or the agent named none) */
 	char error[256]; /* NUL-terminated message on failure (or a truncation note on success) */
 };
 
@@ -50,7 +54,8 @@ struct exec_output {
  *   -ECONNREFUSED / -ENOENT  nothing listens at uds_path, or the guest
  *                 refused the port (agent not up yet): worth retrying
  *   -ECONNRESET   the peer closed before EXIT
- *   -EPROTO       a bad frame, or an ERROR frame from the agent
+ *   -EPROTO       a bad frame, or an ERROR frame from the agent (its message
+ *                 in error[], its errno in guest_err)
  *   -E2BIG        the request does not fit in one frame
  *   other -errno
  * On every return out->error holds a message when the return is nonzero,
@@ -62,5 +67,63 @@ int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req
 
 /* Free out->out and out->err and set them to NULL. Safe on a zeroed or already freed struct. */
 void exec_output_free(struct exec_output *out);
+
+/*
+ * One connection to the guest agent, shared with file_client.c: a Unix stream
+ * socket to the VMM driven by its own io_uring with at most one operation in
+ * flight, a host deadline and an interrupted() hook as exec_run() describes.
+ * Order: exec_conn_open(), then any number of exec_conn_send() /
+ * exec_conn_recv(), then exec_conn_close() (always, even after a failed open).
+ * Every function that fails writes a message to error[0..error_size) and
+ * returns -errno (-ETIMEDOUT, -EINTR, -ECONNREFUSED, -ENOENT, ...).
+ */
+struct exec_conn {
+	struct io_uring ring;
+	bool ring_ready;
+	bool in_flight;
+	int fd;
+	int64_t deadline_ms; /* CLOCK_MONOTONIC; -1 = none */
+	int64_t last_poll_ms;
+	int (*interrupted)(void *);
+	void *opaque;
+	char *error;
+	size_t error_size;
+};
+
+/*
+ * Connect to uds_path and do the "CONNECT port\n" / "OK <n>\n" handshake.
+ * buf (buf_size >= 64) receives the reply; bytes that followed the OK line
+ * are moved to buf[0..*extra) and belong to the first frame.
+ * -ECONNREFUSED / -ENOENT: nothing listens there, or the guest refused the port.
+ */
+int exec_conn_open(struct exec_conn *c, const char *uds_path, uint32_t port, int host_timeout_ms,
+		   int (*interrupted)(void *), void *opaque, char *error, size_t error_size, uint8_t *buf,
+		   size_t buf_size, size_t *extra);
+
+/* Send all len bytes. Returns 0 or -errno (-EPIPE / -ECONNRESET: the peer closed; no message set for those). */
+int exec_conn_send(struct exec_conn *c, const void *buf, size_t len);
+
+/* One receive of at most len bytes. Returns the count (0 = EOF) or -errno (message set only for -ETIMEDOUT / -EINTR). */
+int exec_conn_recv(struct exec_conn *c, void *buf, size_t len);
+
+/*
+ * Cancel what is in flight, tear down the ring and close the socket. Returns
+ * false when the kernel may still write into a buffer of the last operation:
+ * the caller must then leak that buffer rather than free it.
+ */
+bool exec_conn_close(struct exec_conn *c);
+
+/* Write a message to c->error and return err. */
+int exec_conn_fail(struct exec_conn *c, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Fill a frame header (little-endian) for a payload of len bytes. */
+void exec_frame_header(void *dst, uint16_t type, uint32_t len);
+
+/*
+ * An ERROR frame's payload (struct smolvm_error + message) into *err and
+ * msg (NUL-terminated, cut to msg_size). Returns 0, or -EPROTO when the
+ * payload is shorter than struct smolvm_error.
+ */
+int exec_parse_error(const uint8_t *payload, size_t len, int *err, char *msg, size_t msg_size);
 
 #endif

@@ -1,4 +1,4 @@
-/* smolvm._smolvm: the only file that speaks CPython; spawns VMM processes and runs commands through exec_client. */
+/* smolvm._smolvm: the only file that speaks CPython; spawns VMM processes, runs commands (exec_client) and moves files (file_client). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "exec_client.h"
+#include "file_client.h"
 #include "proto.h"
 
 extern char **environ;
@@ -465,16 +466,18 @@ cleanup:
 }
 
 PyDoc_STRVAR(setup_doc,
-"setup(uds_path, port, wall_ns, entropy, hostname, host_timeout_ms) -> None\n\n"
+"setup(uds_path, port, wall_ns, entropy, hostname, host_timeout_ms, flags=0) -> None\n\n"
 "Send the agent its per-sandbox identity: host wall clock (ns since the epoch,\n"
-"0 = leave), entropy bytes credited to the guest RNG, hostname. The GIL is\n"
-"released while waiting. Raises like exec().");
+"0 = leave), entropy bytes credited to the guest RNG, hostname; flags is a\n"
+"mask of SETUP_* (SETUP_ROOT: switch the guest to the overlay root of image\n"
+"and scratch disk). The GIL is released while waiting. Raises like exec().");
 
 static PyObject *module_setup(PyObject *module, PyObject *args)
 {
 	PyObject *uds = NULL, *result = NULL;
 	unsigned int port;
 	unsigned long long wall_ns;
+	unsigned int flags = 0;
 	Py_buffer entropy = { 0 };
 	const char *hostname;
 	int host_timeout_ms, rc;
@@ -484,8 +487,8 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 
 	memset(&out, 0, sizeof(out));
 	memset(&req, 0, sizeof(req));
-	if (!PyArg_ParseTuple(args, "O&IKy*si:setup", PyUnicode_FSConverter, &uds, &port, &wall_ns,
-			      &entropy, &hostname, &host_timeout_ms))
+	if (!PyArg_ParseTuple(args, "O&IKy*si|I:setup", PyUnicode_FSConverter, &uds, &port, &wall_ns,
+			      &entropy, &hostname, &host_timeout_ms, &flags))
 		return NULL;
 	if (entropy.len > SMOLVM_SETUP_MAX_ENTROPY || strlen(hostname) > SMOLVM_SETUP_MAX_HOSTNAME) {
 		PyErr_SetString(PyExc_ValueError, "setup: entropy or hostname too long");
@@ -495,6 +498,7 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 	su.entropy = entropy.buf;
 	su.entropy_len = (uint32_t)entropy.len;
 	su.hostname = hostname;
+	su.flags = flags;
 	req.setup = &su;
 	Py_BEGIN_ALLOW_THREADS
 	rc = exec_run(PyBytes_AS_STRING(uds), port, &req, host_timeout_ms, module_exec_interrupted, NULL,
@@ -509,6 +513,143 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 cleanup:
 	PyBuffer_Release(&entropy);
 	Py_XDECREF(uds);
+	return result;
+}
+
+/* ---- put_file / get_file --------------------------------------------- */
+
+/* Turn a failed file_put() / file_get() into the Python exception it means. */
+static void module_file_raise(PyObject *module, int rc, struct file_result *res, PyObject *guest_path,
+			      PyObject *local_path)
+{
+	module_state *st = module_get_state(module);
+	PyObject *exc = NULL;
+	int e = rc < 0 ? -rc : EIO;
+
+	res->error[sizeof(res->error) - 1] = '\0';
+	if (rc == -EINTR && PyErr_Occurred())
+		return; /* KeyboardInterrupt (or another handler's exception) is already set */
+	if (res->origin == FILE_ORIGIN_GUEST && res->guest_err == 0) {
+		PyErr_SetString(st->protocol_error, res->error);
+		return;
+	}
+	if (res->origin == FILE_ORIGIN_GUEST || res->origin == FILE_ORIGIN_LOCAL) {
+		/* OSError(errno, message, filename) picks the subclass: FileNotFoundError, IsADirectoryError, ... */
+		e = res->origin == FILE_ORIGIN_GUEST ? res->guest_err : e;
+		exc = PyObject_CallFunction(PyExc_OSError, "isO", e, res->error,
+					    res->origin == FILE_ORIGIN_GUEST ? guest_path : local_path);
+	} else if (rc == -EPROTO) {
+		PyErr_SetString(st->protocol_error, res->error[0] ? res->error : "protocol error from the guest agent");
+		return;
+	} else {
+		exc = PyObject_CallFunction(PyExc_OSError, "is", e, res->error[0] ? res->error : strerror(e));
+	}
+	if (exc != NULL) {
+		PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+		Py_DECREF(exc);
+	}
+}
+
+PyDoc_STRVAR(put_file_doc,
+"put_file(uds_path, port, local_path, guest_path, mode, timeout_ms) -> int\n\n"
+"Copy the regular file local_path to the absolute guest_path with the\n"
+"permission bits mode (& 0o7777), through the guest agent; returns the bytes\n"
+"sent. The agent writes a temporary file beside guest_path and renames it\n"
+"over it, so a failed upload leaves nothing. The GIL is released while the\n"
+"file moves; gives up after timeout_ms (negative: never). Raises OSError for\n"
+"the local file (filename = local_path), OSError from the guest's errno\n"
+"(FileNotFoundError for a missing folder, IsADirectoryError, ...; filename =\n"
+"guest_path), ProtocolError, or OSError for the connection as exec() does.");
+
+static PyObject *module_put_file(PyObject *module, PyObject *args)
+{
+	PyObject *uds = NULL, *local_obj, *guest_obj, *local = NULL, *guest = NULL, *result = NULL;
+	unsigned int port, mode;
+	int timeout_ms, fd = -1, rc, err = 0;
+	struct file_result res;
+
+	memset(&res, 0, sizeof(res));
+	if (!PyArg_ParseTuple(args, "O&IOOIi:put_file", PyUnicode_FSConverter, &uds, &port, &local_obj, &guest_obj,
+			      &mode, &timeout_ms))
+		return NULL;
+	if (!PyUnicode_FSConverter(local_obj, &local) || !module_conv_cstr(guest_obj, &guest))
+		goto cleanup;
+	Py_BEGIN_ALLOW_THREADS
+	fd = open(PyBytes_AS_STRING(local), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+	err = fd < 0 ? errno : 0;
+	Py_END_ALLOW_THREADS
+	if (fd < 0) {
+		errno = err;
+		PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, local_obj);
+		goto cleanup;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	rc = file_put(PyBytes_AS_STRING(uds), port, fd, PyBytes_AS_STRING(guest), mode, timeout_ms,
+		      module_exec_interrupted, NULL, &res);
+	close(fd);
+	Py_END_ALLOW_THREADS
+	if (rc == 0)
+		result = PyLong_FromUnsignedLongLong(res.size);
+	else
+		module_file_raise(module, rc, &res, guest_obj, local_obj);
+cleanup:
+	Py_XDECREF(uds);
+	Py_XDECREF(local);
+	Py_XDECREF(guest);
+	return result;
+}
+
+PyDoc_STRVAR(get_file_doc,
+"get_file(uds_path, port, guest_path, local_path, timeout_ms) -> (size, mode)\n\n"
+"Copy the regular guest file guest_path (absolute) to local_path (created or\n"
+"truncated, mode 0o600: pass a temporary path and rename it); returns its\n"
+"size and st_mode in the guest. On failure local_path is removed. The GIL is\n"
+"released while the file moves; gives up after timeout_ms (negative: never).\n"
+"Raises like put_file(): FileNotFoundError / IsADirectoryError with\n"
+"filename = guest_path for the guest's errors, OSError with filename =\n"
+"local_path for the local file's.");
+
+static PyObject *module_get_file(PyObject *module, PyObject *args)
+{
+	PyObject *uds = NULL, *local_obj, *guest_obj, *local = NULL, *guest = NULL, *result = NULL;
+	unsigned int port;
+	int timeout_ms, fd = -1, rc, err = 0;
+	struct file_result res;
+
+	memset(&res, 0, sizeof(res));
+	if (!PyArg_ParseTuple(args, "O&IOOi:get_file", PyUnicode_FSConverter, &uds, &port, &guest_obj, &local_obj,
+			      &timeout_ms))
+		return NULL;
+	if (!module_conv_cstr(guest_obj, &guest) || !PyUnicode_FSConverter(local_obj, &local))
+		goto cleanup;
+	Py_BEGIN_ALLOW_THREADS
+	fd = open(PyBytes_AS_STRING(local), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOCTTY, 0600);
+	err = fd < 0 ? errno : 0;
+	Py_END_ALLOW_THREADS
+	if (fd < 0) {
+		errno = err;
+		PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, local_obj);
+		goto cleanup;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	rc = file_get(PyBytes_AS_STRING(uds), port, PyBytes_AS_STRING(guest), fd, timeout_ms, module_exec_interrupted,
+		      NULL, &res);
+	if (close(fd) < 0 && rc == 0) {
+		rc = -errno;
+		res.origin = FILE_ORIGIN_LOCAL;
+		snprintf(res.error, sizeof(res.error), "close: %s", strerror(errno));
+	}
+	if (rc != 0)
+		unlink(PyBytes_AS_STRING(local));
+	Py_END_ALLOW_THREADS
+	if (rc == 0)
+		result = Py_BuildValue("(KI)", (unsigned long long)res.size, (unsigned int)res.mode);
+	else
+		module_file_raise(module, rc, &res, guest_obj, local_obj);
+cleanup:
+	Py_XDECREF(uds);
+	Py_XDECREF(local);
+	Py_XDECREF(guest);
 	return result;
 }
 
@@ -581,6 +722,8 @@ static PyMethodDef module_methods[] = {
 	{"wait_line", module_wait_line, METH_VARARGS, wait_line_doc},
 	{"exec", module_exec, METH_VARARGS, exec_doc},
 	{"setup", module_setup, METH_VARARGS, setup_doc},
+	{"put_file", module_put_file, METH_VARARGS, put_file_doc},
+	{"get_file", module_get_file, METH_VARARGS, get_file_doc},
 	{"kvm_info", module_kvm_info, METH_NOARGS, kvm_info_doc},
 	{NULL, NULL, 0, NULL},
 };
@@ -602,6 +745,8 @@ static int module_exec_slot(PyObject *module)
 	if (PyModule_AddIntConstant(module, "PROTO_MAGIC", SMOLVM_PROTO_MAGIC) < 0)
 		return -1;
 	if (PyModule_AddIntConstant(module, "MAX_PAYLOAD", SMOLVM_MAX_PAYLOAD) < 0)
+		return -1;
+	if (PyModule_AddIntConstant(module, "SETUP_ROOT", SMOLVM_SETUP_ROOT) < 0)
 		return -1;
 	return 0;
 }
@@ -633,7 +778,7 @@ static PyModuleDef_Slot module_slots[] = {
 static struct PyModuleDef module_def = {
 	PyModuleDef_HEAD_INIT,
 	.m_name = "smolvm._smolvm",
-	.m_doc = "smolvm's native core: VMM process spawning, ctl lines, guest exec, KVM probing.",
+	.m_doc = "smolvm's native core: VMM process spawning, ctl lines, guest exec and file transfer, KVM probing.",
 	.m_size = sizeof(module_state),
 	.m_methods = module_methods,
 	.m_slots = module_slots,

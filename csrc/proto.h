@@ -5,15 +5,16 @@
 #include <stdint.h>
 
 /*
- * Transport: one vsock stream connection per exec. The host reaches the guest
- * through the VMM's Unix socket by writing "CONNECT <port>\n" and reading
- * "OK <n>\n" (Firecracker's convention); after that the stream is the guest's.
+ * Transport: one vsock stream connection per request (EXEC, SETUP, PUT or
+ * GET). The host reaches the guest through the VMM's Unix socket by writing
+ * "CONNECT <port>\n" and reading "OK <n>\n" (Firecracker's convention);
+ * after that the stream is the guest's.
  *
  * Every message is a frame: a little-endian header followed by `len` payload
  * bytes, len <= SMOLVM_MAX_PAYLOAD. A peer that receives a bad magic, an
  * unknown type or an oversized length closes the connection.
  */
-#define SMOLVM_PROTO_MAGIC 0x31564d53u /* "SMV1": bump the digit on any change */
+#define SMOLVM_PROTO_MAGIC 0x32564d53u /* "SMV2": bump the digit on any change */
 #define SMOLVM_AGENT_PORT 52u           /* agent listens here (guest side) */
 #define SMOLVM_READY_PORT 53u           /* agent connects to host CID 2 here once listening */
 #define SMOLVM_MAX_PAYLOAD (1u << 20)
@@ -23,8 +24,12 @@ enum smolvm_frame_type {
 	SMOLVM_STDOUT = 2, /* guest -> host: raw bytes */
 	SMOLVM_STDERR = 3, /* guest -> host: raw bytes */
 	SMOLVM_EXIT = 4,   /* guest -> host: struct smolvm_exit; last frame */
-	SMOLVM_ERROR = 5,  /* guest -> host: UTF-8 message; last frame */
+	SMOLVM_ERROR = 5,  /* guest -> host: struct smolvm_error + UTF-8 message; last frame */
 	SMOLVM_SETUP = 6,  /* host -> guest: struct smolvm_setup + data; answered by EXIT or ERROR */
+	SMOLVM_PUT = 7,    /* host -> guest: struct smolvm_put + NUL-terminated absolute path; see "Files" */
+	SMOLVM_READY = 8,  /* guest -> host: PUT accepted (empty) / GET accepted (struct smolvm_file) */
+	SMOLVM_DATA = 9,   /* either way: raw file bytes */
+	SMOLVM_GET = 10,   /* host -> guest: NUL-terminated absolute path */
 };
 
 struct smolvm_frame {
@@ -53,10 +58,60 @@ struct smolvm_exec {
 #define SMOLVM_SETUP_MAX_ENTROPY 512u
 #define SMOLVM_SETUP_MAX_HOSTNAME 64u
 
+/*
+ * SMOLVM_SETUP_ROOT: make the root file system of later commands an overlay:
+ * lower = the read-only image (/dev/vda, mounted at boot when the kernel
+ * command line has smolvm.image=vda), upper = the ext4 scratch disk /dev/vdb
+ * (made by the host; it may show up with 0 sectors until the VMM's
+ * config-change interrupt after a restore gives its real size). The agent
+ * waits for the size (up to 60 s, then ERROR ETIMEDOUT), mounts, and chroots
+ * itself into the overlay; a failed step is an ERROR with its errno. Already
+ * done (a VM restored from a snapshot taken after it): nothing happens.
+ * Unknown flag bits: ERROR EINVAL.
+ */
+#define SMOLVM_SETUP_ROOT 1u
+
 struct smolvm_setup {
 	uint64_t wall_ns; /* CLOCK_REALTIME of the host, ns since the epoch */
 	uint32_t entropy_len;
 	uint32_t hostname_len;
+	uint32_t flags; /* SMOLVM_SETUP_* */
+	uint32_t reserved; /* 0 */
+} __attribute__((packed));
+
+/*
+ * Files. One connection per transfer; paths are absolute guest paths
+ * (NUL-terminated, at most 4096 bytes with the NUL; relative: ERROR EINVAL).
+ * PUT: host sends PUT; the agent creates a temporary file beside the path and
+ * answers READY, or ERROR (e.g. ENOENT: no such folder, EISDIR: the path is a
+ * folder). The host waits for READY before any DATA, then sends
+ * exactly `size` bytes in DATA frames (none for an empty file); the agent sets
+ * `mode`, renames the file into place and answers EXIT (exit_code 0), or
+ * ERROR (e.g. ENOSPC) once all `size` bytes have arrived. A failed or cut PUT
+ * leaves no file behind.
+ * An existing file at the path is replaced (rename); a connection closed
+ * before EXIT removes the temporary file.
+ * GET: host sends GET; the agent answers READY with struct smolvm_file, or
+ * ERROR (ENOENT, EISDIR, EINVAL: not a regular file, ...); then exactly
+ * `size` bytes in DATA frames, then EXIT (exit_code 0), or ERROR (e.g. EIO:
+ * the file shrank) after the DATA sent so far if it could not be read to the end.
+ * A frame that breaks these rules gets ERROR with err 0.
+ */
+struct smolvm_put {
+	uint64_t size;  /* bytes of DATA that follow READY */
+	uint32_t mode;  /* permission bits (07777) of the new file */
+	uint32_t flags; /* 0 */
+} __attribute__((packed));
+
+struct smolvm_file {
+	uint64_t size;
+	uint32_t mode; /* st_mode */
+	uint32_t reserved;
+} __attribute__((packed));
+
+/* ERROR payload: this struct, then a UTF-8 message (no NUL). */
+struct smolvm_error {
+	int32_t err; /* Linux errno value the message is about, or 0 (a protocol error: bad frame) */
 } __attribute__((packed));
 
 #define SMOLVM_EXIT_TIMED_OUT 1u

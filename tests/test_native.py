@@ -16,7 +16,7 @@ import pytest
 
 from smolvm._native import native
 
-MAGIC = 0x31564D53
+MAGIC = 0x32564D53  # "SMV2"
 HDR = struct.Struct("<IHHI")
 T_EXEC, T_STDOUT, T_STDERR, T_EXIT, T_ERROR = 1, 2, 3, 4, 5
 
@@ -285,7 +285,7 @@ def test_exec_large_output(nat: ModuleType, agent_factory) -> None:
 
 
 def test_exec_error_frame(nat: ModuleType, agent_factory) -> None:
-    agent = agent_factory(lambda conn, req: conn.sendall(frame(T_ERROR, b"cannot spawn: out of memory")))
+    agent = agent_factory(lambda conn, req: conn.sendall(frame(T_ERROR, struct.pack("<i", 0) + b"cannot spawn: out of memory")))
     with pytest.raises(nat.ProtocolError, match="out of memory"):
         call(nat, agent)
 

@@ -1,4 +1,4 @@
-/* Guest agent: PID 1 of the smolvm guest; runs the host's EXEC requests as `/bin/sh -c` and streams their output back. */
+/* Guest agent: PID 1 of the smolvm guest; runs the host's EXEC requests as `/bin/sh -c`, streams their output back, moves files (PUT/GET) and sets up the overlay root. */
 #define _GNU_SOURCE
 #include <endian.h>
 #include <errno.h>
@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
@@ -28,6 +29,10 @@
 
 #include "proto.h"
 
+#ifndef BLKGETSIZE64
+#define BLKGETSIZE64 _IOR(0x12, 114, size_t) /* <linux/fs.h>, which clashes with <sys/mount.h> */
+#endif
+
 /*
  * Memory is the expensive resource in the guest (every first-touched page is
  * an emulated fault), and so are system calls: buffers are allocated per use,
@@ -40,6 +45,25 @@
 #define AGENT_MAX_CONNS 256
 #define AGENT_MAX_ENV 4096
 #define AGENT_HDR ((uint32_t)sizeof(struct smolvm_frame))
+/*
+ * File transfers use buffers of AGENT_XFER_CHUNK bytes from a small pool, so
+ * that their pages are touched once, not per transfer. A GET reads the next
+ * chunk only when less than one is queued (at most two per connection); a
+ * PUT makes at most 3 * AGENT_PUT_BURST reads per wake-up (fairness).
+ */
+#define AGENT_XFER_CHUNK (256u << 10)
+#define AGENT_POOL_MAX 4
+#define AGENT_PUT_BURST 4
+#define AGENT_PATH_MAX 4096 /* PUT/GET path bytes, NUL included */
+
+/* SETUP with SMOLVM_SETUP_ROOT: where the disks are mounted (init mode). */
+#define AGENT_IMAGE_DEV "/dev/vda"
+#define AGENT_SCRATCH_DEV "/dev/vdb"
+#define AGENT_IMAGE_DIR "/run/smolvm/image"
+#define AGENT_SCRATCH_DIR "/run/smolvm/scratch"
+#define AGENT_ROOT_DIR "/run/smolvm/root"
+#define AGENT_ROOT_WAIT_MS 60000u /* how long /dev/vdb may stay at 0 bytes */
+#define AGENT_ROOT_POLL_MS 10u
 
 static const char *const agent_base_env[] = {
 	"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -63,14 +87,18 @@ struct agent_watch {
 struct agent_chunk {
 	struct agent_chunk *next;
 	uint32_t len, off;
+	bool pooled; /* AGENT_XFER_CHUNK of payload room: goes back to the pool when sent */
 	uint8_t data[];
 };
 
 enum agent_conn_state {
 	AGENT_C_HANDSHAKE, /* --unix only: waiting for "CONNECT <port>\n" */
-	AGENT_C_HEADER,    /* reading the EXEC frame header */
-	AGENT_C_PAYLOAD,   /* reading the EXEC payload */
+	AGENT_C_HEADER,    /* reading the request frame header (EXEC, SETUP, PUT, GET) */
+	AGENT_C_PAYLOAD,   /* reading the request payload */
 	AGENT_C_RUNNING,   /* the shell runs; output is streamed */
+	AGENT_C_ROOT_WAIT, /* SETUP ROOT: waiting for the scratch disk to get its size */
+	AGENT_C_PUT,       /* READY sent; DATA frames are written to the temporary file */
+	AGENT_C_GET,       /* READY sent; the file is streamed in DATA frames as the socket drains */
 	AGENT_C_CLOSING,   /* EXIT or ERROR queued; close once the queue is sent */
 };
 
@@ -91,6 +119,18 @@ struct agent_conn {
 	bool dead;    /* closed; freed after the current batch of events */
 	struct agent_chunk *qhead, *qtail;
 	size_t qbytes;
+	/* PUT / GET */
+	int xfd;              /* the file being written or read; -1 */
+	char *tmp_path;       /* PUT: the temporary file until it is renamed; NULL */
+	char *path;           /* PUT / GET: the path the host named */
+	uint64_t xsize;       /* bytes of DATA announced (PUT) or the file's size (GET) */
+	uint64_t xdone;       /* bytes received (PUT) or queued (GET) so far */
+	uint32_t xmode;       /* PUT: permission bits */
+	uint32_t xframe_left; /* PUT: payload bytes of the current DATA frame still to read; 0 = a header is next */
+	int xerr;             /* PUT: the first write error; DATA is then read and dropped */
+	struct agent_chunk *xbuf; /* PUT: receive buffer (pooled) */
+	/* SETUP ROOT */
+	uint64_t poll_at_ms;
 };
 
 struct agent {
@@ -99,7 +139,16 @@ struct agent {
 	struct agent_watch listen, sig, ready;
 	struct agent_conn *conns, *graveyard;
 	int nconns;
+	struct agent_conn *root_conn; /* the SETUP waiting for the scratch disk, or NULL */
 };
+
+/* What boot (init mode) left for SETUP ROOT. */
+static struct {
+	bool image_mounted;
+	bool root_done;
+	int image_err;         /* why the image is not mounted */
+	char image_error[200];
+} agent_boot;
 
 static bool agent_log_to_stderr = true;
 
@@ -171,6 +220,87 @@ static void agent_lo_up(void)
 	close(fd);
 }
 
+/* mkdir -p: every missing folder of path (absolute). Returns 0 or -errno. */
+static int agent_mkdir_p(const char *path, mode_t mode)
+{
+	char buf[PATH_MAX];
+	size_t len = strlen(path), i;
+
+	if (len == 0 || len >= sizeof(buf))
+		return -ENAMETOOLONG;
+	memcpy(buf, path, len + 1);
+	for (i = 1; i <= len; i++) {
+		if (buf[i] != '/' && buf[i] != 0)
+			continue;
+		buf[i] = 0;
+		if (mkdir(buf, mode) < 0 && errno != EEXIST)
+			return -errno;
+		buf[i] = i < len ? '/' : 0;
+	}
+	return 0;
+}
+
+/* Whether the kernel command line holds word (a whole space-separated word). */
+static bool agent_cmdline_has(const char *word)
+{
+	char buf[4096], *tok, *save = NULL;
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof(buf) - 1);
+
+	if (fd >= 0)
+		close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = 0;
+	for (tok = strtok_r(buf, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
+		if (strcmp(tok, word) == 0)
+			return true;
+	}
+	return false;
+}
+
+static void agent_image_failed(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void agent_image_failed(int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(agent_boot.image_error, sizeof(agent_boot.image_error), fmt, ap);
+	va_end(ap);
+	agent_boot.image_err = err;
+	agent_log("%s", agent_boot.image_error);
+}
+
+/* smolvm.image=vda: mount the read-only image that SETUP ROOT lays the overlay on. */
+static void agent_mount_image(void)
+{
+	int ret, tries;
+
+	if (!agent_cmdline_has("smolvm.image=vda")) {
+		agent_boot.image_err = ENODEV;
+		snprintf(agent_boot.image_error, sizeof(agent_boot.image_error),
+			 "the kernel command line has no smolvm.image=vda (the VM was started without an image)");
+		return;
+	}
+	ret = agent_mkdir_p(AGENT_IMAGE_DIR, 0755);
+	if (ret < 0) {
+		agent_image_failed(-ret, "mkdir -p %s: %s", AGENT_IMAGE_DIR, strerror(-ret));
+		return;
+	}
+	/* The disk is probed before init runs; give a late device node up to 2 s anyway. */
+	for (tries = 0;; tries++) {
+		if (mount(AGENT_IMAGE_DEV, AGENT_IMAGE_DIR, "ext4", MS_RDONLY, "noload") == 0)
+			break;
+		if ((errno != ENOENT && errno != ENXIO) || tries >= 200) {
+			agent_image_failed(errno, "mount %s (ext4, read-only) on %s: %s", AGENT_IMAGE_DEV, AGENT_IMAGE_DIR,
+					   strerror(errno));
+			return;
+		}
+		usleep(10000);
+	}
+	agent_boot.image_mounted = true;
+}
+
 static void agent_setup_system(void)
 {
 	const unsigned long nse = MS_NOSUID | MS_NODEV | MS_NOEXEC;
@@ -195,6 +325,8 @@ static void agent_setup_system(void)
 	if (sethostname("smolvm", 6) < 0)
 		agent_log("sethostname: %s", strerror(errno));
 	agent_lo_up();
+	if (getpid() == 1)
+		agent_mount_image();
 }
 
 /* ---- epoll helpers ---- */
@@ -229,17 +361,51 @@ static void agent_watch_close(struct agent *a, struct agent_watch *w)
 
 /* ---- per-connection output queue ---- */
 
+/* Free transfer chunks, kept so that their pages stay touched. */
+static struct agent_chunk *agent_pool[AGENT_POOL_MAX];
+static int agent_pool_n;
+
+static void agent_chunk_free(struct agent_chunk *ch)
+{
+	if (ch && ch->pooled && agent_pool_n < AGENT_POOL_MAX) {
+		agent_pool[agent_pool_n++] = ch;
+		return;
+	}
+	free(ch);
+}
+
+static void agent_chunk_header(struct agent_chunk *ch, uint16_t type, uint32_t len)
+{
+	struct smolvm_frame hdr = { htole32(SMOLVM_PROTO_MAGIC), htole16(type), 0, htole32(len) };
+
+	memcpy(ch->data, &hdr, AGENT_HDR);
+	ch->len = AGENT_HDR + len;
+}
+
 static struct agent_chunk *agent_chunk_frame(uint16_t type, uint32_t cap)
 {
 	struct agent_chunk *ch = malloc(sizeof(*ch) + AGENT_HDR + cap);
-	struct smolvm_frame hdr = { htole32(SMOLVM_PROTO_MAGIC), htole16(type), 0, htole32(cap) };
 
 	if (!ch)
 		return NULL;
 	ch->next = NULL;
 	ch->off = 0;
-	ch->len = AGENT_HDR + cap;
-	memcpy(ch->data, &hdr, AGENT_HDR);
+	ch->pooled = false;
+	agent_chunk_header(ch, type, cap);
+	return ch;
+}
+
+/* A chunk with AGENT_XFER_CHUNK bytes of payload room, from the pool when it has one. */
+static struct agent_chunk *agent_chunk_xfer(uint16_t type)
+{
+	struct agent_chunk *ch = agent_pool_n ? agent_pool[--agent_pool_n] : agent_chunk_frame(type, AGENT_XFER_CHUNK);
+
+	if (!ch)
+		return NULL;
+	ch->next = NULL;
+	ch->off = 0;
+	ch->pooled = true;
+	agent_chunk_header(ch, type, AGENT_XFER_CHUNK);
 	return ch;
 }
 
@@ -260,7 +426,8 @@ static int agent_conn_frame(struct agent_conn *c, uint16_t type, const void *dat
 
 	if (!ch)
 		return -ENOMEM;
-	memcpy(ch->data + AGENT_HDR, data, len);
+	if (len)
+		memcpy(ch->data + AGENT_HDR, data, len);
 	agent_conn_enqueue(c, ch);
 	return 0;
 }
@@ -301,13 +468,27 @@ static int agent_conn_flush(struct agent_conn *c)
 			c->qhead = ch->next;
 			if (!c->qhead)
 				c->qtail = NULL;
-			free(ch);
+			agent_chunk_free(ch);
 		}
 	}
 	return 0;
 }
 
 /* ---- connection lifetime ---- */
+
+/* End a transfer's file state: close the file and remove a temporary file not renamed into place. */
+static void agent_conn_xfer_drop(struct agent_conn *c)
+{
+	if (c->xfd >= 0)
+		close(c->xfd);
+	c->xfd = -1;
+	if (c->tmp_path && unlink(c->tmp_path) < 0)
+		agent_log("unlink %s: %s", c->tmp_path, strerror(errno));
+	free(c->tmp_path);
+	c->tmp_path = NULL;
+	agent_chunk_free(c->xbuf);
+	c->xbuf = NULL;
+}
 
 static void agent_conn_close(struct agent *a, struct agent_conn *c)
 {
@@ -316,6 +497,9 @@ static void agent_conn_close(struct agent *a, struct agent_conn *c)
 	if (c->pid > 0)
 		kill(-c->pid, SIGKILL); /* the host went away: stop the whole process group */
 	c->pid = 0;
+	agent_conn_xfer_drop(c); /* a cut PUT leaves no file behind */
+	if (a->root_conn == c)
+		a->root_conn = NULL;
 	agent_watch_close(a, &c->sock);
 	agent_watch_close(a, &c->out);
 	agent_watch_close(a, &c->err);
@@ -336,11 +520,15 @@ static void agent_conn_free(struct agent_conn *c)
 	while (c->qhead) {
 		struct agent_chunk *ch = c->qhead;
 		c->qhead = ch->next;
-		free(ch);
+		agent_chunk_free(ch);
 	}
+	agent_conn_xfer_drop(c);
+	free(c->path);
 	free(c->payload);
 	free(c);
 }
+
+static int agent_conn_get_fill(struct agent_conn *c);
 
 /* After any event: send what is queued, close when finished, and set the epoll masks to the state. */
 static void agent_conn_settle(struct agent *a, struct agent_conn *c)
@@ -350,13 +538,15 @@ static void agent_conn_settle(struct agent *a, struct agent_conn *c)
 
 	if (c->dead)
 		return;
-	finished = c->qhead && !c->blocked && agent_conn_flush(c) < 0;
+	/* GET: one more chunk when the socket took the last one (fair: one per wake-up) */
+	finished = c->state == AGENT_C_GET && !c->blocked && agent_conn_get_fill(c) < 0;
+	finished = finished || (c->qhead && !c->blocked && agent_conn_flush(c) < 0);
 	finished = finished || (c->state == AGENT_C_CLOSING && !c->qhead);
 	if (!finished) {
 		if (c->state != AGENT_C_CLOSING)
 			sock_ev |= EPOLLIN;
-		if (c->blocked)
-			sock_ev |= EPOLLOUT;
+		if (c->blocked || c->state == AGENT_C_GET)
+			sock_ev |= EPOLLOUT; /* GET: level-triggered EPOLLOUT drives the next read of the file */
 		/* back-pressure: a slow host pauses the command's pipes (it then blocks writing them) */
 		if (c->qbytes >= AGENT_QUEUE_HIGH)
 			c->paused = true;
@@ -371,20 +561,37 @@ static void agent_conn_settle(struct agent *a, struct agent_conn *c)
 		agent_conn_close(a, c);
 }
 
-/* Queue an ERROR frame with the message and close the connection once it is sent. */
-static int agent_conn_fail(struct agent_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int agent_conn_fail(struct agent_conn *c, const char *fmt, ...)
+/*
+ * Queue an ERROR frame (err: the errno the message is about, or 0 for a
+ * protocol error), end any transfer, and close the connection once it is sent.
+ */
+static int agent_conn_fail(struct agent_conn *c, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int agent_conn_fail(struct agent_conn *c, int err, const char *fmt, ...)
 {
-	char msg[256];
+	struct smolvm_error e = { (int32_t)htole32((uint32_t)err) };
+	uint8_t msg[sizeof(e) + 256];
 	va_list ap;
 
+	memcpy(msg, &e, sizeof(e));
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	vsnprintf((char *)msg + sizeof(e), sizeof(msg) - sizeof(e), fmt, ap);
 	va_end(ap);
 	free(c->payload);
 	c->payload = NULL;
+	agent_conn_xfer_drop(c);
 	c->state = AGENT_C_CLOSING;
-	return agent_conn_frame(c, SMOLVM_ERROR, msg, (uint32_t)strlen(msg));
+	return agent_conn_frame(c, SMOLVM_ERROR, msg, (uint32_t)(sizeof(e) + strlen((char *)msg + sizeof(e))));
+}
+
+/* Queue EXIT with exit code 0 (SETUP, PUT and GET done) and close once it is sent. */
+static int agent_conn_done(struct agent_conn *c)
+{
+	struct smolvm_exit ex = { 0, 0, 0 };
+
+	free(c->payload);
+	c->payload = NULL;
+	c->state = AGENT_C_CLOSING;
+	return agent_conn_frame(c, SMOLVM_EXIT, &ex, sizeof(ex));
 }
 
 /* ---- running the command ---- */
@@ -434,16 +641,16 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 	n_env = le32toh(ex.n_env);
 	cmd = agent_next_string(p, len, &off);
 	if (!cmd) {
-		ret = agent_conn_fail(c, "bad EXEC frame: the command string is not NUL-terminated inside the payload");
+		ret = agent_conn_fail(c, 0, "bad EXEC frame: the command string is not NUL-terminated inside the payload");
 		goto out;
 	}
 	cwd = agent_next_string(p, len, &off);
 	if (!cwd) {
-		ret = agent_conn_fail(c, "bad EXEC frame: the cwd string is missing or not NUL-terminated");
+		ret = agent_conn_fail(c, 0, "bad EXEC frame: the cwd string is missing or not NUL-terminated");
 		goto out;
 	}
 	if (n_env > AGENT_MAX_ENV) {
-		ret = agent_conn_fail(c, "bad EXEC frame: n_env=%u exceeds the limit of %u", n_env, AGENT_MAX_ENV);
+		ret = agent_conn_fail(c, 0, "bad EXEC frame: n_env=%u exceeds the limit of %u", n_env, AGENT_MAX_ENV);
 		goto out;
 	}
 	envp = calloc(AGENT_N_BASE_ENV + n_env + 1, sizeof(*envp));
@@ -458,13 +665,13 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 		uint32_t j;
 
 		if (!kv) {
-			ret = agent_conn_fail(c, "bad EXEC frame: n_env=%u but env entry %u is missing or not NUL-terminated",
+			ret = agent_conn_fail(c, 0, "bad EXEC frame: n_env=%u but env entry %u is missing or not NUL-terminated",
 					      n_env, i);
 			goto out;
 		}
 		eq = strchr(kv, '=');
 		if (!eq || eq == kv) {
-			ret = agent_conn_fail(c, "bad EXEC frame: env entry %u \"%.60s\" is not KEY=VALUE", i, kv);
+			ret = agent_conn_fail(c, 0, "bad EXEC frame: env entry %u \"%.60s\" is not KEY=VALUE", i, kv);
 			goto out;
 		}
 		for (j = 0; j < nvars; j++) {
@@ -476,24 +683,24 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 			nvars++;
 	}
 	if (off != len) {
-		ret = agent_conn_fail(c, "bad EXEC frame: %u bytes after the command, cwd and n_env=%u env entries",
+		ret = agent_conn_fail(c, 0, "bad EXEC frame: %u bytes after the command, cwd and n_env=%u env entries",
 				      len - off, n_env);
 		goto out;
 	}
 	if (!cwd[0])
 		cwd = "/";
 	if (stat(cwd, &st) < 0) {
-		ret = agent_conn_fail(c, "cwd %s: %s", cwd, strerror(errno));
+		ret = agent_conn_fail(c, errno, "cwd %s: %s", cwd, strerror(errno));
 		goto out;
 	}
 	if (!S_ISDIR(st.st_mode)) {
-		ret = agent_conn_fail(c, "cwd %s: %s", cwd, strerror(ENOTDIR));
+		ret = agent_conn_fail(c, ENOTDIR, "cwd %s: %s", cwd, strerror(ENOTDIR));
 		goto out;
 	}
 
 	if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0 || agent_set_nonblock(po[0]) < 0 ||
 	    agent_set_nonblock(pe[0]) < 0) {
-		ret = agent_conn_fail(c, "cannot make output pipes: %s", strerror(errno));
+		ret = agent_conn_fail(c, errno, "cannot make output pipes: %s", strerror(errno));
 		goto out;
 	}
 	ret = posix_spawn_file_actions_init(&fa);
@@ -534,7 +741,7 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 	}
 	if (ret) {
 		int err = ret;
-		ret = agent_conn_fail(c, "cannot run /bin/sh in %s: %s", cwd, strerror(err));
+		ret = agent_conn_fail(c, err, "cannot run /bin/sh in %s: %s", cwd, strerror(err));
 		goto out;
 	}
 	c->pid = pid;
@@ -669,72 +876,496 @@ static int agent_conn_handshake(struct agent_conn *c)
 	raw->next = NULL;
 	raw->off = 0;
 	raw->len = (uint32_t)n;
+	raw->pooled = false;
 	memcpy(raw->data, reply, (size_t)n);
 	agent_conn_enqueue(c, raw);
 	c->state = AGENT_C_HEADER;
 	return 0;
 }
 
+/* ---- SETUP ---- */
+
+/* Move the mount at from to to (mkdir'ing to first). Returns 0 or -errno. */
+static int agent_move_mount(const char *from, const char *to)
+{
+	if (mkdir(to, 0755) < 0 && errno != EEXIST)
+		return -errno;
+	return mount(from, to, NULL, MS_MOVE, NULL) < 0 ? -errno : 0;
+}
+
+/*
+ * The scratch disk has its size: mount it, lay the overlay over the image,
+ * move /dev, /proc and /sys into it, give it a fresh /run and make it the
+ * root of the agent (and so of every later command). On failure msg names the
+ * step, what was done is undone as far as it can be, and -errno is returned.
+ */
+static int agent_root_switch(char *msg, size_t cap)
+{
+	static const char *const moved[] = { "/dev", "/proc", "/sys" };
+	const char *step;
+	char dst[64];
+	int ret, n_moved = 0;
+	bool scratch = false, overlay = false, run = false;
+
+	ret = agent_mkdir_p(AGENT_SCRATCH_DIR, 0755);
+	step = "mkdir -p " AGENT_SCRATCH_DIR;
+	if (ret < 0)
+		goto fail;
+	step = "mount " AGENT_SCRATCH_DEV " (ext4) on " AGENT_SCRATCH_DIR;
+	/* noinit_itable: the host made the file system with lazy init; zeroing tables here would be slow */
+	if (mount(AGENT_SCRATCH_DEV, AGENT_SCRATCH_DIR, "ext4", MS_NOATIME, "noinit_itable") < 0)
+		goto fail_errno;
+	scratch = true;
+	step = "mkdir " AGENT_SCRATCH_DIR "/upper";
+	if (mkdir(AGENT_SCRATCH_DIR "/upper", 0755) < 0 && errno != EEXIST)
+		goto fail_errno;
+	step = "mkdir " AGENT_SCRATCH_DIR "/work";
+	if (mkdir(AGENT_SCRATCH_DIR "/work", 0755) < 0 && errno != EEXIST)
+		goto fail_errno;
+	ret = agent_mkdir_p(AGENT_ROOT_DIR, 0755);
+	step = "mkdir -p " AGENT_ROOT_DIR;
+	if (ret < 0)
+		goto fail;
+	step = "mount overlay on " AGENT_ROOT_DIR;
+	if (mount("overlay", AGENT_ROOT_DIR, "overlay", 0,
+		  "lowerdir=" AGENT_IMAGE_DIR ",upperdir=" AGENT_SCRATCH_DIR "/upper,workdir=" AGENT_SCRATCH_DIR "/work") < 0)
+		goto fail_errno;
+	overlay = true;
+	for (; n_moved < 3; n_moved++) {
+		snprintf(dst, sizeof(dst), "%s%s", AGENT_ROOT_DIR, moved[n_moved]);
+		ret = agent_move_mount(moved[n_moved], dst);
+		step = moved[n_moved];
+		if (ret < 0) {
+			snprintf(msg, cap, "move %s into the new root: %s", moved[n_moved], strerror(-ret));
+			goto undo;
+		}
+	}
+	step = "mount tmpfs on " AGENT_ROOT_DIR "/run";
+	if ((mkdir(AGENT_ROOT_DIR "/run", 0755) < 0 && errno != EEXIST) ||
+	    mount("tmpfs", AGENT_ROOT_DIR "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
+		goto fail_errno;
+	run = true;
+	/* switch_root: the new root's mount goes over / (not pivot_root: the initramfs cannot be unmounted) */
+	step = "chdir " AGENT_ROOT_DIR;
+	if (chdir(AGENT_ROOT_DIR) < 0)
+		goto fail_errno;
+	step = "move " AGENT_ROOT_DIR " to /";
+	if (mount(".", "/", NULL, MS_MOVE, NULL) < 0) {
+		ret = -errno;
+		if (chdir("/") < 0)
+			agent_log("chdir /: %s", strerror(errno));
+		goto fail;
+	}
+	/* from here there is no way back: the overlay is mounted over / */
+	if (chroot(".") < 0 || chdir("/") < 0) {
+		ret = -errno;
+		snprintf(msg, cap, "chroot into the new root: %s", strerror(-ret));
+		return ret;
+	}
+	return 0;
+
+fail_errno:
+	ret = -errno;
+fail:
+	snprintf(msg, cap, "%s: %s", step, strerror(-ret));
+undo:
+	if (run && umount2(AGENT_ROOT_DIR "/run", MNT_DETACH) < 0)
+		agent_log("undo: umount %s/run: %s", AGENT_ROOT_DIR, strerror(errno));
+	while (n_moved-- > 0) {
+		snprintf(dst, sizeof(dst), "%s%s", AGENT_ROOT_DIR, moved[n_moved]);
+		if (mount(dst, moved[n_moved], NULL, MS_MOVE, NULL) < 0)
+			agent_log("undo: move %s back: %s", moved[n_moved], strerror(errno));
+	}
+	if (overlay && umount2(AGENT_ROOT_DIR, MNT_DETACH) < 0)
+		agent_log("undo: umount %s: %s", AGENT_ROOT_DIR, strerror(errno));
+	if (scratch && umount2(AGENT_SCRATCH_DIR, MNT_DETACH) < 0)
+		agent_log("undo: umount %s: %s", AGENT_SCRATCH_DIR, strerror(errno));
+	return ret;
+}
+
+/*
+ * SETUP ROOT, waiting for the scratch disk: after a restore it is a 0-byte
+ * placeholder until the VMM's config-change interrupt and the kernel's
+ * workqueue give it its size. Called at once and then every
+ * AGENT_ROOT_POLL_MS from agent_timeouts(). Returns 0 (EXIT or ERROR queued,
+ * or still waiting) or -ENOMEM.
+ */
+static int agent_conn_root_poll(struct agent *a, struct agent_conn *c)
+{
+	uint64_t size = 0, now;
+	char msg[200];
+	int fd, err = 0, ret;
+
+	fd = open(AGENT_SCRATCH_DEV, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || ioctl(fd, BLKGETSIZE64, &size) < 0)
+		err = errno;
+	if (fd >= 0)
+		close(fd);
+	if (size == 0) {
+		now = agent_now_ms();
+		if (now < c->deadline_ms) {
+			c->poll_at_ms = now + AGENT_ROOT_POLL_MS;
+			return 0;
+		}
+		a->root_conn = NULL;
+		return agent_conn_fail(c, err ? err : ETIMEDOUT, "SETUP root: the scratch disk %s %s after %u s",
+				       AGENT_SCRATCH_DEV, err ? strerror(err) : "still has 0 bytes",
+				       AGENT_ROOT_WAIT_MS / 1000);
+	}
+	a->root_conn = NULL;
+	ret = agent_root_switch(msg, sizeof(msg));
+	if (ret < 0)
+		return agent_conn_fail(c, -ret, "SETUP root: %s", msg);
+	agent_boot.root_done = true;
+	agent_log("root: overlay of %s and %s (%llu MiB)", AGENT_IMAGE_DEV, AGENT_SCRATCH_DEV,
+		  (unsigned long long)(size >> 20));
+	return agent_conn_done(c);
+}
+
+/* Apply entropy, clock and hostname (init mode only). */
+static void agent_setup_identity(const uint8_t *entropy, uint32_t elen, const uint8_t *host, uint32_t hlen,
+				 uint64_t wall)
+{
+	if (elen) {
+		struct {
+			int entropy_count, buf_size;
+			uint8_t buf[SMOLVM_SETUP_MAX_ENTROPY];
+		} pool;
+		int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+
+		pool.entropy_count = (int)elen * 8;
+		pool.buf_size = (int)elen;
+		memcpy(pool.buf, entropy, elen);
+		if (fd < 0 || ioctl(fd, RNDADDENTROPY, &pool) < 0)
+			agent_log("RNDADDENTROPY: %s", strerror(errno));
+		/* Credited entropy alone waits for the next periodic reseed: force one now. */
+		else if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA)
+			agent_log("RNDRESEEDCRNG: %s", strerror(errno));
+		if (fd >= 0)
+			close(fd);
+	}
+	if (wall) {
+		struct timespec ts = { (time_t)(wall / 1000000000u), (long)(wall % 1000000000u) };
+
+		if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+			agent_log("clock_settime: %s", strerror(errno));
+	}
+	if (hlen && sethostname((const char *)host, hlen) < 0)
+		agent_log("sethostname: %s", strerror(errno));
+}
+
 /*
  * SETUP: fresh entropy (credited), the host's wall clock and the hostname, so
- * that sandboxes restored from one snapshot differ. In --unix test mode the
- * frame is checked but nothing is applied (that would change the host).
+ * that sandboxes restored from one snapshot differ; with SMOLVM_SETUP_ROOT
+ * also the overlay root. In --unix test mode the frame is checked but nothing
+ * is applied (that would change the host).
  */
-static int agent_conn_setup(struct agent_conn *c)
+static int agent_conn_setup(struct agent *a, struct agent_conn *c)
 {
 	uint32_t len = le32toh(c->hdr.len);
 	struct smolvm_setup su;
-	struct smolvm_exit ex = { 0, 0, 0 };
 	const uint8_t *entropy, *host;
-	uint32_t elen, hlen;
+	uint32_t elen, hlen, flags;
 
 	if (len < sizeof(su))
-		return agent_conn_fail(c, "bad SETUP frame: %u bytes, shorter than its header", len);
+		return agent_conn_fail(c, 0, "bad SETUP frame: %u bytes, shorter than its header", len);
 	memcpy(&su, c->payload, sizeof(su));
 	elen = le32toh(su.entropy_len);
 	hlen = le32toh(su.hostname_len);
+	flags = le32toh(su.flags);
 	if (elen > SMOLVM_SETUP_MAX_ENTROPY || hlen > SMOLVM_SETUP_MAX_HOSTNAME ||
 	    (uint64_t)sizeof(su) + elen + hlen != len)
-		return agent_conn_fail(c, "bad SETUP frame: entropy %u, hostname %u, payload %u bytes", elen, hlen,
+		return agent_conn_fail(c, 0, "bad SETUP frame: entropy %u, hostname %u, payload %u bytes", elen, hlen,
 				       len);
+	if (flags & ~SMOLVM_SETUP_ROOT)
+		return agent_conn_fail(c, EINVAL, "bad SETUP frame: unknown flags 0x%x", flags & ~SMOLVM_SETUP_ROOT);
 	entropy = c->payload + sizeof(su);
 	host = entropy + elen;
-	if (getpid() == 1) {
-		uint64_t wall = le64toh(su.wall_ns);
-
-		if (elen) {
-			struct {
-				int entropy_count, buf_size;
-				uint8_t buf[SMOLVM_SETUP_MAX_ENTROPY];
-			} pool;
-			int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-
-			pool.entropy_count = (int)elen * 8;
-			pool.buf_size = (int)elen;
-			memcpy(pool.buf, entropy, elen);
-			if (fd < 0 || ioctl(fd, RNDADDENTROPY, &pool) < 0)
-				agent_log("RNDADDENTROPY: %s", strerror(errno));
-			/* Credited entropy alone waits for the next periodic reseed: force one now. */
-			else if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA)
-				agent_log("RNDRESEEDCRNG: %s", strerror(errno));
-			if (fd >= 0)
-				close(fd);
-		}
-		if (wall) {
-			struct timespec ts = { (time_t)(wall / 1000000000u), (long)(wall % 1000000000u) };
-
-			if (clock_settime(CLOCK_REALTIME, &ts) < 0)
-				agent_log("clock_settime: %s", strerror(errno));
-		}
-		if (hlen && sethostname((const char *)host, hlen) < 0)
-			agent_log("sethostname: %s", strerror(errno));
-	}
-	c->state = AGENT_C_CLOSING;
-	return agent_conn_frame(c, SMOLVM_EXIT, &ex, sizeof(ex));
+	if (getpid() != 1)
+		return agent_conn_done(c);
+	agent_setup_identity(entropy, elen, host, hlen, le64toh(su.wall_ns));
+	if (!(flags & SMOLVM_SETUP_ROOT) || agent_boot.root_done)
+		return agent_conn_done(c);
+	if (!agent_boot.image_mounted)
+		return agent_conn_fail(c, agent_boot.image_err ? agent_boot.image_err : ENODEV,
+				       "SETUP root: the image is not mounted: %s",
+				       agent_boot.image_error[0] ? agent_boot.image_error : "unknown reason");
+	if (a->root_conn)
+		return agent_conn_fail(c, EBUSY, "SETUP root: another SETUP is setting up the root");
+	free(c->payload);
+	c->payload = NULL;
+	a->root_conn = c;
+	c->state = AGENT_C_ROOT_WAIT;
+	c->deadline_ms = agent_now_ms() + AGENT_ROOT_WAIT_MS;
+	return agent_conn_root_poll(a, c);
 }
 
-/* Read the EXEC frame; start the command when it is complete. */
-static int agent_conn_read_exec(struct agent *a, struct agent_conn *c)
+/* ---- PUT / GET ---- */
+
+/* The NUL-terminated absolute path at p[0..len) of a PUT or GET frame; NULL with ERROR queued (*ret set). */
+static const char *agent_conn_path(struct agent_conn *c, const char *what, const uint8_t *p, uint32_t len, int *ret)
+{
+	const char *path = (const char *)p;
+
+	*ret = 0;
+	if (len == 0 || p[len - 1] != 0 || strlen(path) != len - 1) {
+		*ret = agent_conn_fail(c, 0, "bad %s frame: the path is not one NUL-terminated string", what);
+		return NULL;
+	}
+	if (len > AGENT_PATH_MAX) {
+		*ret = agent_conn_fail(c, ENAMETOOLONG, "%s: the path is longer than %u bytes", what, AGENT_PATH_MAX - 1);
+		return NULL;
+	}
+	if (path[0] != '/') {
+		*ret = agent_conn_fail(c, EINVAL, "%s %s: the path must be absolute", what, path);
+		return NULL;
+	}
+	return path;
+}
+
+/* All DATA arrived: fail with the write error, or set the mode and rename the file into place. */
+static int agent_conn_put_finish(struct agent_conn *c)
+{
+	int err = c->xerr;
+	const char *step = "write";
+
+	if (!err && fchmod(c->xfd, c->xmode & 07777) < 0) {
+		err = errno;
+		step = "chmod";
+	}
+	if (!err) {
+		int fd = c->xfd;
+
+		c->xfd = -1;
+		if (close(fd) < 0) {
+			err = errno;
+			step = "close";
+		} else if (rename(c->tmp_path, c->path) < 0) {
+			err = errno;
+			step = "rename";
+		}
+	}
+	if (err)
+		return agent_conn_fail(c, err, "PUT %s: %s: %s", c->path, step, strerror(err));
+	free(c->tmp_path); /* renamed: nothing to remove any more */
+	c->tmp_path = NULL;
+	agent_conn_xfer_drop(c);
+	return agent_conn_done(c);
+}
+
+/* PUT: validate, create the temporary file beside the path, answer READY. */
+static int agent_conn_put_start(struct agent_conn *c)
+{
+	uint32_t len = le32toh(c->hdr.len);
+	struct smolvm_put put;
+	const char *path, *base;
+	struct stat st;
+	int ret, fd, dir_len;
+
+	if (len < sizeof(put) + 2)
+		return agent_conn_fail(c, 0, "bad PUT frame: payload of %u bytes has no room for a path", len);
+	memcpy(&put, c->payload, sizeof(put));
+	path = agent_conn_path(c, "PUT", c->payload + sizeof(put), len - (uint32_t)sizeof(put), &ret);
+	if (!path)
+		return ret;
+	if (le32toh(put.flags))
+		return agent_conn_fail(c, EINVAL, "bad PUT frame: flags 0x%x", le32toh(put.flags));
+	base = strrchr(path, '/') + 1;
+	if (!*base || (stat(path, &st) == 0 && S_ISDIR(st.st_mode)))
+		return agent_conn_fail(c, EISDIR, "PUT %s: %s", path, strerror(EISDIR));
+	c->path = strdup(path);
+	dir_len = (int)(base - 1 - path);
+	/* ".NAME.smolvm-XXXXXX" beside the path; NAME cut so that the name stays under NAME_MAX */
+	if (!c->path || asprintf(&c->tmp_path, "%.*s/.%.200s.smolvm-XXXXXX", dir_len, path, base) < 0) {
+		c->tmp_path = NULL;
+		return -ENOMEM;
+	}
+	fd = mkostemp(c->tmp_path, O_CLOEXEC);
+	if (fd < 0) {
+		int err = errno;
+
+		free(c->tmp_path);
+		c->tmp_path = NULL;
+		return agent_conn_fail(c, err, "PUT %s: cannot create a file in %.*s: %s", path, dir_len ? dir_len : 1,
+				       dir_len ? path : "/", strerror(err));
+	}
+	c->xfd = fd;
+	c->xsize = le64toh(put.size);
+	c->xmode = le32toh(put.mode);
+	c->xdone = 0;
+	c->xframe_left = 0;
+	c->got = 0;
+	free(c->payload);
+	c->payload = NULL;
+	ret = agent_conn_frame(c, SMOLVM_READY, NULL, 0);
+	if (ret < 0)
+		return ret;
+	c->state = AGENT_C_PUT;
+	if (c->xsize == 0)
+		return agent_conn_put_finish(c);
+	c->xbuf = agent_chunk_xfer(SMOLVM_DATA);
+	return c->xbuf ? 0 : -ENOMEM;
+}
+
+/* Write buf to the PUT's file unless a write already failed; a failure is remembered for the end. */
+static void agent_conn_put_write(struct agent_conn *c, const uint8_t *buf, size_t len)
+{
+	while (len && !c->xerr) {
+		ssize_t n = write(c->xfd, buf, len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			c->xerr = n < 0 ? errno : EIO;
+			break;
+		}
+		buf += n;
+		len -= (size_t)n;
+	}
+}
+
+/* PUT: read DATA frames (a bounded number of reads per wake-up) into the file. */
+static int agent_conn_read_put(struct agent_conn *c)
+{
+	uint8_t *buf = c->xbuf->data + AGENT_HDR;
+	int burst = 3 * AGENT_PUT_BURST; /* reads, headers included */
+	ssize_t n;
+
+	while (c->state == AGENT_C_PUT && burst > 0) {
+		if (!c->xframe_left) {
+			n = read(c->sock.fd, (uint8_t *)&c->hdr + c->got, AGENT_HDR - c->got);
+		} else {
+			n = read(c->sock.fd, buf, c->xframe_left < AGENT_XFER_CHUNK ? c->xframe_left : AGENT_XFER_CHUNK);
+		}
+		burst--;
+		if (n == 0)
+			return -ECONNRESET; /* the host gave up: agent_conn_close removes the temporary file */
+		if (n < 0)
+			return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+		if (c->xframe_left) {
+			c->xframe_left -= (uint32_t)n;
+			c->xdone += (uint64_t)n;
+			agent_conn_put_write(c, buf, (size_t)n);
+		} else {
+			uint32_t magic, type, len;
+
+			c->got += (uint32_t)n;
+			if (c->got < AGENT_HDR)
+				continue;
+			c->got = 0;
+			magic = le32toh(c->hdr.magic);
+			type = le16toh(c->hdr.type);
+			len = le32toh(c->hdr.len);
+			if (magic != SMOLVM_PROTO_MAGIC || type != SMOLVM_DATA || len > SMOLVM_MAX_PAYLOAD)
+				return agent_conn_fail(c, 0, "bad frame during PUT %s: magic 0x%08x type %u length %u", c->path,
+						       magic, type, len);
+			if (len > c->xsize - c->xdone)
+				return agent_conn_fail(c, 0, "bad DATA frame during PUT %s: %u bytes, only %llu announced",
+						       c->path, len, (unsigned long long)(c->xsize - c->xdone));
+			c->xframe_left = len;
+		}
+		if (c->xdone == c->xsize && !c->xframe_left)
+			return agent_conn_put_finish(c);
+	}
+	return 0;
+}
+
+/* GET: open the file, answer READY with its size and mode (then settle streams it). */
+static int agent_conn_get_start(struct agent_conn *c)
+{
+	struct smolvm_file info;
+	const char *path;
+	struct stat st;
+	int ret, err;
+
+	path = agent_conn_path(c, "GET", c->payload, le32toh(c->hdr.len), &ret);
+	if (!path)
+		return ret;
+	/* O_NONBLOCK: a FIFO must not hang the agent in open(); regular files ignore it */
+	c->xfd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (c->xfd < 0 || fstat(c->xfd, &st) < 0) {
+		err = errno;
+		return agent_conn_fail(c, err, "GET %s: %s", path, strerror(err));
+	}
+	if (!S_ISREG(st.st_mode)) {
+		err = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+		return agent_conn_fail(c, err, "GET %s: %s", path, S_ISDIR(st.st_mode) ? strerror(err) : "not a regular file");
+	}
+	c->path = strdup(path);
+	if (!c->path)
+		return -ENOMEM;
+	free(c->payload);
+	c->payload = NULL;
+	c->xsize = (uint64_t)st.st_size;
+	c->xdone = 0;
+	info.size = htole64(c->xsize);
+	info.mode = htole32((uint32_t)st.st_mode);
+	info.reserved = 0;
+	c->state = AGENT_C_GET;
+	return agent_conn_frame(c, SMOLVM_READY, &info, sizeof(info));
+}
+
+/*
+ * GET: when less than one chunk is queued, read the next one from the file
+ * (bounded memory; EPOLLOUT brings us back); after the last, queue EXIT.
+ * Returns 0 (a file error becomes ERROR) or -ENOMEM.
+ */
+static int agent_conn_get_fill(struct agent_conn *c)
+{
+	struct agent_chunk *ch;
+	uint64_t left = c->xsize - c->xdone;
+	ssize_t n;
+
+	if (c->qbytes >= AGENT_XFER_CHUNK)
+		return 0;
+	if (left == 0) {
+		agent_conn_xfer_drop(c);
+		return agent_conn_done(c);
+	}
+	ch = agent_chunk_xfer(SMOLVM_DATA);
+	if (!ch)
+		return -ENOMEM;
+	do
+		n = read(c->xfd, ch->data + AGENT_HDR, left < AGENT_XFER_CHUNK ? (size_t)left : AGENT_XFER_CHUNK);
+	while (n < 0 && errno == EINTR);
+	if (n <= 0) {
+		int err = n < 0 ? errno : EIO;
+
+		agent_chunk_free(ch);
+		if (n == 0)
+			return agent_conn_fail(c, EIO, "GET %s: the file shrank to %llu bytes while it was read (%llu announced)",
+					       c->path, (unsigned long long)c->xdone, (unsigned long long)c->xsize);
+		return agent_conn_fail(c, err, "GET %s: read: %s", c->path, strerror(err));
+	}
+	agent_chunk_header(ch, SMOLVM_DATA, (uint32_t)n);
+	agent_conn_enqueue(c, ch);
+	c->xdone += (uint64_t)n;
+	if (c->xdone == c->xsize) {
+		agent_conn_xfer_drop(c);
+		return agent_conn_done(c);
+	}
+	return 0;
+}
+
+/* ---- reading the request ---- */
+
+/* The request frame is complete: dispatch on its type. */
+static int agent_conn_request(struct agent *a, struct agent_conn *c)
+{
+	switch (le16toh(c->hdr.type)) {
+	case SMOLVM_SETUP:
+		return agent_conn_setup(a, c);
+	case SMOLVM_PUT:
+		return agent_conn_put_start(c);
+	case SMOLVM_GET:
+		return agent_conn_get_start(c);
+	default:
+		return agent_conn_start(a, c);
+	}
+}
+
+/* Read the request frame (EXEC, SETUP, PUT or GET); act on it when it is complete. */
+static int agent_conn_read_request(struct agent *a, struct agent_conn *c)
 {
 	ssize_t n;
 
@@ -752,32 +1383,33 @@ static int agent_conn_read_exec(struct agent *a, struct agent_conn *c)
 			uint32_t magic = le32toh(c->hdr.magic), type = le16toh(c->hdr.type), len = le32toh(c->hdr.len);
 
 			if (magic != SMOLVM_PROTO_MAGIC)
-				return agent_conn_fail(c, "bad frame: magic 0x%08x, want 0x%08x (protocol SMV1)", magic,
-						       SMOLVM_PROTO_MAGIC);
-			if (type != SMOLVM_EXEC && type != SMOLVM_SETUP)
-				return agent_conn_fail(c, "bad frame: type %u, want EXEC (%u) or SETUP (%u)", type,
-						       SMOLVM_EXEC, SMOLVM_SETUP);
+				return agent_conn_fail(c, 0, "bad frame: magic 0x%08x, want 0x%08x (protocol %.4s)", magic,
+						       SMOLVM_PROTO_MAGIC, (const char *)&(uint32_t){ htole32(SMOLVM_PROTO_MAGIC) });
+			if (type != SMOLVM_EXEC && type != SMOLVM_SETUP && type != SMOLVM_PUT && type != SMOLVM_GET)
+				return agent_conn_fail(c, 0, "bad frame: type %u, want EXEC (%u), SETUP (%u), PUT (%u) or GET (%u)",
+						       type, SMOLVM_EXEC, SMOLVM_SETUP, SMOLVM_PUT, SMOLVM_GET);
 			if (len > SMOLVM_MAX_PAYLOAD)
-				return agent_conn_fail(c, "bad EXEC frame: payload of %u bytes is over the limit of %u", len,
+				return agent_conn_fail(c, 0, "bad request frame: payload of %u bytes is over the limit of %u", len,
 						       SMOLVM_MAX_PAYLOAD);
 			if (type == SMOLVM_EXEC && len < sizeof(struct smolvm_exec))
-				return agent_conn_fail(c, "bad EXEC frame: payload of %u bytes is shorter than its %zu-byte header",
+				return agent_conn_fail(c, 0, "bad EXEC frame: payload of %u bytes is shorter than its %zu-byte header",
 						       len, sizeof(struct smolvm_exec));
-			c->payload = malloc(len);
+			if ((type == SMOLVM_PUT || type == SMOLVM_GET) && len > sizeof(struct smolvm_put) + AGENT_PATH_MAX)
+				return agent_conn_fail(c, ENAMETOOLONG, "bad %s frame: payload of %u bytes, the path is too long",
+						       type == SMOLVM_PUT ? "PUT" : "GET", len);
+			c->payload = malloc(len ? len : 1);
 			if (!c->payload)
-				return agent_conn_fail(c, "out of memory for an EXEC payload of %u bytes", len);
+				return agent_conn_fail(c, ENOMEM, "out of memory for a request payload of %u bytes", len);
 			c->got = 0;
 			c->state = AGENT_C_PAYLOAD;
-		} else if (c->state == AGENT_C_PAYLOAD && c->got == le32toh(c->hdr.len)) {
-			if (le16toh(c->hdr.type) == SMOLVM_SETUP)
-				return agent_conn_setup(c);
-			return agent_conn_start(a, c);
 		}
+		if (c->state == AGENT_C_PAYLOAD && c->got == le32toh(c->hdr.len))
+			return agent_conn_request(a, c);
 	}
 	return 0;
 }
 
-/* While the command runs the host sends nothing; EOF or an error means it gave up. */
+/* While the command runs (or a GET streams, or SETUP waits) the host sends nothing; EOF or an error means it gave up. */
 static int agent_conn_read_running(struct agent_conn *c)
 {
 	char buf[256];
@@ -807,8 +1439,12 @@ static int agent_conn_sock_event(struct agent *a, struct agent_conn *c, uint32_t
 		return agent_conn_handshake(c);
 	case AGENT_C_HEADER:
 	case AGENT_C_PAYLOAD:
-		return agent_conn_read_exec(a, c);
+		return agent_conn_read_request(a, c);
+	case AGENT_C_PUT:
+		return agent_conn_read_put(c);
 	case AGENT_C_RUNNING:
+	case AGENT_C_ROOT_WAIT:
+	case AGENT_C_GET:
 		return agent_conn_read_running(c);
 	case AGENT_C_CLOSING:
 		break;
@@ -841,6 +1477,7 @@ static void agent_accept(struct agent *a)
 	c->sock = (struct agent_watch){ AGENT_W_SOCK, fd, 0, c };
 	c->out = (struct agent_watch){ AGENT_W_STDOUT, -1, 0, c };
 	c->err = (struct agent_watch){ AGENT_W_STDERR, -1, 0, c };
+	c->xfd = -1;
 	c->state = a->unix_mode ? AGENT_C_HANDSHAKE : AGENT_C_HEADER;
 	c->next = a->conns;
 	a->conns = c;
@@ -871,12 +1508,24 @@ static void agent_reap(struct agent *a)
 	}
 }
 
-/* Kill the process groups whose deadline passed; return the epoll_wait timeout to the next one. */
+/*
+ * Kill the process groups whose deadline passed and poll the scratch disk
+ * for a waiting SETUP; return the epoll_wait timeout to the next of these.
+ */
 static int agent_timeouts(struct agent *a)
 {
 	uint64_t now = agent_now_ms(), next = UINT64_MAX;
-	struct agent_conn *c;
+	struct agent_conn *c = a->root_conn;
 
+	if (c && now >= c->poll_at_ms) {
+		if (agent_conn_root_poll(a, c) < 0)
+			agent_conn_close(a, c);
+		else
+			agent_conn_settle(a, c);
+		now = agent_now_ms();
+	}
+	if (a->root_conn)
+		next = a->root_conn->poll_at_ms;
 	for (c = a->conns; c; c = c->next) {
 		if (c->pid <= 0 || !c->deadline_ms || c->timed_out)
 			continue;
@@ -889,6 +1538,8 @@ static int agent_timeouts(struct agent *a)
 	}
 	if (next == UINT64_MAX)
 		return -1;
+	if (next <= now)
+		return 0;
 	return next - now > INT32_MAX ? INT32_MAX : (int)(next - now);
 }
 

@@ -138,6 +138,19 @@ static bool test_raw_read(int fd, struct smolvm_frame *h, uint8_t **payload)
 	return *payload && test_read_full(fd, *payload, h->len);
 }
 
+/* An ERROR frame's message (after struct smolvm_error) and its errno; "" when the frame is not a valid ERROR. */
+static const char *test_error_msg(const struct smolvm_frame *h, const uint8_t *payload, int *err)
+{
+	struct smolvm_error e;
+
+	*err = -1;
+	if (!payload || h->type != SMOLVM_ERROR || h->len < sizeof(e))
+		return "";
+	memcpy(&e, payload, sizeof(e));
+	*err = e.err;
+	return (const char *)payload + sizeof(e);
+}
+
 /* Payload of an EXEC frame built by hand. */
 static size_t test_exec_payload(uint8_t *buf, uint32_t timeout_ms, uint32_t n_env, const void *strings, size_t slen)
 {
@@ -309,7 +322,7 @@ static void test_cwd(void)
 	exec_output_free(&o);
 
 	ret = test_run("pwd", "/nonexistent-smolvm", NULL, 0, 0, &o);
-	CHECK(ret == -EPROTO, "ret %d", ret);
+	CHECK(ret == -EPROTO && o.guest_err == ENOENT, "ret %d err %d", ret, o.guest_err);
 	CHECK(strcmp(o.error, "cwd /nonexistent-smolvm: No such file or directory") == 0, "error %s", o.error);
 	exec_output_free(&o);
 
@@ -409,8 +422,10 @@ static void test_bad_frames(void)
 		test_raw_frame(fd, cases[i].magic, cases[i].type, cases[i].len >= 0 ? (uint32_t)cases[i].len : (uint32_t)plen,
 			       payload, plen);
 		bool got = test_raw_read(fd, &h, &msg);
-		CHECK(got && h.type == SMOLVM_ERROR && strstr((char *)msg, cases[i].want), "%s: got %d type %u \"%s\"",
-		      cases[i].name, got, got ? h.type : 0, msg ? (char *)msg : "");
+		int err;
+		const char *text = test_error_msg(&h, msg, &err);
+		CHECK(got && h.type == SMOLVM_ERROR && err == 0 && strstr(text, cases[i].want),
+		      "%s: got %d type %u err %d \"%s\"", cases[i].name, got, got ? h.type : 0, err, text);
 		free(msg);
 		/* closed: EOF, or ECONNRESET when the agent closed with our bytes unread */
 		char c;
@@ -436,7 +451,7 @@ static void test_bad_frames(void)
 static void test_setup(void)
 {
 	static const uint8_t entropy[32] = { 1, 2, 3 };
-	struct exec_setup su = { 1700000000000000000ull, entropy, sizeof(entropy), "vm-test" };
+	struct exec_setup su = { 1700000000000000000ull, entropy, sizeof(entropy), "vm-test", 0 };
 	struct exec_request r = { NULL, NULL, NULL, 0, 0, &su };
 	struct exec_output o;
 	int ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
@@ -444,13 +459,25 @@ static void test_setup(void)
 	CHECK(ret == 0 && o.exit_code == 0, "setup: ret %d exit %d %s", ret, o.exit_code, o.error);
 	exec_output_free(&o);
 
+	/* SMOLVM_SETUP_ROOT is accepted and ignored in --unix mode; unknown flags are refused */
+	su.flags = SMOLVM_SETUP_ROOT;
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+	CHECK(ret == 0 && o.exit_code == 0, "setup root: ret %d exit %d %s", ret, o.exit_code, o.error);
+	exec_output_free(&o);
+	su.flags = 0x80;
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+	CHECK(ret == -EPROTO && o.guest_err == EINVAL && strstr(o.error, "unknown flags 0x80"),
+	      "setup flags 0x80: ret %d err %d %s", ret, o.guest_err, o.error);
+	exec_output_free(&o);
+	su.flags = 0;
+
 	su.entropy_len = SMOLVM_SETUP_MAX_ENTROPY + 1;
 	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
 	CHECK(ret == -EINVAL, "oversized entropy: ret %d", ret);
 	exec_output_free(&o);
 
 	/* entropy_len says 16 but the payload holds only the header */
-	struct smolvm_setup bad = { 0, 16, 0 };
+	struct smolvm_setup bad = { 0, 16, 0, 0, 0 };
 	int fd = test_raw_connect(SMOLVM_AGENT_PORT);
 	struct smolvm_frame h;
 	uint8_t *msg = NULL;
@@ -460,8 +487,9 @@ static void test_setup(void)
 		return;
 	test_raw_frame(fd, SMOLVM_PROTO_MAGIC, SMOLVM_SETUP, sizeof(bad), &bad, sizeof(bad));
 	bool got = test_raw_read(fd, &h, &msg);
-	CHECK(got && h.type == SMOLVM_ERROR && strstr((char *)msg, "bad SETUP frame"), "bad setup: \"%s\"",
-	      msg ? (char *)msg : "");
+	int err;
+	const char *text = test_error_msg(&h, msg, &err);
+	CHECK(got && err == 0 && strstr(text, "bad SETUP frame"), "bad setup: err %d \"%s\"", err, text);
 	free(msg);
 	close(fd);
 }
