@@ -109,3 +109,29 @@ def cwd(value: Any) -> str:
     if not value.startswith("/"):
         raise ValueError(f"cwd must be an absolute path inside the guest, got {value!r}")
     return _no_nul("cwd", value)
+
+
+DISK_MIN_MIB = 16
+DISK_MAX_MIB = 1 << 20  # 1 TiB: the scratch file is sparse, only what the guest writes uses space
+
+
+def disk_size_mib(value: Any) -> int:
+    return _int_in("disk_size", value, DISK_MIN_MIB, DISK_MAX_MIB, " MiB")
+
+
+def guest_path(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"guest path must be a str, not {type(value).__name__}")
+    if not value.startswith("/"):
+        raise ValueError(f"guest path must be absolute (start with '/'), got {value!r}")
+    if value.rstrip("/") == "":
+        raise ValueError("guest path must name a file, not '/'")
+    return _no_nul("guest path", value)
+
+
+def local_path(value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"local path must be a str or os.PathLike, not {type(value).__name__}")
+    return Path(value).expanduser()

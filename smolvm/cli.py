@@ -7,7 +7,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,16 +288,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .build._cache import progress
+    from .build.agent import ensure_agent
+    from .build.image import ensure_image
+    from .build.initramfs import ensure_initramfs
+    from .build.kernel import ensure_kernel
 
-    steps = [("kernel", "smolvm.build.kernel", "ensure_kernel"),
-             ("agent", "smolvm.build.agent", "ensure_agent"),
-             ("initramfs", "smolvm.build.initramfs", "ensure_initramfs")]  # fmt: skip
-    import importlib
-
-    for name, module, func in steps:
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("kernel", ensure_kernel),
+        ("agent", ensure_agent),
+        ("initramfs", lambda: ensure_initramfs(with_busybox=False)),
+        ("busybox initramfs (image=None)", ensure_initramfs),
+        ("default image", ensure_image),
+    ]
+    for name, func in steps:
         progress(f"{name}: checking the cache")
         try:
-            path = getattr(importlib.import_module(module), func)()
+            path = func()
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -317,7 +323,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("smolvm run: give a command after --, e.g. `smolvm run -- uname -a`", file=sys.stderr)
         return 2
     try:
-        vm = SmolVM(memory=args.memory, vcpus=args.vcpus)
+        vm = SmolVM(memory=args.memory, vcpus=args.vcpus, image=args.image, disk_size=args.disk_size)
         slow = " (compat profile: this host emulates guest ring 0, a boot takes minutes)" if detect().compat else ""
         print(f"smolvm: booting {vm.vm_id}{slow}", file=sys.stderr, flush=True)
         with vm:
@@ -347,7 +353,7 @@ def _vm_json(rec: Any, now: float) -> dict[str, Any]:
         "vm_id": rec.vm_id, "status": "paused" if rec.extra.get("paused") else "running",
         "pid": rec.pid, "memory": rec.memory, "vcpus": rec.vcpus, "persistent": rec.persistent,
         "owner_pid": rec.owner_pid, "created": rec.created, "age_s": round(now - rec.created, 1),
-        "source": rec.source,
+        "source": rec.source, "image": rec.extra.get("image"), "disk_size": rec.extra.get("disk_size"),
     }  # fmt: skip
 
 
@@ -561,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_doctor)
 
-    b = sub.add_parser("build", help="build the guest kernel, agent and initramfs into $SMOLVM_HOME")
+    b = sub.add_parser("build", help="build the guest kernel, agent, initramfs and default image into $SMOLVM_HOME")
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser(
@@ -571,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
     r.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (default 1)")
+    r.add_argument("--image", default="default", help="root image (default: 'default', Debian)")
+    r.add_argument("--disk-size", type=int, default=None, help="writable disk in MiB (default 1024)")
     r.add_argument("--timeout", type=float, default=60, help="command timeout in seconds (default 60)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     r.set_defaults(func=cmd_run)
@@ -594,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("vm_ids", nargs="*", metavar="ID")
     rm.add_argument("--all", action="store_true", help="delete every VM on this machine")
     rm.set_defaults(func=cmd_rm)
+
+    from .cli_image import add_parser as add_image_parser
+
+    add_image_parser(sub)
 
     sn = sub.add_parser("snapshot", help="named snapshots: create, ls, rm")
     snsub = sn.add_subparsers(dest="snapshot_cmd", required=True)

@@ -14,6 +14,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
+from . import _validate
 from .errors import SmolVMError, VMGoneError
 from .result import RunResult
 from .vm import SmolVM
@@ -41,23 +42,14 @@ def format_result(result: RunResult, timeout: float | None = None) -> str:
     return text
 
 
-def _disk_size_mib(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"disk_size must be an int number of MiB, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"disk_size must be a positive number of MiB, got {value}")
-    return value
-
-
 class SmolVMRuntime:
     """An executor for agent frameworks' shell tools, backed by one reused SmolVM.
 
     Args:
         memory: Guest memory in MiB.
-        disk_size: Size in MiB of the VM's writable disk. Validated and stored
-            (``runtime.disk_size``), but not yet passed to SmolVM: VMs run from the
-            initramfs until writable disks land (issue 4).
-        **kwargs: Passed on to SmolVM (``vcpus``, ``boot_timeout``, ``kernel``, ...).
+        disk_size: Size in MiB of the VM's writable disk (the root file system's
+            free space for what commands write).
+        **kwargs: Passed on to SmolVM (``image``, ``vcpus``, ``boot_timeout``, ...).
 
     Thread-safe: concurrent run() calls share the one VM (started once); close() may be
     called from any thread and more than once.
@@ -65,8 +57,10 @@ class SmolVMRuntime:
 
     def __init__(self, memory: int = 1024, disk_size: int = 2048, **kwargs: Any) -> None:
         self.memory = memory
-        self.disk_size = _disk_size_mib(disk_size)
+        self.disk_size = _validate.disk_size_mib(disk_size)
         self._kwargs = dict(kwargs)
+        if self._kwargs.get("image", "default") is not None:
+            self._kwargs["disk_size"] = self.disk_size
         SmolVM(memory=memory, **self._kwargs).close()  # check the arguments now, boot nothing
         self._lock = threading.Lock()
         self._vm: SmolVM | None = None

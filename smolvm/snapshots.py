@@ -40,6 +40,8 @@ class SnapshotInfo:
     source_vm: str
     size_bytes: int  # disk actually used (the memory file is sparse)
     problem: str = ""  # why it cannot be restored (list_all() only; info() raises instead)
+    image: str | None = None  # the root image of a VM with a disk
+    disk_size: int | None = None  # why it cannot be restored (list_all() only; info() raises instead)
 
 
 def root() -> Path:
@@ -48,7 +50,10 @@ def root() -> Path:
     return r
 
 
-def base_key(kernel: Path, initrd: Path, cmdline: str, memory: int, vcpus: int, vmm: Path) -> str:
+def base_key(
+    kernel: Path, initrd: Path, cmdline: str, memory: int, vcpus: int, vmm: Path,
+    extra: list[bytes] | None = None,
+) -> str:  # fmt: skip
     """Changes whenever anything that shapes the booted guest changes."""
 
     def ident(p: Path) -> bytes:
@@ -67,7 +72,7 @@ def base_key(kernel: Path, initrd: Path, cmdline: str, memory: int, vcpus: int, 
     vmm_hash = h.digest()
     return digest(
         [b"base-v1", ident(kernel), ident(initrd), vmm_hash, cmdline.encode(),
-         str(memory).encode(), str(vcpus).encode()]
+         str(memory).encode(), str(vcpus).encode(), *(extra or [])]
     )  # fmt: skip
 
 
@@ -118,7 +123,7 @@ def read_meta(path: Path) -> dict[str, object]:
         raise SnapshotError(f"{path / META} is corrupt: {e}") from None
 
 
-def _fnv1a64(data: bytes) -> int:
+def _fnv1a64(data: bytes | memoryview) -> int:
     h = 0xCBF29CE484222325
     for b in data:
         h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
@@ -184,11 +189,14 @@ def info(name: str, *, verify: bool = True) -> SnapshotInfo:
             f"Delete it (`smolvm snapshot rm {name}`) and take it again with vm.snapshot({name!r}).",
         )  # fmt: skip
     meta = read_meta(path)
+    image = meta.get("image")
     used = _used(path)
     return SnapshotInfo(
         name=name, path=path, memory=int(str(meta.get("memory", 0))),
         vcpus=int(str(meta.get("vcpus", 0))), created=float(str(meta.get("created", 0))),
         source_vm=str(meta.get("source_vm", "")), size_bytes=used,
+        image=str(image["name"]) if isinstance(image, dict) and "name" in image else None,
+        disk_size=int(str(meta["disk_size"])) if meta.get("disk_size") else None,
     )  # fmt: skip
 
 

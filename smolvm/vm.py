@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import builtins
 import os
 import secrets
 import shutil
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from . import _ctl, _process, _validate, registry, snapshots
+from . import _ctl, _process, _validate, disk, registry, snapshots
 from ._native import native, vmm_path
 from ._paths import home
 from .build._cache import progress
@@ -36,6 +37,13 @@ GONE_PROBE_S = 2.0  # how long a failed run waits to learn whether the VMM has e
 UDS_MAX = 107 - 8  # sun_path holds 107 bytes; leave room for the VMM's "_<port>" listeners
 KEEP_FAILED_LOGS = 10
 SETUP_ENTROPY_BYTES = 64
+SETUP_TIMEOUT_MS = 120_000  # the first setup of a disk VM mounts its root: guest kernel work
+SETUP_ROOT = 1  # csrc/proto.h SMOLVM_SETUP_ROOT
+DEFAULT_IMAGE = "default"
+DEFAULT_DISK_MIB = 1024
+DISK_FILE = "disk.img"  # in the VM's state folder, and in a snapshot taken of a VM with a disk
+IMAGE_ARG = "smolvm.image=vda"  # kernel command line: the agent mounts /dev/vda as the image
+TRANSFER_TIMEOUT_S = 600.0
 CTL_TIMEOUT_S = 120.0  # a snapshot writes guest memory: allow for slow disks
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
@@ -45,7 +53,12 @@ class SmolVM:
     """A microVM that runs shell commands.
 
     >>> with SmolVM() as vm:
-    ...     print(vm.run("uname -a").output)
+    ...     print(vm.run("uname -a && python3 --version").output)
+
+    The guest's root is the image (Debian with python3 unless `image` names another one
+    built with `smolvm image build`), read-only and shared, under a writable overlay on the
+    VM's own sparse disk of `disk_size` MiB. image=None runs a minimal busybox guest from
+    RAM instead, without a disk.
 
     The VM boots on start() (or the first run(), or entering `with`), lives in its own
     smolvm-vmm process and dies with close(), garbage collection, interpreter exit, or
@@ -58,6 +71,8 @@ class SmolVM:
         memory: int = 512,
         vcpus: int = 1,
         *,
+        image: str | None = DEFAULT_IMAGE,
+        disk_size: int | None = None,
         kernel: str | os.PathLike[str] | None = None,
         initrd: str | os.PathLike[str] | None = None,
         boot_timeout: float | None = None,
@@ -74,6 +89,8 @@ class SmolVM:
         self._kernel = _validate.optional_file("kernel", kernel)
         self._initrd = _validate.optional_file("initrd", initrd)
         self._boot_timeout = _validate.boot_timeout(boot_timeout)
+        self._image, self._disk_size = _image_and_disk(image, disk_size)
+        self._env: dict[str, str] = {}
         self._vm_id = "vm-" + secrets.token_hex(6)
         self._lock = threading.RLock()
         self._owner_pid = os.getpid()
@@ -118,6 +135,21 @@ class SmolVM:
         return self._vcpus
 
     @property
+    def image(self) -> str | None:
+        """The root image's name, or None for the busybox guest without a disk."""
+        return self._image
+
+    @property
+    def disk_size(self) -> int | None:
+        """Size in MiB of the VM's writable disk (None without an image)."""
+        return self._disk_size
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Variables set with set_env(), given to every later run()."""
+        return dict(self._current_env())
+
+    @property
     def pid(self) -> int | None:
         """The VMM process id while the VM runs."""
         return self._pid if self._status == "running" else None
@@ -145,7 +177,8 @@ class SmolVM:
     def __repr__(self) -> str:
         return (
             f"SmolVM(vm_id={self._vm_id!r}, status={self._status!r}, "
-            f"memory={self._memory}, vcpus={self._vcpus})"
+            f"memory={self._memory}, vcpus={self._vcpus}, image={self._image!r}, "
+            f"disk_size={self._disk_size})"
         )
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -181,7 +214,6 @@ class SmolVM:
                 return self
             self._raise_if_stopped()
             check_kvm()
-            nat = native()
             vmm = vmm_path()
             self._profile = detect()
             if self._profile.compat and self._vcpus > 1 and self._source is None:
@@ -193,7 +225,22 @@ class SmolVM:
                     vm_id=self._vm_id,
                 )
             self._persistent = persistent
-            base: Path | None = None
+            if self._source is None:
+                kernel, initrd, image_file = self._artifacts()
+                cmdline = kernel_cmdline(self._profile)
+                if image_file is not None:
+                    cmdline += " " + IMAGE_ARG
+                if self._cold_boot:
+                    argv = self._argv(vmm, kernel, initrd, cmdline, image_file, fresh_disk=True)
+                else:
+                    extra = [b"image:" + _ident(image_file)] if image_file is not None else []
+                    key = snapshots.base_key(
+                        kernel, initrd, cmdline, self._memory, self._vcpus, vmm, extra
+                    )
+                    base = snapshots.base_dir(key)
+                    if not snapshots.complete(base) or self._damaged_base(base):
+                        self._make_base(vmm, base, kernel, initrd, cmdline, image_file)
+                    self._source = base
             if self._source is not None:
                 self._status = "stopped"  # a damaged snapshot ends this VM before it starts
                 snapshots.check(
@@ -202,40 +249,9 @@ class SmolVM:
                 )  # fmt: skip
                 self._status = "created"
                 argv = self._restore_argv(vmm, self._source)
-            else:
-                kernel, initrd = self._artifacts()
-                cmdline = kernel_cmdline(self._profile)
-                key = snapshots.base_key(kernel, initrd, cmdline, self._memory, self._vcpus, vmm)
-                base = snapshots.base_dir(key)
-                if self._cold_boot:
-                    argv = self._argv(vmm, kernel, initrd, cmdline)
-                    base = None
-                elif snapshots.complete(base) and not self._damaged_base(base):
-                    argv = self._restore_argv(vmm, base)
-                    self._source = base
-                else:
-                    argv = self._argv(vmm, kernel, initrd, cmdline)
-                    progress(
-                        f"booting a new {self._memory} MiB guest to make its base snapshot "
-                        "(once per configuration; minutes on emulating hosts)"
-                    )
             t0 = time.monotonic()
+            failure = self._spawn(vmm, argv, persistent)
             try:
-                pid, self._ctl_fd = nat.spawn_vmm(
-                    argv, stderr_path=str(self._state_dir / "vmm.stderr")
-                )
-            except OSError as e:
-                shutil.rmtree(self._state_dir, ignore_errors=True)
-                self._status = "stopped"
-                raise VMStartError(f"could not start {vmm}: {e}", vm_id=self._vm_id) from e
-            self._pid = pid
-            try:
-                if persistent:
-                    _process.reap(pid, CLOSE_GRACE_S)  # the daemonizing parent exits at once
-                    self._pid = None
-                failure = self._wait_ready(t0 + self._boot_timeout)
-                if failure is None and self._source is None and base is not None:
-                    self._save_base(base)
                 if failure is None:
                     self._setup_guest()
                     if persistent:
@@ -253,10 +269,68 @@ class SmolVM:
                 memory=self._memory, vcpus=self._vcpus, persistent=persistent,
                 owner_pid=os.getpid(), created=time.time(),
                 source=str(self._source or ""),
+                extra={"image": self._image, "disk_size": self._disk_size, "env": self._env},
             )  # fmt: skip
             registry.save(self._record)
             _live.add(self)
             return self
+
+    def _spawn(self, vmm: Path, argv: list[str], persistent: bool) -> str | None:
+        """Start the VMM and wait for its guest agent: None, or why it failed (VMM still to reap)."""
+        t0 = time.monotonic()
+        try:
+            pid, self._ctl_fd = native().spawn_vmm(
+                argv, stderr_path=str(self._state_dir / "vmm.stderr")
+            )
+        except OSError as e:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            self._status = "stopped"
+            raise VMStartError(f"could not start {vmm}: {e}", vm_id=self._vm_id) from e
+        self._pid = pid
+        try:
+            if persistent:
+                _process.reap(pid, CLOSE_GRACE_S)  # the daemonizing parent exits at once
+                self._pid = None
+            return self._wait_ready(t0 + self._boot_timeout)
+        except BaseException:
+            self._teardown(grace=0.0)
+            raise
+
+    def _make_base(
+        self, vmm: Path, base: Path, kernel: Path, initrd: Path, cmdline: str,
+        image_file: Path | None,
+    ) -> None:  # fmt: skip
+        """Boot the guest once, snapshot it idle as the base of its configuration, stop it.
+
+        A VM with an image boots with an empty placeholder disk: the snapshot then restores
+        with a fresh disk of any size (the VMM tells the guest the new size).
+        """
+        progress(
+            f"booting a new {self._memory} MiB guest to make its base snapshot "
+            "(once per configuration; minutes on emulating hosts)"
+        )
+        argv = self._argv(vmm, kernel, initrd, cmdline, image_file, fresh_disk=False)
+        failure = self._spawn(vmm, argv, persistent=False)
+        if failure is not None:
+            raise self._start_failed(failure)
+        tmp = snapshots.staging_dir(base)
+        try:
+            self._command(f"SNAPSHOT {tmp}")
+            snapshots.publish(tmp, base, self._meta())
+            progress(f"saved the base snapshot {base}; later VMs of this configuration restore it")
+        except SmolVMError as e:
+            self._teardown(grace=CLOSE_GRACE_S)
+            raise VMStartError(
+                f"could not save the base snapshot {base}: {e}. Free some disk space, or "
+                "pass cold_boot=True to boot without one", vm_id=self._vm_id,
+            ) from None  # fmt: skip
+        except BaseException:
+            self._teardown(grace=0.0)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._teardown(grace=CLOSE_GRACE_S)
+        self._status = "created"
 
     def close(self) -> None:
         """Let go of this handle. An ephemeral VM (a `with` block, or started by run())
@@ -321,10 +395,17 @@ class SmolVM:
         final = snapshots.user_dir(name)
         self._require_running()
         tmp = snapshots.staging_dir(final)
+        was_paused = self.status == "paused"
         try:
+            if self._image is not None and not was_paused:
+                self._command("PAUSE")  # the disk copy must match the memory image
             self._command(f"SNAPSHOT {tmp}")
+            if self._image is not None:
+                disk.copy_sparse(self._state_dir / DISK_FILE, tmp / DISK_FILE)
             snapshots.publish(tmp, final, self._meta(), replace=True)
         finally:
+            if self._image is not None and not was_paused:
+                self._command("RESUME")
             shutil.rmtree(tmp, ignore_errors=True)
         return snapshots.info(name)
 
@@ -332,7 +413,8 @@ class SmolVM:
     def from_snapshot(cls, name: str, *, boot_timeout: float | None = None) -> SmolVM:
         """A new (not yet started) VM that will start from snapshot `name`."""
         snap = snapshots.info(name)
-        vm = cls(memory=snap.memory, vcpus=snap.vcpus, boot_timeout=boot_timeout)
+        vm = cls(memory=snap.memory, vcpus=snap.vcpus, boot_timeout=boot_timeout, image=None)
+        vm._image, vm._disk_size = snap.image, snap.disk_size
         vm._source = snap.path
         return vm
 
@@ -350,7 +432,10 @@ class SmolVM:
                 f"VM {vm_id} is gone: its VMM process (pid {rec.pid}) is no longer running; "
                 "its record was cleaned up. Start a new SmolVM."
             )
-        vm = cls(memory=rec.memory, vcpus=rec.vcpus)
+        vm = cls(memory=rec.memory, vcpus=rec.vcpus, image=None)
+        image, size = rec.extra.get("image"), rec.extra.get("disk_size")
+        vm._image = image if isinstance(image, str) else None
+        vm._disk_size = size if isinstance(size, int) else None
         vm._vm_id = vm_id
         vm._state_dir = rec.dir
         vm._record = rec
@@ -384,17 +469,20 @@ class SmolVM:
     ) -> RunResult:
         """Run `/bin/sh -c command` in the guest and return its exit code and output.
 
-        When `timeout` (seconds) passes, the command's process group is killed and the
-        result has timed_out=True, exit_code=124 and the output so far; the VM stays usable.
-        Starts the VM first if needed. Raises VMGoneError if the VM died.
+        The command sees the variables of set_env(), then `env` on top; it runs in `cwd`
+        (an absolute guest path; default "/"). When `timeout` (seconds) passes, the
+        command's process group is killed and the result has timed_out=True, exit_code=124
+        and the output so far; the VM stays usable. Starts the VM first if needed.
+        Raises VMGoneError if the VM died.
         """
         cmd = _validate.command(command)
         t_ms = _validate.timeout_ms(timeout)
-        env_list = _validate.env(env)
+        _validate.env(env)
         cwd_s = _validate.cwd(cwd)
         if self._status == "created":
             self._start(persistent=False)
         self._require_running()
+        env_list = _validate.env({**self._current_env(), **(env or {})})
         nat = native()
         uds = str(self._state_dir / "vsock.sock")
         t0 = time.monotonic()
@@ -418,7 +506,108 @@ class SmolVM:
             code, out, err, time.monotonic() - t0, timed_out=bool(timed_out), signal=sig
         )
 
+    def set_env(self, env: Mapping[str, str | None]) -> None:
+        """Set variables for every later run() of this VM (None removes one).
+
+        They are kept with the VM: handles from SmolVM.from_id() in other processes see them.
+        """
+        if not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+        _validate.env({k: v for k, v in env.items() if v is not None})
+        with self._lock:
+            merged = dict(self._current_env())
+            for key, val in env.items():
+                if val is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = val
+            self._env = merged
+            if self._record is not None and self._status == "running":
+                try:
+                    rec = registry.load(self._vm_id)
+                except VMNotFoundError:
+                    return
+                rec.extra["env"] = merged
+                registry.save(rec)
+                self._record = rec
+
+    def upload_file(
+        self, local_path: str | os.PathLike[str], guest_path: str, *,
+        mode: int | None = None, timeout: float = TRANSFER_TIMEOUT_S,
+    ) -> int:  # fmt: skip
+        """Copy a host file into the guest at guest_path (absolute; its folder must exist).
+
+        The guest file appears whole or not at all, with `mode` (default: the local file's
+        permission bits). Returns the bytes copied. Raises FileNotFoundError naming the
+        local file or the missing guest folder, OSError for other guest errors (ENOSPC...).
+        """
+        local = _validate.local_path(local_path)
+        gpath = _validate.guest_path(guest_path)
+        t_ms = _validate.timeout_ms(timeout)
+        if not local.exists():
+            raise FileNotFoundError(2, "No such file on the host", str(local))
+        if not local.is_file():
+            raise IsADirectoryError(21, "Not a regular file on the host", str(local))
+        if mode is None:
+            mode = local.stat().st_mode & 0o7777
+        elif isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise ValueError(f"mode must be permission bits between 0 and 0o7777, got {mode!r}")
+        uds = self._transfer_uds()
+        nat = native()
+        try:
+            return int(nat.put_file(uds, nat.AGENT_PORT, str(local), gpath, mode, t_ms))
+        except (nat.ProtocolError, TimeoutError, ConnectionError) as e:
+            self._raise_if_gone()
+            raise AgentError(f"upload of {local} to {self._vm_id}:{gpath} failed: {e}") from None
+
+    def download_file(
+        self, guest_path: str, local_path: str | os.PathLike[str], *,
+        timeout: float = TRANSFER_TIMEOUT_S,
+    ) -> Path:  # fmt: skip
+        """Copy the guest file guest_path (absolute) to local_path on the host.
+
+        The local file appears whole or not at all. Returns its path. Raises
+        FileNotFoundError naming the guest path (or the missing local folder).
+        """
+        gpath = _validate.guest_path(guest_path)
+        local = _validate.local_path(local_path)
+        t_ms = _validate.timeout_ms(timeout)
+        if local.is_dir():
+            local = local / gpath.rstrip("/").rsplit("/", 1)[-1]
+        if not local.parent.is_dir():
+            raise FileNotFoundError(2, "No such folder on the host", str(local.parent))
+        uds = self._transfer_uds()
+        nat = native()
+        tmp = local.parent / f".{local.name}.smolvm-{secrets.token_hex(4)}"
+        try:
+            _size, mode = nat.get_file(uds, nat.AGENT_PORT, gpath, str(tmp), t_ms)
+            os.chmod(tmp, mode & 0o777)
+            os.replace(tmp, local)
+        except (nat.ProtocolError, TimeoutError, ConnectionError) as e:
+            self._raise_if_gone()
+            raise AgentError(f"download of {self._vm_id}:{gpath} failed: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local
+
     # ---- internals ------------------------------------------------------------------
+
+    def _current_env(self) -> dict[str, str]:
+        """set_env()'s variables; a VM shared between processes keeps them in its record."""
+        if (self._attached or self._persistent) and self._status == "running":
+            try:
+                env = registry.load(self._vm_id).extra.get("env")
+            except VMNotFoundError:
+                env = None
+            if isinstance(env, dict):
+                return {str(k): str(v) for k, v in env.items()}
+        return dict(self._env)
+
+    def _transfer_uds(self) -> str:
+        if self._status == "created":
+            self._start(persistent=False)
+        self._require_running()
+        return str(self._state_dir / "vsock.sock")
 
     def _raise_if_stopped(self) -> None:
         if self._gone is not None:
@@ -431,7 +620,8 @@ class SmolVM:
         if self._status == "stopped":
             raise VMNotRunningError(f"VM {self._vm_id} was closed; create a new SmolVM")
 
-    def _artifacts(self) -> tuple[Path, Path]:
+    def _artifacts(self) -> tuple[Path, Path, Path | None]:
+        """Kernel, initramfs and root image (None without one), built on first use."""
         try:
             if self._kernel is not None:
                 kernel = self._kernel
@@ -439,27 +629,33 @@ class SmolVM:
                 from .build.kernel import ensure_kernel
 
                 kernel = ensure_kernel() / "vmlinux"
+            image_file = None
+            if self._image is not None:
+                from .build.image import ensure_image
+
+                image_file = ensure_image(self._image)
             if self._initrd is not None:
                 initrd = self._initrd
             else:
                 from .build.initramfs import ensure_initramfs
 
-                initrd = ensure_initramfs()
+                initrd = ensure_initramfs(with_busybox=self._image is None)
         except SmolVMError:
             raise
+        except LookupError as e:
+            raise VMStartError(str(e), vm_id=self._vm_id) from None
         except Exception as e:
-            raise VMStartError(f"could not build the guest kernel or initramfs: {e}") from e
-        return kernel, initrd
+            raise VMStartError(f"could not build the guest kernel, initramfs or image: {e}") from e
+        return kernel, initrd, image_file
 
-    def _argv(self, vmm: Path, kernel: Path, initrd: Path, cmdline: str) -> list[str]:
-        uds = self._state_dir / "vsock.sock"
-        if len(os.fsencode(uds)) > UDS_MAX:
-            raise VMStartError(
-                f"the VM socket path {uds} is too long for a Unix socket "
-                f"({len(os.fsencode(uds))} > {UDS_MAX} bytes): set SMOLVM_HOME to a shorter folder"
-            )
+    def _argv(
+        self, vmm: Path, kernel: Path, initrd: Path, cmdline: str, image_file: Path | None,
+        fresh_disk: bool,
+    ) -> builtins.list[str]:  # fmt: skip
+        """A cold boot. fresh_disk: the VM's real disk; else an empty placeholder (base boots)."""
+        self._check_uds()
         self._state_dir.mkdir(parents=True, exist_ok=False)
-        return [
+        argv = [
             str(vmm),
             "--kernel", str(kernel),
             "--initrd", str(initrd),
@@ -468,11 +664,47 @@ class SmolVM:
             "--vcpus", str(self._vcpus),
             *self._common_argv(),
         ]  # fmt: skip
+        if image_file is not None:
+            target = self._state_dir / DISK_FILE
+            if fresh_disk:
+                assert self._disk_size is not None
+                disk.create(target, self._disk_size)
+            else:
+                disk.placeholder(target)
+            argv += ["--disk", f"{image_file},ro", "--disk", str(target)]
+        return argv
 
-    def _restore_argv(self, vmm: Path, snap: Path) -> list[str]:
+    def _restore_argv(self, vmm: Path, snap: Path) -> builtins.list[str]:
         self._check_uds()
+        meta = snapshots.read_meta(snap)
+        image = meta.get("image")
+        argv = [str(vmm), "--restore", str(snap), *self._common_argv()]
+        if not isinstance(image, dict):
+            self._state_dir.mkdir(parents=True, exist_ok=False)
+            return argv
+        image_file = Path(str(image.get("path", "")))
+        try:
+            same = _ident(image_file).decode() == str(image.get("ident", ""))
+        except OSError:
+            same = False
+        if not same:
+            raise SnapshotError(
+                f"snapshot {snap.name!r} was taken with the image {image.get('name')!r} at "
+                f"{image_file}, which has since been rebuilt or removed; take the snapshot again"
+            )
         self._state_dir.mkdir(parents=True, exist_ok=False)
-        return [str(vmm), "--restore", str(snap), *self._common_argv()]
+        target = self._state_dir / DISK_FILE
+        try:
+            if (snap / DISK_FILE).exists():
+                disk.copy_sparse(snap / DISK_FILE, target)
+                self._disk_size = int(str(meta.get("disk_size") or 0)) or self._disk_size
+            else:
+                assert self._disk_size is not None
+                disk.create(target, self._disk_size)
+        except BaseException:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            raise
+        return argv + ["--disk", f"{image_file},ro", "--disk", str(target)]
 
     def _check_uds(self) -> None:
         uds = self._state_dir / "vsock.sock"
@@ -482,7 +714,7 @@ class SmolVM:
                 f"({len(os.fsencode(uds))} > {UDS_MAX} bytes): set SMOLVM_HOME to a shorter folder"
             )
 
-    def _common_argv(self) -> list[str]:
+    def _common_argv(self) -> builtins.list[str]:
         argv = [
             "--vsock-uds", str(self._state_dir / "vsock.sock"),
             "--console", str(self.console_log),
@@ -516,11 +748,18 @@ class SmolVM:
         return True
 
     def _meta(self) -> dict[str, object]:
-        return {
+        meta: dict[str, object] = {
             "memory": self._memory, "vcpus": self._vcpus, "created": time.time(),
             "source_vm": self._vm_id,
             "profile": self._profile.name if self._profile else "",
         }  # fmt: skip
+        if self._image is not None:
+            from .build.image import image_path
+
+            path = image_path(self._image)
+            meta["image"] = {"name": self._image, "path": str(path), "ident": _ident(path).decode()}
+            meta["disk_size"] = self._disk_size
+        return meta
 
     def _setup_guest(self) -> None:
         """Give the guest its own entropy, the host's clock and its vm_id as hostname."""
@@ -528,7 +767,8 @@ class SmolVM:
         try:
             nat.setup(
                 str(self._state_dir / "vsock.sock"), nat.AGENT_PORT, time.time_ns(),
-                secrets.token_bytes(SETUP_ENTROPY_BYTES), self._vm_id, 60_000,
+                secrets.token_bytes(SETUP_ENTROPY_BYTES), self._vm_id, SETUP_TIMEOUT_MS,
+                SETUP_ROOT if self._image is not None else 0,
             )  # fmt: skip
         except (OSError, nat.ProtocolError) as e:
             raise VMStartError(
@@ -695,6 +935,30 @@ class SmolVM:
             self._kept_log = _keep_log(self.console_log, self._vm_id)
         shutil.rmtree(self._state_dir, ignore_errors=True)
         return status
+
+
+def _image_and_disk(image: object, disk_size: object) -> tuple[str | None, int | None]:
+    if image is None:
+        if disk_size is not None:
+            raise ValueError(
+                "disk_size needs an image: image=None runs the minimal busybox guest from RAM, "
+                "without a disk"
+            )
+        return None, None
+    if not isinstance(image, str):
+        raise TypeError(f"image must be an image name (str) or None, not {type(image).__name__}")
+    from .build.image import check_image_name, image_path
+
+    check_image_name(image)
+    if image != DEFAULT_IMAGE:
+        image_path(image)  # an unknown image fails now, listing the built ones
+    size = DEFAULT_DISK_MIB if disk_size is None else _validate.disk_size_mib(disk_size)
+    return image, size
+
+
+def _ident(path: Path) -> bytes:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
 
 
 def _stop_vmm(rec: registry.VMRecord, ctl_fd: int, pid: int | None) -> None:

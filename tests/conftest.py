@@ -25,12 +25,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def ensure_artifacts() -> None:
-    """Build (or find cached) kernel and initramfs before any VM boots, one at a time."""
+    """Build (or find cached) kernel, initramfs and root image before any VM boots, one at a time."""
+    from smolvm.build.image import ensure_image
     from smolvm.build.initramfs import ensure_initramfs
     from smolvm.build.kernel import ensure_kernel
 
     ensure_kernel()
-    ensure_initramfs()
+    ensure_initramfs(with_busybox=False)
+    ensure_image()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Write the guest's initramfs (agent as /init, static busybox, /dev nodes) as an uncompressed newc cpio, cached by input hash."""
+"""Write the guest's initramfs (agent as /init, /dev nodes, and static busybox unless the root is a disk image)
+as an uncompressed newc cpio, cached by input hash."""
 
 from __future__ import annotations
 
@@ -132,8 +133,9 @@ def _text(name: str, text: str, mode: int = 0o644) -> CpioEntry:
     return CpioEntry(name, stat.S_IFREG | mode, text.encode())
 
 
-def initramfs_entries(agent: bytes, busybox: bytes, applets: Iterable[str]) -> list[CpioEntry]:
-    """The guest's root file system, parents before children."""
+def initramfs_entries(agent: bytes, busybox: bytes | None, applets: Iterable[str]) -> list[CpioEntry]:
+    """The guest's root file system, parents before children. Without busybox (a VM whose commands
+    run in a disk image) it holds the agent alone: less for the guest kernel to unpack at boot."""
     d = stat.S_IFDIR
     entries: dict[str, CpioEntry] = {}
     for name, mode in (
@@ -144,7 +146,6 @@ def initramfs_entries(agent: bytes, busybox: bytes, applets: Iterable[str]) -> l
         entries[name] = CpioEntry(name, d | mode)
     for e in (
         CpioEntry("init", stat.S_IFREG | 0o755, agent),
-        CpioEntry("bin/busybox", stat.S_IFREG | 0o755, busybox),
         CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
         _text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
@@ -153,6 +154,9 @@ def initramfs_entries(agent: bytes, busybox: bytes, applets: Iterable[str]) -> l
         _text("etc/hostname", "smolvm\n"),
     ):
         entries[e.name] = e
+    if busybox is None:
+        return sorted(entries.values(), key=lambda e: e.name.split("/"))
+    entries["bin/busybox"] = CpioEntry("bin/busybox", stat.S_IFREG | 0o755, busybox)
     for applet in applets:
         parts = applet.split("/")
         if not applet or any(p in ("", ".", "..") for p in parts) or applet in entries:
@@ -164,17 +168,25 @@ def initramfs_entries(agent: bytes, busybox: bytes, applets: Iterable[str]) -> l
     return sorted(entries.values(), key=lambda e: e.name.split("/"))
 
 
-def initramfs_key(agent: Path) -> str:
+def initramfs_key(agent: Path, with_busybox: bool = True) -> str:
+    if not with_busybox:
+        return digest([b"initramfs-agent-only", WRITER_VERSION, agent.read_bytes()])
     return digest([b"initramfs", WRITER_VERSION, agent.read_bytes(), read_busybox()])
 
 
-def ensure_initramfs() -> Path:
-    """Path of the guest's initramfs (uncompressed newc cpio), written on first use."""
+def ensure_initramfs(with_busybox: bool = True) -> Path:
+    """Path of the guest's initramfs (uncompressed newc cpio), written on first use.
+
+    with_busybox=False: the agent alone, for guests whose commands run in a disk image.
+    """
     agent = ensure_agent()
 
     def build(out: Path) -> None:
         progress("writing the guest initramfs")
-        entries = initramfs_entries(agent.read_bytes(), read_busybox(), busybox_applets())
+        if with_busybox:
+            entries = initramfs_entries(agent.read_bytes(), read_busybox(), busybox_applets())
+        else:
+            entries = initramfs_entries(agent.read_bytes(), None, ())
         (out / INITRAMFS_NAME).write_bytes(newc_archive(entries))
 
-    return cached("initramfs", initramfs_key(agent), build) / INITRAMFS_NAME
+    return cached("initramfs", initramfs_key(agent, with_busybox), build) / INITRAMFS_NAME
