@@ -387,9 +387,23 @@ static void module_exec_raise(PyObject *module, int rc, struct exec_output *out)
 				"command, cwd and env together are too large for one request (1 MiB)");
 	} else if (rc == -EPROTO) {
 		module_state *st = module_get_state(module);
+		PyObject *exc, *err;
+
 		out->error[sizeof(out->error) - 1] = '\0';
-		PyErr_SetString(st->protocol_error,
-				out->error[0] ? out->error : "protocol error from the guest agent");
+		/* .guest_errno: the errno the agent's ERROR frame named (0 if none) */
+		exc = PyObject_CallFunction(st->protocol_error, "s",
+					    out->error[0] ? out->error : "protocol error from the guest agent");
+		if (exc == NULL)
+			return;
+		err = PyLong_FromLong(out->guest_err);
+		if (err == NULL || PyObject_SetAttrString(exc, "guest_errno", err) < 0) {
+			Py_XDECREF(err);
+			Py_DECREF(exc);
+			return;
+		}
+		Py_DECREF(err);
+		PyErr_SetObject(st->protocol_error, exc);
+		Py_DECREF(exc);
 	} else {
 		int e = rc < 0 ? -rc : EIO;
 		out->error[sizeof(out->error) - 1] = '\0';

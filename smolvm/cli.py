@@ -83,7 +83,7 @@ def _current_keys(home: Path) -> tuple[dict[str, str | None], list[str]]:
         if agent.is_file():
             from .build.initramfs import initramfs_key
 
-            keys["initramfs"] = initramfs_key(agent)
+            keys["initramfs"] = initramfs_key(agent, with_busybox=False)  # what image VMs boot
     except Exception as e:
         notes.append(f"agent/initramfs: {e}")
     return keys, notes
@@ -106,11 +106,12 @@ def _cache_report(home: Path) -> dict[str, Any]:
 
 
 def _default_base_key(home: Path, rep: dict[str, Any]) -> str | None:
-    """The base snapshot key of a default SmolVM() (512 MiB, 1 vCPU) now, if its inputs are built."""
+    """The base snapshot key of a default SmolVM() (512 MiB, 1 vCPU, default image) now, if its inputs are built."""
     from ._native import vmm_path
+    from .build.image import ImageError, image_path
     from .build.initramfs import INITRAMFS_NAME
-    from .profile import detect, kernel_cmdline
-    from .snapshots import base_key
+    from .profile import detect
+    from .vm import base_key
 
     cache = rep["cache"]
     if not (cache["kernel"]["built"] and cache["initramfs"]["built"]):
@@ -118,8 +119,8 @@ def _default_base_key(home: Path, rep: dict[str, Any]) -> str | None:
     kernel = home / "kernel" / cache["kernel"]["current"] / "vmlinux"
     initrd = home / "initramfs" / cache["initramfs"]["current"] / INITRAMFS_NAME
     try:
-        return base_key(kernel, initrd, kernel_cmdline(detect()), 512, 1, vmm_path())
-    except Exception:  # a missing VMM or artifact: doctor reports those elsewhere
+        return base_key(kernel, initrd, image_path(), 512, 1, vmm_path(), detect())
+    except (ImageError, OSError):  # no image yet, a missing VMM or artifact: reported elsewhere
         return None
 
 

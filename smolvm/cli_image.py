@@ -12,7 +12,7 @@ from typing import Any
 def cmd_image_build(args: argparse.Namespace) -> int:
     from .build.image import DEFAULT_IMAGE, ImageError, default_packages, ensure_image
 
-    packages = [p for group in args.packages for p in group.replace(",", " ").split()]
+    packages = [p for group in args.packages for item in group for p in item.replace(",", " ").split()]
     try:
         if args.name == DEFAULT_IMAGE:
             if packages:

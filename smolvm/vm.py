@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import errno
 import os
 import secrets
 import shutil
@@ -227,15 +228,12 @@ class SmolVM:
             self._persistent = persistent
             if self._source is None:
                 kernel, initrd, image_file = self._artifacts()
-                cmdline = kernel_cmdline(self._profile)
-                if image_file is not None:
-                    cmdline += " " + IMAGE_ARG
+                cmdline = boot_cmdline(self._profile, image_file)
                 if self._cold_boot:
                     argv = self._argv(vmm, kernel, initrd, cmdline, image_file, fresh_disk=True)
                 else:
-                    extra = [b"image:" + _ident(image_file)] if image_file is not None else []
-                    key = snapshots.base_key(
-                        kernel, initrd, cmdline, self._memory, self._vcpus, vmm, extra
+                    key = base_key(
+                        kernel, initrd, image_file, self._memory, self._vcpus, vmm, self._profile
                     )
                     base = snapshots.base_dir(key)
                     if not snapshots.complete(base) or self._damaged_base(base):
@@ -492,6 +490,10 @@ class SmolVM:
             )
         except nat.ProtocolError as e:
             self._raise_if_gone()
+            err = getattr(e, "guest_errno", 0)
+            if cwd_s and str(e).startswith("cwd ") and err in (errno.ENOENT, errno.ENOTDIR):
+                kind = FileNotFoundError if err == errno.ENOENT else NotADirectoryError
+                raise kind(err, f"cwd is not a folder in the guest of {self._vm_id}", cwd_s) from None
             raise AgentError(f"the guest agent of {self._vm_id} failed the request: {e}") from None
         except TimeoutError:
             self._raise_if_gone()
@@ -954,6 +956,23 @@ def _image_and_disk(image: object, disk_size: object) -> tuple[str | None, int |
         image_path(image)  # an unknown image fails now, listing the built ones
     size = DEFAULT_DISK_MIB if disk_size is None else _validate.disk_size_mib(disk_size)
     return image, size
+
+
+def boot_cmdline(profile: Profile, image_file: Path | None) -> str:
+    """The kernel command line of a VM booted with (or without) a root image."""
+    cmdline = kernel_cmdline(profile)
+    return cmdline + " " + IMAGE_ARG if image_file is not None else cmdline
+
+
+def base_key(
+    kernel: Path, initrd: Path, image_file: Path | None, memory: int, vcpus: int, vmm: Path,
+    profile: Profile,
+) -> str:  # fmt: skip
+    """The key of the base snapshot of a configuration (the disk size is not part of it)."""
+    extra = [b"image:" + _ident(image_file)] if image_file is not None else []
+    return snapshots.base_key(
+        kernel, initrd, boot_cmdline(profile, image_file), memory, vcpus, vmm, extra
+    )
 
 
 def _ident(path: Path) -> bytes:

@@ -183,8 +183,10 @@ def test_file_errors_name_the_path(vm: SmolVM, tmp_path: Path) -> None:
 def test_env_cwd_and_set_env(vm: SmolVM) -> None:
     r = vm.run("pwd; echo $ONE-$TWO", env={"ONE": "1", "TWO": "2"}, cwd="/usr/share", timeout=SLOW)
     assert r.stdout == "/usr/share\n1-2\n", r
-    r = vm.run("pwd", cwd="/no/such/dir", timeout=SLOW)
-    assert not r.ok
+    with pytest.raises(FileNotFoundError, match="/no/such/dir"):
+        vm.run("pwd", cwd="/no/such/dir", timeout=SLOW)
+    with pytest.raises(NotADirectoryError, match="/etc/hostname"):
+        vm.run("pwd", cwd="/etc/hostname", timeout=SLOW)
     try:
         vm.set_env({"SMOLVM_KEEP": "kept", "SMOLVM_OVER": "base"})
         assert vm.env["SMOLVM_KEEP"] == "kept"
