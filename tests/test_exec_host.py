@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,47 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent_host import VARIANTS, need_toolchain, run_client_against_agent  # noqa: E402
+
 from smolvm.build import agent as agent_build  # noqa: E402
 from smolvm.build.initramfs import _is_static_elf  # noqa: E402
 
-WARN = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g"]
-SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-VARIANTS = {"plain": ["-O2"], "sanitized": SANITIZE}
-
-
-def _need_toolchain() -> None:
-    if shutil.which("cc") is None or shutil.which("gcc") is None:
-        pytest.skip("needs a C compiler: apt-get install gcc libc6-dev")
-    if not Path("/usr/include/liburing.h").exists():
-        pytest.skip("needs liburing: apt-get install liburing-dev")
-
-
-def _cc(args: list[str]) -> None:
-    res = subprocess.run(["cc", *args], capture_output=True, text=True)
-    assert res.returncode == 0, f"cc {' '.join(args)}\n{res.stderr}"
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_exec_client_against_agent(variant: str, tmp_path: Path) -> None:
-    _need_toolchain()
-    flags = VARIANTS[variant]
-    agent = tmp_path / "agent"
-    test = tmp_path / "test_exec"
-    # plain: the agent exactly as it goes into the guest (static, stripped); sanitized: ASan+UBSan both sides
-    agent_build.compile_agent(agent, None if variant == "plain" else [*WARN, *flags])
-    _cc([*WARN, *flags, "-I", str(ROOT / "csrc"), "-o", str(test),
-         str(ROOT / "tests/c/test_exec.c"), str(ROOT / "csrc/exec_client.c"), "-luring", "-lpthread"])
-    res = subprocess.run(
-        [str(test), str(agent)], capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
-             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"},
-    )
-    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
-    assert "0 failure(s)" in res.stdout
+    run_client_against_agent(variant, tmp_path, "test_exec.c", ["exec_client.c"])
 
 
 def test_ensure_agent_is_static_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _need_toolchain()
+    need_toolchain()
     monkeypatch.setenv("SMOLVM_HOME", str(tmp_path))
     path = agent_build.ensure_agent()
     assert path.is_file() and path.is_relative_to(tmp_path)

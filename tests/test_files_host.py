@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,41 +15,12 @@ import pytest
 
 from smolvm.build import agent as agent_build
 
-ROOT = Path(__file__).resolve().parents[1]
-WARN = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g"]
-SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-VARIANTS = {"plain": ["-O2"], "sanitized": SANITIZE}
-
-
-def _need_toolchain() -> None:
-    if shutil.which("cc") is None or shutil.which("gcc") is None:
-        pytest.skip("needs a C compiler: apt-get install gcc libc6-dev")
-    if not Path("/usr/include/liburing.h").exists():
-        pytest.skip("needs liburing: apt-get install liburing-dev")
-
-
-def _cc(args: list[str]) -> None:
-    res = subprocess.run(["cc", *args], capture_output=True, text=True)
-    assert res.returncode == 0, f"cc {' '.join(args)}\n{res.stderr}"
+from agent_host import VARIANTS, need_toolchain, run_client_against_agent  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_file_client_against_agent(variant: str, tmp_path: Path) -> None:
-    _need_toolchain()
-    flags = VARIANTS[variant]
-    agent = tmp_path / "agent"
-    test = tmp_path / "test_files"
-    # plain: the agent exactly as it goes into the guest (static, stripped); sanitized: ASan+UBSan both sides
-    agent_build.compile_agent(agent, None if variant == "plain" else [*WARN, *flags])
-    _cc([*WARN, *flags, "-I", str(ROOT / "csrc"), "-o", str(test), str(ROOT / "tests/c/test_files.c"),
-         str(ROOT / "csrc/file_client.c"), str(ROOT / "csrc/exec_client.c"), "-luring", "-lpthread"])  # fmt: skip
-    res = subprocess.run(
-        [str(test), str(agent)], capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
-             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"},
-    )  # fmt: skip
-    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
-    assert "0 failure(s)" in res.stdout
+    run_client_against_agent(variant, tmp_path, "test_files.c", ["file_client.c", "exec_client.c"])
 
 
 # ---- the Python binding ---------------------------------------------------------------
@@ -72,7 +42,7 @@ def nat() -> ModuleType:
 @pytest.fixture(scope="module")
 def agent_sock(nat: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The static agent listening in --unix mode; the path of its socket."""
-    _need_toolchain()
+    need_toolchain()
     work = tmp_path_factory.mktemp("agent")
     binary = work / "agent"
     agent_build.compile_agent(binary)
