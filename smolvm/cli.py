@@ -89,6 +89,16 @@ def _current_keys(home: Path) -> tuple[dict[str, str | None], list[str]]:
     return keys, notes
 
 
+def _image_report() -> list[dict[str, Any]]:
+    """The built root images (the newest of each name)."""
+    from .build.image import _built
+
+    newest: dict[str, Path] = {}
+    for _done, name, folder in _built():
+        newest[name] = folder
+    return [{"name": n, "path": str(f / "rootfs.ext4"), "bytes": _du(f)} for n, f in sorted(newest.items())]
+
+
 def _cache_report(home: Path) -> dict[str, Any]:
     """What is built in $SMOLVM_HOME: per kind, the complete entries and whether the current one is there."""
     keys, notes = _current_keys(home)
@@ -208,6 +218,7 @@ def doctor_report() -> dict[str, Any]:
     h = home()
     rep["home"] = {"path": str(h), "bytes": _du(h)}
     rep["cache"] = _cache_report(h)
+    rep["cache"]["images"] = _image_report()
     rep["snapshots"] = _snapshot_report(h, rep)
     vms = h / "vms"
     rep["vm_dirs"] = sorted(p.name for p in vms.iterdir()) if vms.is_dir() else []
@@ -255,6 +266,11 @@ def _print_doctor(rep: dict[str, Any]) -> None:
         else:
             stale = f"; {len(item['entries'])} older build(s) cached" if item["entries"] else ""
             line(kind, f"not built (run `smolvm build`){stale}")
+    images = rep["cache"].get("images", [])
+    if images:
+        line("images", ", ".join(f"{im['name']} ({_mib(im['bytes'])})" for im in images))
+    else:
+        line("images", "none built (run `smolvm build`; VMs build the default image on first use)")
     for note in rep["cache"]["_notes"]:
         line("note", note)
     snaps = rep["snapshots"]

@@ -273,6 +273,9 @@ def test_doctor_json(smolvm_env: dict[str, str], tmp_path: Path) -> None:
     assert rep["kvm"]["present"] == Path("/dev/kvm").exists()
     for kind in ("kernel", "agent", "initramfs"):
         assert "built" in rep["cache"][kind]
+    from smolvm.build.image import list_images
+
+    assert sorted(im["name"] for im in rep["cache"]["images"]) == list_images()
     assert "path" in rep["home"] and rep["home"]["bytes"] >= 0
     if rep["kvm"].get("usable"):
         assert rep["kvm"]["info"]["api_version"] == 12
