@@ -8,6 +8,17 @@ import time
 from pathlib import Path
 
 
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for host tools we run (mkfs, mmdebstrap, tar): without this process's LD_PRELOAD.
+
+    A preloaded library (the ASan runtime when the test suite runs a sanitized build) is
+    for this Python process only: in mmdebstrap, apt and gpg it hangs or breaks them.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(extra)
+    return env
+
+
 def reap(pid: int, grace: float) -> int | None:
     """Wait up to `grace` seconds for pid to exit, then SIGKILL it; return its wait status.
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ._process import tool_env
 from .errors import SmolVMError
 
 MIB = 1 << 20
@@ -41,8 +42,7 @@ def create(path: Path, size_mib: int) -> None:
     except OSError as e:
         raise DiskError(f"could not create the VM disk {path}: {e}") from e
     res = subprocess.run(
-        [_mkfs(), *MKFS_OPTIONS, str(path)], capture_output=True, text=True,
-        env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
+        [_mkfs(), *MKFS_OPTIONS, str(path)], capture_output=True, text=True, env=tool_env(),
     )  # fmt: skip
     if res.returncode != 0:
         path.unlink(missing_ok=True)

@@ -50,16 +50,17 @@ def root() -> Path:
     return r
 
 
+def file_ident(path: Path) -> bytes:
+    """Which file this is, as far as a cache key needs: resolved path, size, modification time."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+
+
 def base_key(
     kernel: Path, initrd: Path, cmdline: str, memory: int, vcpus: int, vmm: Path,
     extra: list[bytes] | None = None,
 ) -> str:  # fmt: skip
     """Changes whenever anything that shapes the booted guest changes."""
-
-    def ident(p: Path) -> bytes:
-        st = p.stat()
-        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
-
     # The VMM by its sources (shipped with the package) and build flavour: a reinstall of
     # the same code keeps hitting the cache (binaries differ by build path in debug info),
     # any change to the VMM (snapshot format, devices) misses it.
@@ -71,7 +72,7 @@ def base_key(
     h.update(b"asan" if b"__asan_init" in vmm.read_bytes() else b"plain")
     vmm_hash = h.digest()
     return digest(
-        [b"base-v1", ident(kernel), ident(initrd), vmm_hash, cmdline.encode(),
+        [b"base-v1", file_ident(kernel), file_ident(initrd), vmm_hash, cmdline.encode(),
          str(memory).encode(), str(vcpus).encode(), *(extra or [])]
     )  # fmt: skip
 

@@ -667,12 +667,7 @@ class SmolVM:
             *self._common_argv(),
         ]  # fmt: skip
         if image_file is not None:
-            target = self._state_dir / DISK_FILE
-            if fresh_disk:
-                assert self._disk_size is not None
-                disk.create(target, self._disk_size)
-            else:
-                disk.placeholder(target)
+            target = self._make_disk(None, fresh=fresh_disk)
             argv += ["--disk", f"{image_file},ro", "--disk", str(target)]
         return argv
 
@@ -686,7 +681,7 @@ class SmolVM:
             return argv
         image_file = Path(str(image.get("path", "")))
         try:
-            same = _ident(image_file).decode() == str(image.get("ident", ""))
+            same = snapshots.file_ident(image_file).decode() == str(image.get("ident", ""))
         except OSError:
             same = False
         if not same:
@@ -695,18 +690,26 @@ class SmolVM:
                 f"{image_file}, which has since been rebuilt or removed; take the snapshot again"
             )
         self._state_dir.mkdir(parents=True, exist_ok=False)
+        saved = snap / DISK_FILE  # a user snapshot's disk; a base snapshot has none
+        target = self._make_disk(saved if saved.exists() else None, fresh=True)
+        return argv + ["--disk", f"{image_file},ro", "--disk", str(target)]
+
+    def _make_disk(self, saved: Path | None, fresh: bool) -> Path:
+        """The VM's disk in its state folder: a copy of a snapshot's, a new one of disk_size
+        MiB (fresh), or an empty placeholder. On failure the state folder goes too."""
         target = self._state_dir / DISK_FILE
         try:
-            if (snap / DISK_FILE).exists():
-                disk.copy_sparse(snap / DISK_FILE, target)
-                self._disk_size = int(str(meta.get("disk_size") or 0)) or self._disk_size
-            else:
+            if saved is not None:
+                disk.copy_sparse(saved, target)
+            elif fresh:
                 assert self._disk_size is not None
                 disk.create(target, self._disk_size)
+            else:
+                disk.placeholder(target)
         except BaseException:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             raise
-        return argv + ["--disk", f"{image_file},ro", "--disk", str(target)]
+        return target
 
     def _check_uds(self) -> None:
         uds = self._state_dir / "vsock.sock"
@@ -759,7 +762,7 @@ class SmolVM:
             from .build.image import image_path
 
             path = image_path(self._image)
-            meta["image"] = {"name": self._image, "path": str(path), "ident": _ident(path).decode()}
+            meta["image"] = {"name": self._image, "path": str(path), "ident": snapshots.file_ident(path).decode()}
             meta["disk_size"] = self._disk_size
         return meta
 
@@ -969,15 +972,10 @@ def base_key(
     profile: Profile,
 ) -> str:  # fmt: skip
     """The key of the base snapshot of a configuration (the disk size is not part of it)."""
-    extra = [b"image:" + _ident(image_file)] if image_file is not None else []
+    extra = [b"image:" + snapshots.file_ident(image_file)] if image_file is not None else []
     return snapshots.base_key(
         kernel, initrd, boot_cmdline(profile, image_file), memory, vcpus, vmm, extra
     )
-
-
-def _ident(path: Path) -> bytes:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
 
 
 def _stop_vmm(rec: registry.VMRecord, ctl_fd: int, pid: int | None) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .._paths import data_dir, home
+from .._process import tool_env
 from ..errors import SmolVMError
 from ._cache import cached, digest, progress
 
@@ -143,7 +144,7 @@ def mmdebstrap_version() -> str:
             return f"mmdebstrap {m[1].decode()}"
     except OSError:
         pass
-    out = subprocess.run([tool, "--version"], capture_output=True, text=True, env=_clean_env())
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True, env=tool_env())
     if out.returncode != 0 or not out.stdout.strip():
         raise ImageBuildError(f"`mmdebstrap --version` failed: {out.stderr.strip()} (`{TOOLS_HINT}`)")
     return out.stdout.strip()
@@ -179,17 +180,6 @@ def _log_tail(log: Path, n: int = 15) -> str:
 def _step(name: str, msg: str) -> None:
     """One progress line of a build (also the hook the tests use to interrupt a build half-way)."""
     progress(f"image {name}: {msg}")
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """Environment for the build tools: without this process's LD_PRELOAD.
-
-    A preloaded library (the ASan runtime when the test suite runs a sanitized build) is
-    for this Python process only: in mmdebstrap, apt and gpg it hangs or breaks them.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env.update(extra)
-    return env
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -251,7 +241,7 @@ def _bootstrap(name: str, packages: list[str], work: Path, log: Path) -> Path:
         f"deb {MIRROR} {SUITE}-updates main",
         f"deb {SECURITY_MIRROR} {SUITE}-security main",
     ]
-    env = _clean_env(LC_ALL="C.UTF-8")
+    env = tool_env(LC_ALL="C.UTF-8")
     env.pop("TMPDIR", None)
     # mmdebstrap's own temporary chroot; a non-root namespace can only reach world-writable folders
     if os.geteuid() == 0:
@@ -268,7 +258,7 @@ def _bootstrap(name: str, packages: list[str], work: Path, log: Path) -> Path:
         logf.flush()
         mm = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=env, start_new_session=True)
-        tar = subprocess.Popen(extract, stdin=mm.stdout, stdout=logf, stderr=logf, env=_clean_env(),
+        tar = subprocess.Popen(extract, stdin=mm.stdout, stdout=logf, stderr=logf, env=tool_env(),
                                start_new_session=True)
         assert mm.stdout is not None and mm.stderr is not None
         mm.stdout.close()
@@ -330,7 +320,7 @@ def _mkfs(name: str, rootfs: Path, image: Path, work: Path, log: Path) -> None:
             logf.write(f"\n$ {' '.join(argv)}\n".encode())
             logf.flush()
             rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                env=_clean_env()).returncode
+                                env=tool_env()).returncode
         if rc != 0:
             raise ImageBuildError(f"`{' '.join(argv)}` failed (exit {rc}):\n{_log_tail(log, 20)}")
 
