@@ -16,6 +16,7 @@
 
 #include "serial.h"
 #include "vm.h"
+#include "xstate.h"
 
 #define VCPU_MAX_CPUID 256
 #define MSR_IA32_MISC_ENABLE 0x1a0
@@ -220,10 +221,26 @@ int vcpu_setup_long_mode(struct vcpu *v, uint64_t entry, uint64_t zero_page,
 	return ioctl(v->fd, KVM_SET_REGS, &regs) < 0 ? -errno : 0;
 }
 
+/* The compat guest kernel's XSAVE/XRSTOR request (xstate.h); served only when vm->xstate_port. */
+static void vcpu_xstate(struct vcpu *v, const uint8_t *data)
+{
+	uint32_t gpa;
+
+	if (!v->xstate && v->cpuid)
+		(void)xstate_new(v->vm->kvm_fd, v->cpuid, &v->xstate); /* on failure: -ENOSYS */
+	memcpy(&gpa, data, sizeof(gpa));
+	xstate_request(v->xstate, v->vm, v->fd, gpa);
+}
+
 /* Legacy ports: the UART at 0x3f8, i8042 reset, and quiet defaults for everything else. */
 static void vcpu_pio(struct vcpu *v, uint16_t port, uint8_t *data, uint32_t size, int is_write)
 {
 	struct vm *vm = v->vm;
+
+	if (port == XSTATE_PORT && size == 4 && is_write && vm->xstate_port) {
+		vcpu_xstate(v, data);
+		return;
+	}
 
 	if (port >= 0x3f8 && port < 0x400 && size == 1) {
 		serial_io(vm->serial, (uint16_t)(port - 0x3f8), data, is_write);
@@ -424,5 +441,6 @@ void vcpu_destroy(struct vcpu *v)
 	if (v->fd >= 0)
 		close(v->fd);
 	free(v->cpuid);
+	xstate_free(v->xstate);
 	free(v);
 }

@@ -8,6 +8,7 @@
 struct vm;
 struct kvm_run;
 struct kvm_cpuid2;
+struct xstate;
 
 struct vcpu {
 	struct vm *vm;
@@ -19,6 +20,7 @@ struct vcpu {
 	int started;
 	struct kvm_cpuid2 *cpuid; /* what KVM_SET_CPUID2 got; kept for snapshots */
 	size_t cpuid_size;
+	struct xstate *xstate; /* XSTATE_PORT handler state, made on first use (vCPU thread) */
 };
 
 /* Create vCPU `id` of vm (CPUID, MSRs, LAPIC LINT0/1 set). Returns 0 or -errno. */

@@ -30,6 +30,7 @@ struct vm {
 	struct vm_mmio_dev mmio[VM_MAX_MMIO_DEVS];
 	int nr_mmio;
 	int console_fd; /* serial output goes here; -1 = discard */
+	int xstate_port; /* serve XSTATE_PORT (compat profile guests only; xstate.h) */
 	struct serial *serial;
 	volatile int exit_reason; /* set once by a vCPU: VM_EXIT_* */
 	char exit_msg[256];

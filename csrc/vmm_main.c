@@ -36,7 +36,7 @@
 
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen;
-	int daemonize;
+	int daemonize, xstate_port;
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
 	int nr_disks;
@@ -65,7 +65,7 @@ static void vmm_usage(void)
 {
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
-			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]...\n");
+			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port]\n");
 }
 
 static int vmm_parse(int argc, char **argv, struct vmm_args *a)
@@ -82,6 +82,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "restore", required_argument, NULL, 'r' },
 		{ "ctl-listen", required_argument, NULL, 'l' },
 		{ "daemonize", no_argument, NULL, 'd' },
+		{ "xstate-port", no_argument, NULL, 'x' },
 		{ "disk", required_argument, NULL, 'b' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -105,6 +106,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'r': a->restore = optarg; break;
 		case 'l': a->ctl_listen = optarg; break;
 		case 'd': a->daemonize = 1; break;
+		case 'x': a->xstate_port = 1; break;
 		case 'b':
 			if (a->nr_disks >= VMM_MAX_DISKS)
 				return -E2BIG;
@@ -248,6 +250,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	ret = kvm_vm_create(vm, info.mem_size, mem_fd);
 	if (ret)
 		goto out;
+	vm->xstate_port = v->a.xstate_port;
 	ret = evloop_new(&vm->loop);
 	if (ret)
 		VMM_FAIL(ret, "io_uring setup: %s", strerror(-ret));

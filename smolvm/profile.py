@@ -22,11 +22,16 @@ BASE_ARGS: tuple[str, ...] = (
 
 # What got Linux 6.1 through on a KVM that emulates guest ring 0 (see shared/pvm-notes.md).
 # The kernel keeps only the first ~128 characters of clearcpuid=: keep the list short.
+# AVX and AVX-512 stay: guest user space uses them natively whatever the kernel is told, so
+# the kernel keeps XSAVE and switches that state through the VMM (`--xstate-port`; the
+# kernel patch 0002 also drops XSAVES/XSAVEC/XSAVEOPT/XGETBV1/PKU under smolvm_compat).
 COMPAT_CLEARCPUID = (
     "cx16,popcnt,erms,fsrm,rep_good,smap,smep,pcid,invpcid,fsgsbase,"
-    "rdrand,rdseed,rdpid,avx,avx2,avx512f,bmi1,bmi2"
+    "rdrand,rdseed,rdpid,bmi1,bmi2"
 )
-COMPAT_ARGS: tuple[str, ...] = ("smolvm_compat", "noxsave", f"clearcpuid={COMPAT_CLEARCPUID}")
+COMPAT_ARGS: tuple[str, ...] = ("smolvm_compat", f"clearcpuid={COMPAT_CLEARCPUID}")
+# What the VMM must do for such a guest: serve the kernel's XSAVE/XRSTOR requests (csrc/xstate.h).
+COMPAT_VMM_ARGS: tuple[str, ...] = ("--xstate-port",)
 
 # CONFIG_HZ of our guest kernel (CONFIG_HZ_100 in kernel-config/smolvm.config).
 KERNEL_HZ = 100
@@ -41,6 +46,7 @@ class Profile:
     name: str
     reason: str
     extra_args: tuple[str, ...]
+    vmm_args: tuple[str, ...] = ()
 
     @property
     def compat(self) -> bool:
@@ -127,7 +133,13 @@ def detect(env: Mapping[str, str] | None = None, root: Path = Path("/")) -> Prof
 
 
 def _make(name: str, reason: str) -> Profile:
-    return Profile(name=name, reason=reason, extra_args=COMPAT_ARGS if name == "compat" else ())
+    compat = name == "compat"
+    return Profile(
+        name=name,
+        reason=reason,
+        extra_args=COMPAT_ARGS if compat else (),
+        vmm_args=COMPAT_VMM_ARGS if compat else (),
+    )
 
 
 def lpj_arg(root: Path = Path("/")) -> str | None:

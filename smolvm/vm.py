@@ -728,6 +728,8 @@ class SmolVM:
         ]  # fmt: skip
         if self._persistent:
             argv.append("--daemonize")
+        if self._profile is not None:
+            argv += self._profile.vmm_args
         return argv
 
     def _save_base(self, base: Path) -> None:

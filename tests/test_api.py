@@ -186,7 +186,8 @@ def test_kernel_cmdline(tmp_path: Path) -> None:
     words = line.split()
     assert words[: len(prof.BASE_ARGS)] == list(prof.BASE_ARGS)
     assert "lpj=24454060" in words
-    assert "smolvm_compat" in words and "noxsave" in words
+    assert "smolvm_compat" in words and "noxsave" not in words
+    assert compat.vmm_args == ("--xstate-port",)
     assert words[-2:] == ["quiet", "loglevel=3"]
     clear = next(w for w in words if w.startswith("clearcpuid="))
     assert len(clear) < 128, "the kernel ignores clearcpuid= past ~128 characters"

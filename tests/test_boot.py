@@ -31,12 +31,14 @@ def boot_until(
 ) -> str:
     """Start smolvm-vmm on kernel with earlyprintk; return the console once all `want` appear."""
     console = tmp_path / "console.log"
-    cmdline = kernel_cmdline(detect()) + " earlyprintk=serial,ttyS0"
+    profile = detect()
+    cmdline = kernel_cmdline(profile) + " earlyprintk=serial,ttyS0"
     owner, child = socket.socketpair()
     proc = subprocess.Popen(
         [str(vmm_path()), "--kernel", str(kernel), "--cmdline", cmdline, "--mem-mib", "256",
          "--vcpus", str(vcpus), "--vsock-uds", str(tmp_path / "v.sock"),
-         "--console", str(console), "--ctl-fd", str(child.fileno()), *(extra or [])],
+         "--console", str(console), "--ctl-fd", str(child.fileno()), *profile.vmm_args,
+         *(extra or [])],
         pass_fds=[child.fileno()], stderr=subprocess.PIPE,
     )  # fmt: skip
     child.close()
