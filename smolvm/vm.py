@@ -975,6 +975,8 @@ def base_key(
 ) -> str:  # fmt: skip
     """The key of the base snapshot of a configuration (the disk size is not part of it)."""
     extra = [b"image:" + snapshots.file_ident(image_file)] if image_file is not None else []
+    if profile.vmm_args:  # e.g. the compat guest kernel switches XSAVE state only with --xstate-port
+        extra.append(b"vmm-args:" + " ".join(profile.vmm_args).encode())
     return snapshots.base_key(
         kernel, initrd, boot_cmdline(profile, image_file), memory, vcpus, vmm, extra
     )
