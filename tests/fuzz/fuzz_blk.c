@@ -8,6 +8,7 @@
  *
  * Input: [flags] then requests [nseg][type][sector:4][kick] + nseg x [where][len:2][dflags].
  *   flags & 1: the read-only disk; flags & 2: well-formed driver status sequence skipped
+ *   kick & 1: QueueNotify and run the loop; & 2: a config/ISR read; & 8: a register write [value]
  *   where 0 = the request's header, 1 = its status byte, 2..254 = a data page, 255 = past RAM
  */
 #include "fuzz_common.h"
@@ -140,6 +141,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 			md->access(md->opaque, VIRTIO_MMIO_QUEUE_NOTIFY, &q, 4, true);
 			fuzz_loop_settle(loop, 8);
+		}
+		if (kick & 8) { /* a register write mid-flight: QueueReady = 0, status changes, a new ring... */
+			static const uint16_t regs[] = { VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_QUEUE_NUM,
+							 VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_SEL,
+							 VIRTIO_MMIO_INTERRUPT_ACK };
+			uint32_t v = fuzz_u8(&in);
+
+			md->access(md->opaque, regs[(kick >> 4) % 6], &v, 4, true);
 		}
 		if (kick & 2) {
 			uint64_t v = 0;

@@ -4,7 +4,7 @@
  * buffers, plus the queue size, the ring addresses, the starting ring indices
  * (wrap-around) and what the device does with each chain it pops.
  *
- * Layout: [size:2][desc:2][avail:2][used:2][start:2][ops:16] then RAM bytes.
+ * Layout: [size:2][desc:2][avail:2][used:2][start:2][ops:16][gpa gate: 24] then RAM bytes.
  * Ring addresses are offsets in a 64 KiB RAM; the rest of the input is copied
  * to RAM from offset 0 (descriptor addresses reach past RAM on purpose).
  */
@@ -18,6 +18,32 @@
 #define QMAX 256
 
 static struct vm *vm;
+
+/*
+ * vm_gpa(), the one guest-address gate, on a VM of any size (up to 1 TiB, RAM split around
+ * the 32-bit MMIO gap): whatever it returns must lie inside the RAM mapping. Pointers are
+ * only compared, never followed, so no such mapping is needed.
+ */
+static void gpa_gate(struct fuzz_in *in)
+{
+	struct vm big = { .mem = (uint8_t *)(uintptr_t)0x100000000000ull };
+	uint64_t gpa = fuzz_u64(in), len = fuzz_u64(in);
+	uint8_t *p;
+
+	big.mem_size = fuzz_u64(in) & ((1ull << 40) - 1);
+	if (len & 1)
+		len >>= 32; /* short ranges too */
+	if (gpa & 1)
+		gpa = VM_GAP_START - (gpa >> 48) + (gpa & 2 ? VM_GAP_END - VM_GAP_START : 0); /* around the gap */
+	p = vm_gpa(&big, gpa, len);
+	if (p) {
+		uintptr_t off = (uintptr_t)p - (uintptr_t)big.mem;
+
+		FUZZ_CHECK(off <= big.mem_size && len <= big.mem_size - off);
+		if (len) /* a non-empty range maps linearly, low RAM at 0 and the rest from VM_GAP_END */
+			FUZZ_CHECK(gpa < VM_GAP_START ? off == gpa : gpa >= VM_GAP_END && off == gpa - VM_GAP_END + VM_GAP_START);
+	}
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -41,6 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	start = fuzz_u16(&in);
 	fuzz_bytes(&in, ops, sizeof(ops));
 	fuzz_bytes(&in, vm->mem, in.n - in.off < RAM ? in.n - in.off : RAM);
+	gpa_gate(&in);
 	if (virtq_enable(&q, QMAX) < 0)
 		return 0;
 	/* a queue restored from a snapshot resumes at any index: exercise the 16-bit wrap */

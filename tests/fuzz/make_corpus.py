@@ -47,6 +47,7 @@ def queue_seeds() -> dict[str, bytes]:
             struct.pack_into("<H", mem, 0x400 + 4 + 2 * ((start + i) % size), h)
         struct.pack_into("<HH", mem, 0x400, 0, (start + len(heads)) & 0xFFFF)
         head = struct.pack("<HHHHH", size, 0, 0x400, 0x800, start) + bytes(range(0, 160, 10))
+        head += struct.pack("<QQQ", 0xFFFFF000 | 1, 0x2000, 6 << 30)  # vm_gpa: just below the MMIO gap
         return head + bytes(mem)
 
     blk = [(0x1000, 16, 0), (0x1100, 512, 2), (0x1400, 1, 2)]
