@@ -155,7 +155,7 @@ const void *snap_get(const struct snap_reader *r, uint32_t type, uint32_t index,
 
 /* ---- fakes: evloop.h, poll()-based, run inline by the harness ---- */
 
-#define FUZZ_EV_MAX 256
+#define FUZZ_EV_MAX 32 /* watches: listening socket, work and notify eventfds, a few clients */
 
 struct evloop {
 	struct {
