@@ -51,6 +51,7 @@ TARGETS = {
         Target("file_client", ("tests/fuzz/fuzz_file_client.c", "csrc/file_client.c", "csrc/exec_client.c"),
                ("-luring", "-lpthread")),  # fmt: skip
         Target("agent", ("tests/fuzz/fuzz_agent.c",), max_len=8192),
+        Target("serial", ("tests/fuzz/fuzz_serial.c", "csrc/serial.c"), ("-lpthread",)),
     )
 }
 

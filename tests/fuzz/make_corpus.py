@@ -171,6 +171,14 @@ def file_client_seeds() -> dict[str, bytes]:
     }
 
 
+def serial_seeds() -> dict[str, bytes]:
+    # Linux's 8250 probe and console set-up: LCR/DLAB divisor, FIFO, MCR loopback test, IER, then text
+    probe = [(3, 0x80), (0, 0x01), (1, 0x00), (3, 0x03), (2, 0x07), (4, 0x10), (0x86, 0), (4, 0x0B), (1, 0x02),
+             (0x82, 0), (0x85, 0)]  # fmt: skip
+    text = [(0, c) for c in b"Linux version 6.1\n"] + [(0x85, 0), (0x82, 0)]
+    return {"linux_console": bytes(b for rec in probe + text for b in rec), "long_line": bytes([0, 65] * 300)}
+
+
 SEEDS = {
     "queue": queue_seeds,
     "mmio": mmio_seeds,
@@ -179,6 +187,7 @@ SEEDS = {
     "agent": agent_seeds,
     "exec_client": exec_client_seeds,
     "file_client": file_client_seeds,
+    "serial": serial_seeds,
 }
 
 
