@@ -10,13 +10,20 @@
  * Side effects are stubbed so that fuzzing runs nothing and writes nothing on
  * the host: posix_spawn fails (no command runs), PUT's temporary file is a
  * memfd and its rename/unlink/fchmod do nothing, GET opens a memfd whose size
- * depends on the path, and log lines are dropped. stat() of the host's own
- * paths (cwd, PUT target) stays real and read-only.
+ * depends on the path, and log lines are dropped; kill, mount, mkdir, chroot,
+ * ioctl, fork and execve fail with EPERM. stat() of the host's own paths (cwd,
+ * PUT target) stays real and read-only. A change to how agent.c starts
+ * commands or touches the system must be stubbed here too.
  */
 #define _GNU_SOURCE
+/* every header agent.c includes, before the macros below rename its calls */
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/random.h>
+#include <linux/vm_sockets.h>
+#include <net/if.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -26,12 +33,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
-static int fuzz_posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+static __attribute__((unused)) int fuzz_posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
 			    const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
 {
 	(void)pid;
@@ -43,26 +57,26 @@ static int fuzz_posix_spawn(pid_t *pid, const char *path, const posix_spawn_file
 	return ENOEXEC;
 }
 
-static int fuzz_mkostemp(char *tmpl, int flags)
+static __attribute__((unused)) int fuzz_mkostemp(char *tmpl, int flags)
 {
 	(void)tmpl;
 	return memfd_create("fuzz-put", (unsigned)(flags & O_CLOEXEC ? MFD_CLOEXEC : 0));
 }
 
-static int fuzz_rename(const char *from, const char *to)
+static __attribute__((unused)) int fuzz_rename(const char *from, const char *to)
 {
 	(void)from;
 	(void)to;
 	return 0;
 }
 
-static int fuzz_unlink(const char *path)
+static __attribute__((unused)) int fuzz_unlink(const char *path)
 {
 	(void)path;
 	return 0;
 }
 
-static int fuzz_fchmod(int fd, mode_t mode)
+static __attribute__((unused)) int fuzz_fchmod(int fd, mode_t mode)
 {
 	(void)fd;
 	(void)mode;
@@ -70,7 +84,7 @@ static int fuzz_fchmod(int fd, mode_t mode)
 }
 
 /* GET: a regular file of (path length * 997) % 5000 bytes; a path ending in '/' opens "/" (a folder). */
-static int fuzz_open(const char *path, int flags, ...)
+static __attribute__((unused)) int fuzz_open(const char *path, int flags, ...)
 {
 	static uint8_t fill[5000];
 	size_t len = strlen(path), size = (len * 997) % sizeof(fill);
@@ -91,13 +105,103 @@ static int fuzz_open(const char *path, int flags, ...)
 }
 
 /* Log lines go to fd 2: drop them (sanitizer reports do not pass through here). */
-static ssize_t fuzz_write(int fd, const void *buf, size_t len)
+static __attribute__((unused)) ssize_t fuzz_write(int fd, const void *buf, size_t len)
 {
 	if (fd == 2)
 		return (ssize_t)len;
 	return write(fd, buf, len);
 }
 
+/*
+ * A safety net for code that agent.c does not reach from these frames today (boot set-up, the
+ * overlay root) or may grow (other ways to start or limit commands): whatever would touch the
+ * host's processes, mounts or file system fails with EPERM instead of happening.
+ */
+static __attribute__((unused)) int fuzz_refuse(void)
+{
+	errno = EPERM;
+	return -1;
+}
+
+static __attribute__((unused)) int fuzz_kill(pid_t pid, int sig)
+{
+	(void)pid;
+	(void)sig;
+	return fuzz_refuse();
+}
+
+static __attribute__((unused)) int fuzz_mount(const char *src, const char *dst, const char *type, unsigned long flags, const void *data)
+{
+	(void)src;
+	(void)dst;
+	(void)type;
+	(void)flags;
+	(void)data;
+	return fuzz_refuse();
+}
+
+static __attribute__((unused)) int fuzz_umount2(const char *path, int flags)
+{
+	(void)path;
+	(void)flags;
+	return fuzz_refuse();
+}
+
+static __attribute__((unused)) int fuzz_path_op(const char *path)
+{
+	(void)path;
+	return fuzz_refuse();
+}
+
+static __attribute__((unused)) int fuzz_mkdir(const char *path, mode_t mode)
+{
+	(void)mode;
+	return fuzz_path_op(path);
+}
+
+static __attribute__((unused)) int fuzz_symlink(const char *target, const char *path)
+{
+	(void)target;
+	return fuzz_path_op(path);
+}
+
+static __attribute__((unused)) int fuzz_sethostname(const char *name, size_t len)
+{
+	(void)name;
+	(void)len;
+	return fuzz_refuse();
+}
+
+static __attribute__((unused)) int fuzz_ioctl(int fd, unsigned long req, ...)
+{
+	(void)fd;
+	(void)req;
+	return fuzz_refuse();
+}
+
+static __attribute__((unused)) pid_t fuzz_fork(void)
+{
+	return fuzz_refuse();
+}
+
+static __attribute__((unused)) int fuzz_execve(const char *path, char *const argv[], char *const envp[])
+{
+	(void)argv;
+	(void)envp;
+	return fuzz_path_op(path);
+}
+
+#define kill(...) fuzz_kill(__VA_ARGS__)
+#define mount(...) fuzz_mount(__VA_ARGS__)
+#define umount2(...) fuzz_umount2(__VA_ARGS__)
+#define chroot(...) fuzz_path_op(__VA_ARGS__)
+#define chdir(...) fuzz_path_op(__VA_ARGS__)
+#define mkdir(...) fuzz_mkdir(__VA_ARGS__)
+#define symlink(...) fuzz_symlink(__VA_ARGS__)
+#define sethostname(...) fuzz_sethostname(__VA_ARGS__)
+#define ioctl(...) fuzz_ioctl(__VA_ARGS__)
+#define fork(...) fuzz_fork(__VA_ARGS__)
+#define execve(...) fuzz_execve(__VA_ARGS__)
 #define posix_spawn(...) fuzz_posix_spawn(__VA_ARGS__)
 #define mkostemp(...) fuzz_mkostemp(__VA_ARGS__)
 #define rename(...) fuzz_rename(__VA_ARGS__)
