@@ -48,3 +48,16 @@ def test_fuzz_smoke(clang: str, tmp_path: Path, name: str) -> None:
                  timeout=120)  # fmt: skip
     assert res.returncode == 0, res.output[-4000:]
     assert res.execs > 0 and res.cov > 0, res.output[-2000:]
+
+
+def test_seed_corpus_current() -> None:
+    """The seeds are what tests/fuzz/make_corpus.py writes for this tree (e.g. after a protocol bump)."""
+    import make_corpus
+
+    stale = [
+        f"{target}/{name}"
+        for target, make in make_corpus.SEEDS.items()
+        for name, data in make().items()
+        if not (ft.TARGETS[target].corpus / name).is_file() or (ft.TARGETS[target].corpus / name).read_bytes() != data
+    ]
+    assert not stale, f"stale fuzz seeds {stale}: run python3 tests/fuzz/make_corpus.py"

@@ -11,7 +11,7 @@
  * the host: posix_spawn fails (no command runs), PUT's temporary file is a
  * memfd and its rename/unlink/fchmod do nothing, GET opens a memfd whose size
  * depends on the path, and log lines are dropped; kill, mount, mkdir, chroot,
- * ioctl, fork and execve fail with EPERM. stat() of the host's own paths (cwd,
+ * ioctl, fork and execve fail with EPERM, connect with ECONNREFUSED. stat() of the host's own paths (cwd,
  * PUT target) stays real and read-only. A change to how agent.c starts
  * commands or touches the system must be stubbed here too.
  */
@@ -191,6 +191,16 @@ static __attribute__((unused)) int fuzz_execve(const char *path, char *const arg
 	return fuzz_path_op(path);
 }
 
+static __attribute__((unused)) int fuzz_connect(int fd, const struct sockaddr *sa, socklen_t len)
+{
+	(void)fd;
+	(void)sa;
+	(void)len;
+	errno = ECONNREFUSED; /* nothing listens: no connection leaves the harness */
+	return -1;
+}
+
+#define connect(...) fuzz_connect(__VA_ARGS__)
 #define kill(...) fuzz_kill(__VA_ARGS__)
 #define mount(...) fuzz_mount(__VA_ARGS__)
 #define umount2(...) fuzz_umount2(__VA_ARGS__)
@@ -212,6 +222,13 @@ static __attribute__((unused)) int fuzz_execve(const char *path, char *const arg
 #define main agent_main
 
 #include "../../guest/agent/agent.c"
+/* the agent's other files, where the tree has them: one translation unit, so the stubs apply */
+#if __has_include("../../guest/agent/relay.c")
+#include "../../guest/agent/relay.c"
+#endif
+#if __has_include("../../guest/agent/netcfg.c")
+#include "../../guest/agent/netcfg.c"
+#endif
 
 #undef write
 #undef open

@@ -8,11 +8,13 @@ frames of csrc/proto.h as the host and the agent send them. Run it again after a
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MAGIC = 0x32564D53
+# the protocol version of the tree: seeds follow csrc/proto.h (rerun this script after a bump)
+MAGIC = int(re.search(r"#define SMOLVM_PROTO_MAGIC (0x[0-9a-fA-F]+)u", (HERE.parents[1] / "csrc" / "proto.h").read_text())[1], 16)
 EXEC, STDOUT, STDERR, EXIT, ERROR, SETUP, PUT, READY, DATA, GET = range(1, 11)
 
 
