@@ -66,6 +66,11 @@ static void *peer_thread(void *arg)
 	return NULL;
 }
 
+static void peer_unlink(void)
+{
+	unlink(peer_path);
+}
+
 static void peer_start(void)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -80,6 +85,7 @@ static void peer_start(void)
 	PEER_CHECK(peer_listen >= 0);
 	PEER_CHECK(bind(peer_listen, (struct sockaddr *)&sa, sizeof(sa)) == 0);
 	PEER_CHECK(listen(peer_listen, 4) == 0);
+	atexit(peer_unlink);
 	PEER_CHECK(sem_init(&peer_done, 0, 0) == 0);
 	PEER_CHECK(pthread_create(&t, NULL, peer_thread, NULL) == 0);
 	pthread_detach(t);

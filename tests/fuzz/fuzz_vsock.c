@@ -66,6 +66,11 @@ static void on_ready(void *opaque)
 	ready_calls++;
 }
 
+static void unlink_path(void)
+{
+	unlink(path);
+}
+
 static void mw(uint64_t off, uint32_t v)
 {
 	fuzz_mw(vm, off, v);
@@ -297,6 +302,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		FUZZ_CHECK(evloop_new(&loop) == 0);
 		vm = fuzz_vm_new(RAM, loop);
 		FUZZ_CHECK(vsock_new(vm, &cfg, &vs) == 0);
+		atexit(unlink_path);
 		for (i = 0; i < MAX_CLIENTS; i++)
 			clients[i] = -1;
 		memset(junk, 'x', sizeof(junk));
