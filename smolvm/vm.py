@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from . import _ctl, _process, _validate, disk, ports, registry, snapshots
+from . import _ctl, _process, _validate, disk, network, ports, registry, snapshots
 from ._native import native, vmm_path
 from ._paths import home
 from .build._cache import progress
@@ -80,6 +80,9 @@ class SmolVM:
         initrd: str | os.PathLike[str] | None = None,
         boot_timeout: float | None = None,
         cold_boot: bool = False,
+        internet: bool = True,
+        internet_settings: Mapping[str, object] | None = None,
+        extra_hosts: Mapping[str, str] | None = None,
     ) -> None:
         self._status = "created"
         self._cold_boot = bool(cold_boot)  # boot the kernel even if a base snapshot exists
@@ -93,6 +96,7 @@ class SmolVM:
         self._initrd = _validate.optional_file("initrd", initrd)
         self._boot_timeout = _validate.boot_timeout(boot_timeout)
         self._image, self._disk_size = _image_and_disk(image, disk_size)
+        self._net = network.policy(internet, internet_settings, extra_hosts)  # smolvm/network.py
         self._env: dict[str, str] = {}
         self._vm_id = "vm-" + secrets.token_hex(6)
         self._lock = threading.RLock()
@@ -146,6 +150,11 @@ class SmolVM:
     def disk_size(self) -> int | None:
         """Size in MiB of the VM's writable disk (None without an image)."""
         return self._disk_size
+
+    @property
+    def internet_settings(self) -> dict[str, object]:
+        """The network policy fixed at creation: {"mode": "open" | "off", "extra_hosts": {...}}."""
+        return self._net.to_dict()
 
     @property
     def env(self) -> dict[str, str]:
@@ -228,6 +237,8 @@ class SmolVM:
                     vm_id=self._vm_id,
                 )
             self._persistent = persistent
+            if self._net.enabled:
+                network.passt_path()  # missing passt: say so before anything starts
             if self._source is None:
                 kernel, initrd, image_file = self._artifacts()
                 cmdline = boot_cmdline(self._profile, image_file)
@@ -235,7 +246,8 @@ class SmolVM:
                     argv = self._argv(vmm, kernel, initrd, cmdline, image_file, fresh_disk=True)
                 else:
                     key = base_key(
-                        kernel, initrd, image_file, self._memory, self._vcpus, vmm, self._profile
+                        kernel, initrd, image_file, self._memory, self._vcpus, vmm, self._profile,
+                        self._net.enabled,
                     )
                     base = snapshots.base_dir(key)
                     if not snapshots.complete(base) or self._damaged_base(base):
@@ -269,7 +281,8 @@ class SmolVM:
                 memory=self._memory, vcpus=self._vcpus, persistent=persistent,
                 owner_pid=os.getpid(), created=time.time(),
                 source=str(self._source or ""),
-                extra={"image": self._image, "disk_size": self._disk_size, "env": self._env},
+                extra={"image": self._image, "disk_size": self._disk_size, "env": self._env,
+                       "network": self._net.to_dict()},
             )  # fmt: skip
             registry.save(self._record)
             _live.add(self)
@@ -415,6 +428,7 @@ class SmolVM:
         snap = snapshots.info(name)
         vm = cls(memory=snap.memory, vcpus=snap.vcpus, boot_timeout=boot_timeout, image=None)
         vm._image, vm._disk_size = snap.image, snap.disk_size
+        vm._net = network.NetworkPolicy.from_dict(snapshots.read_meta(snap.path).get("network"))
         vm._source = snap.path
         return vm
 
@@ -436,6 +450,7 @@ class SmolVM:
         image, size = rec.extra.get("image"), rec.extra.get("disk_size")
         vm._image = image if isinstance(image, str) else None
         vm._disk_size = size if isinstance(size, int) else None
+        vm._net = network.NetworkPolicy.from_dict(rec.extra.get("network"))
         vm._vm_id = vm_id
         vm._state_dir = rec.dir
         vm._record = rec
@@ -762,6 +777,7 @@ class SmolVM:
             "--console", str(self.console_log),
             "--ctl-fd", "3",
             "--ctl-listen", str(self._state_dir / "ctl.sock"),
+            *network.vmm_args(self._net),
         ]  # fmt: skip
         if self._persistent:
             argv.append("--daemonize")
@@ -794,6 +810,7 @@ class SmolVM:
             "memory": self._memory, "vcpus": self._vcpus, "created": time.time(),
             "source_vm": self._vm_id,
             "profile": self._profile.name if self._profile else "",
+            "network": self._net.to_dict(),
         }  # fmt: skip
         if self._image is not None:
             from .build.image import image_path
@@ -806,11 +823,13 @@ class SmolVM:
     def _setup_guest(self) -> None:
         """Give the guest its own entropy, the host's clock and its vm_id as hostname."""
         nat = native()
+        flags = SETUP_ROOT if self._image is not None else 0
+        extra = network.setup_data(self._net) if self._net.enabled else b""
         try:
             nat.setup(
                 str(self._state_dir / "vsock.sock"), nat.AGENT_PORT, time.time_ns(),
                 secrets.token_bytes(SETUP_ENTROPY_BYTES), self._vm_id, SETUP_TIMEOUT_MS,
-                SETUP_ROOT if self._image is not None else 0,
+                flags | (network.SETUP_NET if extra else 0), extra,
             )  # fmt: skip
         except (OSError, nat.ProtocolError) as e:
             raise VMStartError(
@@ -1006,10 +1025,12 @@ def boot_cmdline(profile: Profile, image_file: Path | None) -> str:
 
 def base_key(
     kernel: Path, initrd: Path, image_file: Path | None, memory: int, vcpus: int, vmm: Path,
-    profile: Profile,
+    profile: Profile, net: bool = True,
 ) -> str:  # fmt: skip
-    """The key of the base snapshot of a configuration (the disk size is not part of it)."""
+    """The key of the base snapshot of a configuration (the disk size is not part of it;
+    with a network device or without is: a NIC is part of the booted machine)."""
     extra = [b"image:" + snapshots.file_ident(image_file)] if image_file is not None else []
+    extra += [b"net:on"] if net else []
     return snapshots.base_key(
         kernel, initrd, boot_cmdline(profile, image_file), memory, vcpus, vmm, extra
     )
