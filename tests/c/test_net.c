@@ -117,7 +117,7 @@ const void *snap_get(const struct snap_reader *r, uint32_t type, uint32_t index,
 #define G_QBASE(q) (0x10000ull + (uint64_t)(q) * 0x4000) /* desc, avail at +0x1000, used at +0x2000 */
 #define G_RXBUF 0x100000ull                              /* RX buffers: 128 KiB each */
 #define G_RXBUF_SIZE 0x20000u
-#define G_TXBUF 0x800000ull /* TX frames: 128 KiB each */
+#define G_TXBUF 0xa00000ull /* TX frames: 32 slots of 128 KiB, after the RX buffers */
 
 struct gq {
 	struct vring_desc *desc;
@@ -318,17 +318,19 @@ static void world_fini(struct world *w)
 static void g_tx(struct world *w, const struct virtio_net_hdr_v1 *h, uint32_t hlen, const uint8_t *frame,
 		 uint32_t len, int nseg)
 {
+	static unsigned next;
+	uint64_t base = G_TXBUF + (uint64_t)(next++ % 32) * 0x20000; /* chains in flight never share memory */
 	struct gseg s[64];
 	int n = 0;
 	uint32_t off = 0;
 
-	memcpy(gmem(w, G_TXBUF), h, hlen);
-	s[n++] = (struct gseg){ G_TXBUF, hlen, false };
-	memcpy(gmem(w, G_TXBUF + 0x1000), frame, len);
+	memcpy(gmem(w, base), h, hlen);
+	s[n++] = (struct gseg){ base, hlen, false };
+	memcpy(gmem(w, base + 0x1000), frame, len);
 	for (int i = 0; i < nseg; i++) {
 		uint32_t piece = i + 1 == nseg ? len - off : len / (uint32_t)nseg;
 
-		s[n++] = (struct gseg){ G_TXBUF + 0x1000 + off, piece, false };
+		s[n++] = (struct gseg){ base + 0x1000 + off, piece, false };
 		off += piece;
 	}
 	gq_add(w, 1, s, n);
