@@ -467,12 +467,13 @@ static int exec_client_build_setup(struct exec_client *x, const struct exec_setu
 				   size_t *msg_len)
 {
 	size_t hlen = su->hostname ? strlen(su->hostname) : 0;
-	size_t len = sizeof(struct smolvm_setup) + su->entropy_len + hlen;
+	size_t len = sizeof(struct smolvm_setup) + su->entropy_len + hlen + su->extra_len;
 	struct smolvm_setup body;
 	uint8_t *m;
 
 	if (su->entropy_len > SMOLVM_SETUP_MAX_ENTROPY || hlen > SMOLVM_SETUP_MAX_HOSTNAME ||
-	    (su->entropy_len && !su->entropy))
+	    (su->entropy_len && !su->entropy) || su->extra_len > SMOLVM_MAX_PAYLOAD / 2 ||
+	    (su->extra_len && !su->extra))
 		return exec_client_fail(x, -EINVAL, "setup: entropy (%u) or hostname (%zu) too long",
 					su->entropy_len, hlen);
 	m = exec_client_frame_alloc(x, SMOLVM_SETUP, len);
@@ -488,6 +489,8 @@ static int exec_client_build_setup(struct exec_client *x, const struct exec_setu
 		memcpy(m + EXEC_CLIENT_HDR + sizeof(body), su->entropy, su->entropy_len);
 	if (hlen)
 		memcpy(m + EXEC_CLIENT_HDR + sizeof(body) + su->entropy_len, su->hostname, hlen);
+	if (su->extra_len)
+		memcpy(m + EXEC_CLIENT_HDR + sizeof(body) + su->entropy_len + hlen, su->extra, su->extra_len);
 	*msg = m;
 	*msg_len = EXEC_CLIENT_HDR + len;
 	return 0;

@@ -17,6 +17,8 @@ struct exec_setup {
 	uint32_t entropy_len;
 	const char *hostname;    /* NULL = leave it; <= SMOLVM_SETUP_MAX_HOSTNAME bytes */
 	uint32_t flags;          /* SMOLVM_SETUP_* (proto.h), e.g. SMOLVM_SETUP_ROOT */
+	const uint8_t *extra;    /* flag data appended after the hostname (SMOLVM_SETUP_NET's) */
+	uint32_t extra_len;
 };
 
 struct exec_request {

@@ -480,11 +480,12 @@ cleanup:
 }
 
 PyDoc_STRVAR(setup_doc,
-"setup(uds_path, port, wall_ns, entropy, hostname, host_timeout_ms, flags=0) -> None\n\n"
+"setup(uds_path, port, wall_ns, entropy, hostname, host_timeout_ms, flags=0, extra=b'') -> None\n\n"
 "Send the agent its per-sandbox identity: host wall clock (ns since the epoch,\n"
 "0 = leave), entropy bytes credited to the guest RNG, hostname; flags is a\n"
 "mask of SETUP_* (SETUP_ROOT: switch the guest to the overlay root of image\n"
-"and scratch disk). The GIL is released while waiting. Raises like exec().");
+"and scratch disk); extra is the flags' data after the hostname (SETUP_NET's).\n"
+"The GIL is released while waiting. Raises like exec().");
 
 static PyObject *module_setup(PyObject *module, PyObject *args)
 {
@@ -492,7 +493,7 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 	unsigned int port;
 	unsigned long long wall_ns;
 	unsigned int flags = 0;
-	Py_buffer entropy = { 0 };
+	Py_buffer entropy = { 0 }, extra = { 0 };
 	const char *hostname;
 	int host_timeout_ms, rc;
 	struct exec_setup su;
@@ -501,8 +502,8 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 
 	memset(&out, 0, sizeof(out));
 	memset(&req, 0, sizeof(req));
-	if (!PyArg_ParseTuple(args, "O&IKy*si|I:setup", PyUnicode_FSConverter, &uds, &port, &wall_ns,
-			      &entropy, &hostname, &host_timeout_ms, &flags))
+	if (!PyArg_ParseTuple(args, "O&IKy*si|Iy*:setup", PyUnicode_FSConverter, &uds, &port, &wall_ns,
+			      &entropy, &hostname, &host_timeout_ms, &flags, &extra))
 		return NULL;
 	if (entropy.len > SMOLVM_SETUP_MAX_ENTROPY || strlen(hostname) > SMOLVM_SETUP_MAX_HOSTNAME) {
 		PyErr_SetString(PyExc_ValueError, "setup: entropy or hostname too long");
@@ -513,6 +514,12 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 	su.entropy_len = (uint32_t)entropy.len;
 	su.hostname = hostname;
 	su.flags = flags;
+	su.extra = extra.buf;
+	su.extra_len = extra.buf ? (uint32_t)extra.len : 0;
+	if (extra.buf && (size_t)extra.len > SMOLVM_MAX_PAYLOAD / 2) {
+		PyErr_SetString(PyExc_ValueError, "setup: extra data too long");
+		goto cleanup;
+	}
 	req.setup = &su;
 	Py_BEGIN_ALLOW_THREADS
 	rc = exec_run(PyBytes_AS_STRING(uds), port, &req, host_timeout_ms, module_exec_interrupted, NULL,
@@ -526,6 +533,8 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 	exec_output_free(&out);
 cleanup:
 	PyBuffer_Release(&entropy);
+	if (extra.buf)
+		PyBuffer_Release(&extra);
 	Py_XDECREF(uds);
 	return result;
 }

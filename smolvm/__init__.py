@@ -19,13 +19,17 @@ from .errors import (
     VMNotRunningError,
     VMStartError,
 )
+from .ports import ExposedPort, PortInUseError, PortNotExposedError
 from .profile import Profile
 from .result import RunResult
 from .vm import SmolVM
 
 __all__ = [
     "AgentError",
+    "ExposedPort",
     "KVMUnavailableError",
+    "PortInUseError",
+    "PortNotExposedError",
     "Profile",
     "RunResult",
     "SmolVM",

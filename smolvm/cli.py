@@ -129,7 +129,7 @@ def _default_base_key(home: Path, rep: dict[str, Any]) -> str | None:
     kernel = home / "kernel" / cache["kernel"]["current"] / "vmlinux"
     initrd = home / "initramfs" / cache["initramfs"]["current"] / INITRAMFS_NAME
     try:
-        return base_key(kernel, initrd, image_path(), 512, 1, vmm_path(), detect())
+        return base_key(kernel, initrd, image_path(), 512, 1, vmm_path(), detect(), net=True)
     except (ImageError, OSError):  # no image yet, a missing VMM or artifact: reported elsewhere
         return None
 
@@ -201,6 +201,13 @@ def doctor_report() -> dict[str, Any]:
         rep["vmm"] = {"ok": False, "error": str(e)}
         problems.append(str(e))
 
+    from .network import check_passt
+
+    ok, seen = check_passt()
+    rep["network"] = {"passt_ok": ok, "passt": seen}
+    if not ok:
+        rep.setdefault("hints", []).append(f"passt: {seen}")
+
     host = host_info()
     rep["host"] = {"kind": host.kind, "detail": host.detail}
     try:
@@ -251,6 +258,8 @@ def _print_doctor(rep: dict[str, Any]) -> None:
     line("extension", (ext.get("path") or "loaded") if ext["loaded"] else f"MISSING: {ext['error']}")
     vmm = rep["vmm"]
     line("vmm", vmm["path"] if vmm["ok"] else f"MISSING: {vmm['error']}")
+    net = rep["network"]
+    line("network", f"passt {'OK' if net['passt_ok'] else 'NOT USABLE'}: {net['passt']}")
     line("host", f"{rep['host']['kind']} ({rep['host']['detail']})")
     prof = rep["profile"]
     if "error" in prof:
@@ -340,7 +349,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("smolvm run: give a command after --, e.g. `smolvm run -- uname -a`", file=sys.stderr)
         return 2
     try:
-        vm = SmolVM(memory=args.memory, vcpus=args.vcpus, image=args.image, disk_size=args.disk_size)
+        vm = SmolVM(memory=args.memory, vcpus=args.vcpus, image=args.image, disk_size=args.disk_size,
+                    internet=not args.no_internet)
         slow = " (compat profile: this host emulates guest ring 0, a boot takes minutes)" if detect().compat else ""
         print(f"smolvm: booting {vm.vm_id}{slow}", file=sys.stderr, flush=True)
         with vm:
@@ -597,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", default="default", help="root image (default: 'default', Debian)")
     r.add_argument("--disk-size", type=int, default=None, help="writable disk in MiB (default 1024)")
     r.add_argument("--timeout", type=float, default=60, help="command timeout in seconds (default 60)")
+    r.add_argument("--no-internet", action="store_true", help="no network device in the VM (default: egress through passt)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     r.set_defaults(func=cmd_run)
 
@@ -623,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_image import add_parser as add_image_parser
 
     add_image_parser(sub)
+
+    from .cli_port import add_parser as add_port_parser
+
+    add_port_parser(sub)
 
     sn = sub.add_parser("snapshot", help="named snapshots: create, ls, rm")
     snsub = sn.add_subparsers(dest="snapshot_cmd", required=True)

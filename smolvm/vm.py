@@ -11,11 +11,12 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
-from . import _ctl, _process, _validate, disk, registry, snapshots
+from . import _ctl, _process, _validate, disk, network, ports, registry, snapshots
 from ._native import native, vmm_path
 from ._paths import home
 from .build._cache import progress
@@ -48,6 +49,7 @@ TRANSFER_TIMEOUT_S = 600.0
 CTL_TIMEOUT_S = 120.0  # a snapshot writes guest memory: allow for slow disks
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
+_T = TypeVar("_T")
 
 
 class SmolVM:
@@ -78,6 +80,9 @@ class SmolVM:
         initrd: str | os.PathLike[str] | None = None,
         boot_timeout: float | None = None,
         cold_boot: bool = False,
+        internet: bool = True,
+        internet_settings: Mapping[str, object] | None = None,
+        extra_hosts: Mapping[str, str] | None = None,
     ) -> None:
         self._status = "created"
         self._cold_boot = bool(cold_boot)  # boot the kernel even if a base snapshot exists
@@ -91,6 +96,7 @@ class SmolVM:
         self._initrd = _validate.optional_file("initrd", initrd)
         self._boot_timeout = _validate.boot_timeout(boot_timeout)
         self._image, self._disk_size = _image_and_disk(image, disk_size)
+        self._net = network.policy(internet, internet_settings, extra_hosts)  # smolvm/network.py
         self._env: dict[str, str] = {}
         self._vm_id = "vm-" + secrets.token_hex(6)
         self._lock = threading.RLock()
@@ -144,6 +150,11 @@ class SmolVM:
     def disk_size(self) -> int | None:
         """Size in MiB of the VM's writable disk (None without an image)."""
         return self._disk_size
+
+    @property
+    def internet_settings(self) -> dict[str, object]:
+        """The network policy fixed at creation: {"mode": "open" | "off", "extra_hosts": {...}}."""
+        return self._net.to_dict()
 
     @property
     def env(self) -> dict[str, str]:
@@ -226,6 +237,8 @@ class SmolVM:
                     vm_id=self._vm_id,
                 )
             self._persistent = persistent
+            if self._net.enabled:
+                network.passt_path()  # missing passt: say so before anything starts
             if self._source is None:
                 kernel, initrd, image_file = self._artifacts()
                 cmdline = boot_cmdline(self._profile, image_file)
@@ -233,7 +246,8 @@ class SmolVM:
                     argv = self._argv(vmm, kernel, initrd, cmdline, image_file, fresh_disk=True)
                 else:
                     key = base_key(
-                        kernel, initrd, image_file, self._memory, self._vcpus, vmm, self._profile
+                        kernel, initrd, image_file, self._memory, self._vcpus, vmm, self._profile,
+                        self._net.enabled,
                     )
                     base = snapshots.base_dir(key)
                     if not snapshots.complete(base) or self._damaged_base(base):
@@ -267,7 +281,8 @@ class SmolVM:
                 memory=self._memory, vcpus=self._vcpus, persistent=persistent,
                 owner_pid=os.getpid(), created=time.time(),
                 source=str(self._source or ""),
-                extra={"image": self._image, "disk_size": self._disk_size, "env": self._env},
+                extra={"image": self._image, "disk_size": self._disk_size, "env": self._env,
+                       "network": self._net.to_dict()},
             )  # fmt: skip
             registry.save(self._record)
             _live.add(self)
@@ -413,6 +428,7 @@ class SmolVM:
         snap = snapshots.info(name)
         vm = cls(memory=snap.memory, vcpus=snap.vcpus, boot_timeout=boot_timeout, image=None)
         vm._image, vm._disk_size = snap.image, snap.disk_size
+        vm._net = network.NetworkPolicy.from_dict(snapshots.read_meta(snap.path).get("network"))
         vm._source = snap.path
         return vm
 
@@ -434,6 +450,7 @@ class SmolVM:
         image, size = rec.extra.get("image"), rec.extra.get("disk_size")
         vm._image = image if isinstance(image, str) else None
         vm._disk_size = size if isinstance(size, int) else None
+        vm._net = network.NetworkPolicy.from_dict(rec.extra.get("network"))
         vm._vm_id = vm_id
         vm._state_dir = rec.dir
         vm._record = rec
@@ -592,6 +609,41 @@ class SmolVM:
             tmp.unlink(missing_ok=True)
         return local
 
+    # ---- ports into the guest (smolvm/ports.py) ------------------------------------
+
+    def expose_local(self, guest_port: int, host_port: int | None = None, **_compat: object) -> int:
+        """Forward 127.0.0.1:host_port on the host to the guest's 127.0.0.1:guest_port.
+
+        host_port=None picks a free port. Returns the host port. The VMM owns the
+        listener: it lasts as long as the VM (also after this process exits, for a
+        persistent VM) and other handles see it; it is not part of snapshots.
+        Raises PortInUseError if host_port is taken. Works without guest networking.
+        """
+        return self._ports(lambda ctl: ports.expose(ctl, self._vm_id, guest_port, host_port))
+
+    def unexpose_local(self, port: int, guest_port: int | None = None) -> SmolVM:
+        """Close a forward: unexpose_local(host_port, guest_port), or one port number (the
+        forward on that host port, else every forward of that guest port). Connections
+        already open go on until they end. Raises PortNotExposedError if none matches."""
+        self._ports(lambda ctl: ports.unexpose(ctl, self._vm_id, port, guest_port))
+        return self
+
+    def exposed_ports(self) -> builtins.list[ports.ExposedPort]:
+        """The VM's forwards as (host_port, guest_port) pairs."""
+        return self._ports(ports.exposed)
+
+    def _ports(self, fn: Callable[[Path], _T]) -> _T:
+        if self._status == "created":
+            self._start(persistent=False)
+        self._require_running()
+        try:
+            return fn(self._state_dir / "ctl.sock")
+        except OSError as e:
+            if isinstance(e, SmolVMError):
+                raise
+            self._raise_if_gone()
+            raise SmolVMError(f"VM {self._vm_id}: control socket failed: {e}") from e
+
     # ---- internals ------------------------------------------------------------------
 
     def _current_env(self) -> dict[str, str]:
@@ -725,6 +777,7 @@ class SmolVM:
             "--console", str(self.console_log),
             "--ctl-fd", "3",
             "--ctl-listen", str(self._state_dir / "ctl.sock"),
+            *network.vmm_args(self._net),
         ]  # fmt: skip
         if self._persistent:
             argv.append("--daemonize")
@@ -759,6 +812,7 @@ class SmolVM:
             "memory": self._memory, "vcpus": self._vcpus, "created": time.time(),
             "source_vm": self._vm_id,
             "profile": self._profile.name if self._profile else "",
+            "network": self._net.to_dict(),
         }  # fmt: skip
         if self._image is not None:
             from .build.image import image_path
@@ -771,11 +825,13 @@ class SmolVM:
     def _setup_guest(self) -> None:
         """Give the guest its own entropy, the host's clock and its vm_id as hostname."""
         nat = native()
+        flags = SETUP_ROOT if self._image is not None else 0
+        extra = network.setup_data(self._net) if self._net.enabled else b""
         try:
             nat.setup(
                 str(self._state_dir / "vsock.sock"), nat.AGENT_PORT, time.time_ns(),
                 secrets.token_bytes(SETUP_ENTROPY_BYTES), self._vm_id, SETUP_TIMEOUT_MS,
-                SETUP_ROOT if self._image is not None else 0,
+                flags | (network.SETUP_NET if extra else 0), extra,
             )  # fmt: skip
         except (OSError, nat.ProtocolError) as e:
             raise VMStartError(
@@ -971,12 +1027,14 @@ def boot_cmdline(profile: Profile, image_file: Path | None) -> str:
 
 def base_key(
     kernel: Path, initrd: Path, image_file: Path | None, memory: int, vcpus: int, vmm: Path,
-    profile: Profile,
+    profile: Profile, net: bool = True,
 ) -> str:  # fmt: skip
-    """The key of the base snapshot of a configuration (the disk size is not part of it)."""
+    """The key of the base snapshot of a configuration (the disk size is not part of it;
+    with a network device or without is: a NIC is part of the booted machine)."""
     extra = [b"image:" + snapshots.file_ident(image_file)] if image_file is not None else []
     if profile.vmm_args:  # e.g. the compat guest kernel switches XSAVE state only with --xstate-port
         extra.append(b"vmm-args:" + " ".join(profile.vmm_args).encode())
+    extra += [b"net:on"] if net else []
     return snapshots.base_key(
         kernel, initrd, boot_cmdline(profile, image_file), memory, vcpus, vmm, extra
     )

@@ -451,7 +451,7 @@ static void test_bad_frames(void)
 static void test_setup(void)
 {
 	static const uint8_t entropy[32] = { 1, 2, 3 };
-	struct exec_setup su = { 1700000000000000000ull, entropy, sizeof(entropy), "vm-test", 0 };
+	struct exec_setup su = { 1700000000000000000ull, entropy, sizeof(entropy), "vm-test", 0, NULL, 0 };
 	struct exec_request r = { NULL, NULL, NULL, 0, 0, &su };
 	struct exec_output o;
 	int ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
@@ -470,6 +470,56 @@ static void test_setup(void)
 	      "setup flags 0x80: ret %d err %d %s", ret, o.guest_err, o.error);
 	exec_output_free(&o);
 	su.flags = 0;
+
+	/* SMOLVM_SETUP_NET: its data is checked (and not applied in --unix mode) */
+	struct {
+		struct smolvm_setup_net n;
+		char hosts[16];
+	} net = { { { 10, 0, 2, 15 }, { 10, 0, 2, 2 }, { 10, 0, 2, 3 }, 24, 0, 65520, 14 }, "10.0.2.2\tdb.x\n" };
+	const struct {
+		const char *what;
+		uint8_t prefix;
+		uint16_t mtu;
+		uint32_t hosts_len, extra_len;
+		bool ok;
+	} nets[] = {
+		{ "valid", 24, 65520, 14, sizeof(net.n) + 14, true },
+		{ "no hosts", 24, 1500, 0, sizeof(net.n), true },
+		{ "prefix 0", 0, 1500, 0, sizeof(net.n), false },
+		{ "prefix 31", 31, 1500, 0, sizeof(net.n), false },
+		{ "mtu 67", 24, 67, 0, sizeof(net.n), false },
+		{ "hosts_len past the end", 24, 1500, 15, sizeof(net.n) + 14, false },
+		{ "bytes after the hosts", 24, 1500, 0, sizeof(net.n) + 1, false },
+		{ "hosts_len huge", 24, 1500, 0xffffffffu, sizeof(net.n) + 15, false },
+		{ "truncated struct", 24, 1500, 0, sizeof(net.n) - 1, false },
+		{ "no data", 24, 1500, 0, 0, false },
+	};
+	for (size_t i = 0; i < sizeof(nets) / sizeof(nets[0]); i++) {
+		net.n.prefix = nets[i].prefix;
+		net.n.mtu = nets[i].mtu;
+		net.n.hosts_len = nets[i].hosts_len;
+		su.flags = SMOLVM_SETUP_NET;
+		su.extra = (const uint8_t *)&net;
+		su.extra_len = nets[i].extra_len;
+		ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+		if (nets[i].ok)
+			CHECK(ret == 0 && o.exit_code == 0, "setup net %s: ret %d %s", nets[i].what, ret, o.error);
+		else
+			CHECK(ret == -EPROTO && o.guest_err == EINVAL && strstr(o.error, "network part"),
+			      "setup net %s: ret %d err %d %s", nets[i].what, ret, o.guest_err, o.error);
+		exec_output_free(&o);
+	}
+	/* a NUL inside the hosts text */
+	net.n.prefix = 24;
+	net.n.hosts_len = 14;
+	net.hosts[3] = 0;
+	su.extra_len = sizeof(net.n) + 14;
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+	CHECK(ret == -EPROTO && o.guest_err == EINVAL, "setup net NUL in hosts: ret %d %s", ret, o.error);
+	exec_output_free(&o);
+	su.flags = 0;
+	su.extra = NULL;
+	su.extra_len = 0;
 
 	su.entropy_len = SMOLVM_SETUP_MAX_ENTROPY + 1;
 	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
