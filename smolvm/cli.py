@@ -624,6 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_image_parser(sub)
 
+    from .cli_ray import add_parser as add_ray_parser
+
+    add_ray_parser(sub)
+
     sn = sub.add_parser("snapshot", help="named snapshots: create, ls, rm")
     snsub = sn.add_subparsers(dest="snapshot_cmd", required=True)
     sc = snsub.add_parser("create", help="save a running VM as a named snapshot")
