@@ -55,6 +55,12 @@ def _node_home(i: int) -> Path:
     return h
 
 
+def node_env(h: Path) -> dict[str, str]:
+    """A node's environment: its SMOLVM_HOME, and Ray workers (so the VMMs they start) at the
+    normal priority instead of Ray's default niceness 15, which starves the guests on a busy host."""
+    return {"SMOLVM_HOME": str(h), "RAY_worker_niceness": "0"}
+
+
 def _vmm_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "smolvm-vmm"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
@@ -88,9 +94,9 @@ def cluster() -> Iterator[tuple[object, object, list[Path]]]:
     c = Cluster(
         initialize_head=True,
         head_node_args={**small, "resources": {"smolvm": PER_NODE}, "include_dashboard": False,
-                        "env_vars": {"SMOLVM_HOME": str(homes[0])}},
+                        "env_vars": node_env(homes[0])},
     )  # fmt: skip
-    worker = c.add_node(**small, resources={"smolvm": PER_NODE}, env_vars={"SMOLVM_HOME": str(homes[1])})
+    worker = c.add_node(**small, resources={"smolvm": PER_NODE}, env_vars=node_env(homes[1]))
     # Ray puts the driver's working directory first on its workers' sys.path: make that the
     # folder this smolvm is imported from, so a checkout's smolvm/ does not shadow it.
     old_cwd = os.getcwd()
