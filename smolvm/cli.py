@@ -636,8 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_parser(sub)
 
     from .cli_port import add_parser as add_port_parser
+    from .cli_ray import add_parser as add_ray_parser
 
     add_port_parser(sub)
+    add_ray_parser(sub)
 
     sn = sub.add_parser("snapshot", help="named snapshots: create, ls, rm")
     snsub = sn.add_subparsers(dest="snapshot_cmd", required=True)

@@ -51,3 +51,16 @@ class VMNotFoundError(SmolVMError, LookupError):
 
 class SnapshotError(SmolVMError):
     """A snapshot is missing, truncated, corrupt or from another smolvm version."""
+
+
+class SandboxLostError(SmolVMError):
+    """A sandbox of a Ray cluster is gone with its node (or its node stopped answering).
+
+    `node_id` names the node, `vm_id` the sandbox; SandboxPool.replace_lost() starts new
+    sandboxes on the nodes that are left.
+    """
+
+    def __init__(self, message: str, *, node_id: str = "", vm_id: str | None = None) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.vm_id = vm_id
