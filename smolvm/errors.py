@@ -51,3 +51,11 @@ class VMNotFoundError(SmolVMError, LookupError):
 
 class SnapshotError(SmolVMError):
     """A snapshot is missing, truncated, corrupt or from another smolvm version."""
+
+
+class BrowserSessionError(SmolVMError):
+    """A BrowserSession could not start, was used in the wrong state, or its browser failed."""
+
+
+class BrowserSessionNotFoundError(BrowserSessionError, LookupError):
+    """No browser session with that id on this machine (stopped, timed out, or never existed)."""

@@ -1,0 +1,175 @@
+"""BrowserSession: config checks, then real Chromium in a real VM driven by real Playwright on the host."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smolvm import BrowserSession, BrowserSessionConfig, SmolVM, SmolVMError
+from smolvm.browser_config import BrowserConfigError, parse_viewport
+
+PAGE = """<!doctype html>
+<html><head><title>smolvm test page</title>
+<style>body { background: #2050c0; color: white; font: 40px sans-serif; margin: 0 }</style></head>
+<body><h1 id="h">Hello from the guest</h1><p id="sum"></p>
+<input id="box"><button id="btn" onclick="document.getElementById('out').textContent =
+  'clicked:' + document.getElementById('box').value">Go</button><p id="out"></p>
+<script>document.getElementById('sum').textContent = 'sum=' + [1, 2, 3, 4].reduce((a, b) => a + b);
+localStorage.setItem('who', 'session-one-' + Math.random());</script>
+</body></html>
+"""
+
+
+# ---- configuration (no VM) --------------------------------------------------------------
+
+
+def test_config_defaults_and_viewport_forms() -> None:
+    c = BrowserSessionConfig()
+    assert (c.mode, c.profile_mode, c.browser) == ("headless", "ephemeral", "chromium")
+    assert (c.viewport_width, c.viewport_height, c.mem_size_mib, c.disk_size_mib) == (1280, 720, 2048, 4096)
+    v = BrowserSessionConfig(mode="live", record_video=True, viewport={"width": 1440, "height": 900})
+    assert (v.viewport_width, v.viewport_height) == (1440, 900)
+    assert v.viewport == {"width": 1440, "height": 900}
+    w = BrowserSessionConfig(viewport_width=800, viewport_height=600)
+    assert w.viewport == {"width": 800, "height": 600}
+    assert BrowserSessionConfig.from_dict(v.to_dict()) == v
+    assert v.replace(session_id="abc").session_id == "abc"
+    assert parse_viewport("1440x900") == {"width": 1440, "height": 900}
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"record_video": True}, "mode='live'"),
+        ({"viewport": {"width": 320, "height": 900}}, "between 640 and 7680"),
+        ({"viewport_height": 5000}, "between 480 and 4320"),
+        ({"viewport": {"width": 1000}, "viewport_width": 900}, "contradicts"),
+        ({"viewport": [1, 2]}, "mapping"),
+        ({"profile_mode": "persistent"}, "profile_id"),
+        ({"profile_id": "work"}, "profile_mode='persistent'"),
+        ({"mode": "desktop"}, "'headless', 'live'"),
+        ({"browser": "firefox"}, "'chromium'"),
+        ({"timeout_minutes": 0}, "between 1 and 240"),
+        ({"timeout_minutes": 241}, "between 1 and 240"),
+        ({"mem_size_mib": 256}, "between 512"),
+        ({"disk_size_mib": True}, "must be an int"),
+        ({"session_id": "bad id!"}, "letters, digits"),
+        ({"env_vars": {"A=B": "x"}}, "env_vars"),
+        ({"allow_downloads": "yes"}, "True or False"),
+    ],
+)
+def test_config_rejects_bad_input(kwargs: dict, words: str) -> None:
+    with pytest.raises(BrowserConfigError, match=None) as e:
+        BrowserSessionConfig(**kwargs)
+    assert words in str(e.value)
+    assert isinstance(e.value, (SmolVMError, ValueError))
+    with pytest.raises(BrowserConfigError):
+        parse_viewport("big")
+
+
+def test_playwright_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "playwright", None)
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", None)
+    with pytest.raises(ImportError, match=r"smolvm\[browser\]"):
+        BrowserSession().connect_playwright()
+
+
+def test_unknown_session_and_empty_list(smolvm_env: dict[str, str]) -> None:
+    with pytest.raises(SmolVMError, match="no browser session 'browser-nope'"):
+        BrowserSession.from_id("browser-nope")
+    out = subprocess.run([sys.executable, "-m", "smolvm", "browser", "stop", "browser-nope"],
+                         capture_output=True, text=True, env=smolvm_env)  # fmt: skip
+    assert out.returncode == 1 and "no browser session" in out.stderr
+
+
+# ---- a real browser in a real VM ------------------------------------------------------------
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def png_rows(data: bytes) -> list[bytes]:
+    """The unfiltered-enough scanlines of an 8-bit RGB(A) PNG: enough to tell a blank image."""
+    width, height = png_size(data)
+    pos, idat = 8, b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = len(raw) // height
+    return [raw[i * stride + 1 : (i + 1) * stride] for i in range(height)]
+
+
+def distinct_rows(data: bytes) -> int:
+    return len(set(png_rows(data)))
+
+
+@pytest.fixture(scope="module")
+def session() -> Iterator[BrowserSession]:
+    """One headless session shared by this module's browser tests (each page load is guest-kernel time)."""
+    with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768})) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def page_url(session: BrowserSession, tmp_path_factory: pytest.TempPathFactory) -> str:
+    local = tmp_path_factory.mktemp("page") / "index.html"
+    local.write_text(PAGE)
+    session.push_file(local, "/opt/pages/index.html")
+    return "file:///opt/pages/index.html"
+
+
+@pytest.mark.vm
+@pytest.mark.guest_only
+def test_reference_example_against_a_local_page(session: BrowserSession, page_url: str, tmp_path: Path) -> None:
+    assert session.status == "ready" and session.vm_id and session.live_url is None
+    assert session.cdp_url is not None and session.cdp_url.startswith("http://127.0.0.1:")
+    assert isinstance(session.vm, SmolVM) and session.vm.run("echo ok").output == "ok"
+    browser = session.connect_playwright()
+    context = browser.contexts[0] if browser.contexts else browser.new_context()
+    page = context.pages[0] if context.pages else context.new_page()
+    page.goto(page_url, wait_until="networkidle")
+    assert page.title() == "smolvm test page"
+    assert page.text_content("#sum") == "sum=10"
+    page.fill("#box", "typed")
+    page.click("#btn")
+    assert page.text_content("#out") == "clicked:typed"
+    shot = session.screenshot(tmp_path / "shot.png")
+    assert (tmp_path / "shot.png").read_bytes() == shot
+    assert png_size(shot) == (1024, 768)
+    assert distinct_rows(shot) > 10, "the screenshot is blank"
+    assert any(s.session_id == session.session_id for s in BrowserSession.list())
+
+
+@pytest.mark.vm
+@pytest.mark.guest_only
+def test_from_id_in_a_second_process(session: BrowserSession, page_url: str, smolvm_env: dict[str, str]) -> None:
+    code = (
+        "import sys, json\n"
+        "from smolvm import BrowserSession\n"
+        "s = BrowserSession.from_id(sys.argv[1])\n"
+        "b = s.connect_playwright()\n"
+        "p = b.contexts[0].pages[0]\n"
+        "print(json.dumps([s.cdp_url, p.url, p.title()]))\n"
+        "s.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, session.session_id], capture_output=True,
+                         text=True, env=smolvm_env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    cdp, url, title = json.loads(out.stdout.strip().splitlines()[-1])
+    assert cdp == session.cdp_url and url == page_url and title == "smolvm test page"
+    assert session.vm.status == "running"  # the other process's close() left it running
