@@ -8,6 +8,7 @@ APT_PACKAGES=(
   liburing-dev busybox-static qemu-system-x86                                            # VMM, guest root, baseline
   mmdebstrap e2fsprogs                                                                    # Debian guest image
   python3 python3-dev python3-pip                                                        # the package
+  chromium ffmpeg                                          # browser tests: a host browser for the live view, ffprobe
 )
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

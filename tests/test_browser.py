@@ -121,6 +121,8 @@ def distinct_rows(data: bytes) -> int:
 @pytest.fixture(scope="module")
 def session() -> Iterator[BrowserSession]:
     """One headless session shared by this module's browser tests (each page load is guest-kernel time)."""
+    if not hasattr(SmolVM, "expose_local"):
+        pytest.skip("BrowserSession needs SmolVM.expose_local (host port forwarding), not in this tree yet")
     with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768})) as s:
         yield s
 
@@ -173,3 +175,125 @@ def test_from_id_in_a_second_process(session: BrowserSession, page_url: str, smo
     cdp, url, title = json.loads(out.stdout.strip().splitlines()[-1])
     assert cdp == session.cdp_url and url == page_url and title == "smolvm test page"
     assert session.vm.status == "running"  # the other process's close() left it running
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.vm
+@pytest.mark.guest_only
+def test_two_sessions_are_isolated_and_close_leaves_nothing(session: BrowserSession, page_url: str) -> None:
+    page = session.page()
+    page.goto(page_url)
+    page.evaluate("document.cookie = 'who=one; path=/'; localStorage.setItem('mark', 'one')")
+    with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768})) as other:
+        assert other.cdp_url != session.cdp_url and other.vm_id != session.vm_id
+        other.push_file(Path(__file__).with_name("conftest.py"), "/opt/pages/x.txt")  # folder made on demand
+        other.vm.run("mkdir -p /opt/pages && cp /opt/pages/x.txt /dev/null")
+        p2 = other.page()
+        p2.set_content("<title>two</title>")
+        assert p2.evaluate("localStorage.getItem('mark')") is None
+        assert p2.context.cookies() == []
+        port, vm_id, sid, reaper = other.info.debug_port, other.vm_id, other.session_id, other.info.reaper_pid
+        assert port is not None and _port_open(port)
+    assert other.status == "stopped"
+    assert vm_id not in {r.vm_id for r in SmolVM.list()}
+    assert sid not in {s.session_id for s in BrowserSession.list()}
+    assert not _port_open(port)
+    assert reaper and not Path(f"/proc/{reaper}").exists()
+    assert page.evaluate("localStorage.getItem('mark')") == "one"  # the first session is untouched
+
+
+@pytest.mark.vm
+@pytest.mark.guest_only
+def test_live_view_and_recording() -> None:
+    """mode='live': live_url shows the guest's display to a browser on the host; the recording
+    is finalised on stop() and ffprobe reads it with the configured size."""
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    if not hasattr(SmolVM, "expose_local"):
+        pytest.skip("BrowserSession needs SmolVM.expose_local (host port forwarding), not in this tree yet")
+    host_chromium, ffprobe = shutil.which("chromium"), shutil.which("ffprobe")
+    assert host_chromium and ffprobe, "needs the host's chromium and ffprobe: apt-get install chromium ffmpeg"
+    cfg = BrowserSessionConfig(mode="live", record_video=True, viewport={"width": 800, "height": 600})
+    with BrowserSession(cfg) as s:
+        assert s.live_url is not None and s.live_url.startswith("http://127.0.0.1:")
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(s.live_url, timeout=30) as r:
+            assert b"noVNC" in r.read()
+        page = s.page()
+        page.set_content("<body style='background:#c02020;margin:0'><h1 style='font-size:90px'>LIVE</h1></body>")
+        shot = s.screenshot()
+        assert png_size(shot) == (800, 600) and distinct_rows(shot) > 10
+        with sync_playwright() as pw:  # a headless Chromium on the host opens the noVNC page
+            viewer = pw.chromium.launch(executable_path=host_chromium, args=["--no-sandbox"])
+            vp = viewer.new_page(viewport={"width": 800, "height": 600})
+            vp.goto(s.live_url)
+            vp.wait_for_selector("canvas", timeout=120_000)
+            vp.wait_for_timeout(5000)
+            first = vp.screenshot()
+            page.set_content("<body style='background:#20c040;margin:0'><h1>CHANGED</h1></body>")
+            vp.wait_for_timeout(5000)
+            second = vp.screenshot()
+            viewer.close()
+        assert distinct_rows(first) > 5, "the live view is blank"
+        assert first != second, "the live view did not follow the guest's page"
+        artifacts = s.artifacts_dir
+    video = artifacts / "recording.mp4"
+    assert video.is_file() and video.stat().st_size > 0
+    out = subprocess.run([ffprobe, "-v", "error", "-select_streams", "v:0", "-show_entries",
+                          "stream=width,height:format=duration", "-of", "json", str(video)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    probe = json.loads(out.stdout)
+    assert (probe["streams"][0]["width"], probe["streams"][0]["height"]) == (800, 600)
+    assert float(probe["format"]["duration"]) > 0
+
+
+@pytest.mark.vm
+@pytest.mark.guest_only
+def test_computer_use_loop_with_a_scripted_model(session: BrowserSession, page_url: str) -> None:
+    """examples/browser_computer_use.py's loop, the OpenAI client replaced by a scripted one."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        from browser_computer_use import computer_use_loop
+    finally:
+        sys.path.pop(0)
+    page = session.page()
+    page.goto(page_url)
+    box, btn = page.locator("#box").bounding_box(), page.locator("#btn").bounding_box()
+    assert box and btn
+
+    def center(b: dict) -> dict:
+        return {"x": int(b["x"] + b["width"] / 2), "y": int(b["y"] + b["height"] / 2)}
+
+    turns = [
+        [{"type": "click", "button": "left", **center(box)}, {"type": "type", "text": "agent"}],
+        [{"type": "click", "button": "left", **center(btn)}],
+        [],
+    ]
+    seen: list[dict] = []
+
+    class Responses:
+        def create(self, **kw: object) -> SimpleNamespace:
+            seen.append(kw)
+            actions = turns[len(seen) - 1]
+            if not actions:
+                msg = SimpleNamespace(type="message", content=[SimpleNamespace(text="done")])
+                return SimpleNamespace(id=f"r{len(seen)}", output=[msg])
+            calls = [SimpleNamespace(type="computer_call", call_id=f"c{len(seen)}{i}", action=a)
+                     for i, a in enumerate(actions)]  # fmt: skip
+            return SimpleNamespace(id=f"r{len(seen)}", output=calls)
+
+    assert computer_use_loop(session, SimpleNamespace(responses=Responses()), "Type agent and press Go") == "done"
+    assert page.text_content("#out") == "clicked:agent"
+    assert seen[0]["tools"][0]["display_width"] == 1024
+    outputs = seen[1]["input"]
+    assert isinstance(outputs, list) and outputs[0]["output"]["image_url"].startswith("data:image/png;base64,")
