@@ -36,6 +36,7 @@ GUEST_PROFILE = f"{GUEST_ROOT}/profile"
 GUEST_LOGS = f"{GUEST_ROOT}/logs"
 READY_TIMEOUT_S = 900  # a cold Chromium start is minutes on hosts that emulate guest ring 0
 HOST_CDP_TIMEOUT_S = 60.0
+COMPAT_BOOT_TIMEOUT_S = 1800.0
 SNAPSHOT_VERSION = b"browser-snap-v1"
 PLAYWRIGHT_HINT = 'pip install "smolvm[browser]" (or: pip install playwright)'
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -261,7 +262,7 @@ class BrowserSession:
             f"configuration ({cfg.mode}, {cfg.viewport_width}x{cfg.viewport_height}); once per "
             "configuration, minutes on hosts that emulate guest ring 0"
         )
-        vm = SmolVM(memory=cfg.mem_size_mib, image=IMAGE, disk_size=cfg.disk_size_mib)
+        vm = SmolVM(memory=cfg.mem_size_mib, image=IMAGE, disk_size=cfg.disk_size_mib, boot_timeout=_boot_timeout())
         self._start_vm(vm, persistent)
         try:
             self._vm = vm
@@ -542,6 +543,16 @@ class BrowserSession:
                 continue
             out.append(info)
         return out
+
+
+def _boot_timeout() -> float:
+    """SMOLVM_BOOT_TIMEOUT, but at least COMPAT_BOOT_TIMEOUT_S where guest ring 0 is emulated: a
+    2 GiB guest with the browser image took over 600 s to boot on a loaded 2-core host there."""
+    from . import _validate
+    from .profile import detect
+
+    t = _validate.boot_timeout(None)
+    return max(t, COMPAT_BOOT_TIMEOUT_S) if detect().compat else t
 
 
 def _wait_cdp(url: str, timeout: float) -> None:

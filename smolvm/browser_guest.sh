@@ -22,6 +22,8 @@ RUN=$ROOT/run
 DISPLAY_NUM=99
 VNC_PORT=5900
 POLICY_DIR=/etc/chromium/policies/managed
+CHROMIUM=/usr/lib/chromium/chromium # the binary itself: Debian's /usr/bin/chromium wrapper is a shell script
+[ -x "$CHROMIUM" ] || CHROMIUM=chromium
 
 mkdir -p "$PROFILE" "$DOWNLOADS" "$ARTIFACTS" "$LOGS" "$RUN"
 
@@ -70,6 +72,7 @@ wait_port() { # PORT SECONDS: until something listens on 127.0.0.1:PORT (from /p
 start() { # MODE WIDTH HEIGHT CDP_PORT LIVE_PORT ALLOW_DOWNLOADS
 	mode=$1 width=$2 height=$3 cdp=$4 live=$5
 	policies "$6"
+	rm -f "$PROFILE"/Singleton* # a profile from another VM (its hostname) would look locked
 	set -- \
 		--no-sandbox \
 		--no-first-run --no-default-browser-check --disable-sync --disable-extensions \
@@ -95,9 +98,9 @@ start() { # MODE WIDTH HEIGHT CDP_PORT LIVE_PORT ALLOW_DOWNLOADS
 		alive x11vnc || detach x11vnc x11vnc -display ":$DISPLAY_NUM" -localhost -rfbport "$VNC_PORT" \
 			-nopw -forever -shared -noxdamage -quiet
 		alive websockify || detach websockify websockify --web=/usr/share/novnc "127.0.0.1:$live" "127.0.0.1:$VNC_PORT"
-		DISPLAY=":$DISPLAY_NUM" detach chromium chromium "$@" --kiosk about:blank
+		detach chromium env DISPLAY=":$DISPLAY_NUM" "$CHROMIUM" "$@" --kiosk about:blank
 	else
-		detach chromium chromium --headless=new "$@" about:blank
+		detach chromium "$CHROMIUM" --headless=new "$@" about:blank
 	fi
 }
 
@@ -126,7 +129,7 @@ wait-port) wait_port "$2" "$3" ;;
 record-start)
 	alive ffmpeg || detach ffmpeg ffmpeg -nostdin -loglevel warning -y -f x11grab -draw_mouse 1 \
 		-video_size "$2x$3" -framerate 10 -i ":$DISPLAY_NUM" -c:v libx264 -preset ultrafast \
-		-pix_fmt yuv420p -movflags +faststart "$ARTIFACTS/recording.mp4"
+		-pix_fmt yuv420p "$ARTIFACTS/recording.mp4"
 	;;
 record-stop) stop_one ffmpeg INT 60 ;;
 stop-browser) stop_one chromium TERM 20 ;;
