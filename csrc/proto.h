@@ -14,7 +14,7 @@
  * bytes, len <= SMOLVM_MAX_PAYLOAD. A peer that receives a bad magic, an
  * unknown type or an oversized length closes the connection.
  */
-#define SMOLVM_PROTO_MAGIC 0x32564d53u /* "SMV2": bump the digit on any change */
+#define SMOLVM_PROTO_MAGIC 0x33564d53u /* "SMV3": bump the digit on any change */
 #define SMOLVM_AGENT_PORT 52u           /* agent listens here (guest side) */
 #define SMOLVM_READY_PORT 53u           /* agent connects to host CID 2 here once listening */
 #define SMOLVM_MAX_PAYLOAD (1u << 20)
@@ -30,6 +30,7 @@ enum smolvm_frame_type {
 	SMOLVM_READY = 8,  /* guest -> host: PUT accepted (empty) / GET accepted (struct smolvm_file) */
 	SMOLVM_DATA = 9,   /* either way: raw file bytes */
 	SMOLVM_GET = 10,   /* host -> guest: NUL-terminated absolute path */
+	SMOLVM_FORWARD = 20, /* host -> guest: struct smolvm_forward; then raw TCP bytes both ways */
 };
 
 struct smolvm_frame {
@@ -71,6 +72,25 @@ struct smolvm_exec {
  */
 #define SMOLVM_SETUP_ROOT 1u
 
+/*
+ * SMOLVM_SETUP_NET: a struct smolvm_setup_net and its hosts_len bytes follow
+ * the hostname. The agent gives eth0 the address, prefix and MTU, brings it
+ * up, adds the default route via the gateway, and (after the root switch of
+ * SETUP_ROOT, if any) writes /etc/resolv.conf (nameserver dns) and /etc/hosts
+ * (localhost, the hostname, `host.smolvm.internal` = gateway, then the
+ * hosts text: "ADDRESS NAME" lines). No eth0: ERROR ENODEV.
+ */
+#define SMOLVM_SETUP_NET (1u << 8)
+#define SMOLVM_SETUP_MAX_HOSTS (16u << 10)
+
+struct smolvm_setup_net {
+	uint8_t addr[4], gateway[4], dns[4]; /* IPv4, network byte order */
+	uint8_t prefix;                      /* 1..30 */
+	uint8_t reserved;                    /* 0 */
+	uint16_t mtu;                        /* 68..65535 */
+	uint32_t hosts_len;                  /* <= SMOLVM_SETUP_MAX_HOSTS */
+} __attribute__((packed));
+
 struct smolvm_setup {
 	uint64_t wall_ns; /* CLOCK_REALTIME of the host, ns since the epoch */
 	uint32_t entropy_len;
@@ -107,6 +127,19 @@ struct smolvm_file {
 	uint64_t size;
 	uint32_t mode; /* st_mode */
 	uint32_t reserved;
+} __attribute__((packed));
+
+/*
+ * Port forwards (the VMM's 127.0.0.1 listeners, csrc/portfwd.c). The VMM sends
+ * FORWARD as the first frame of a connection; the agent connects to the
+ * guest's 127.0.0.1:port and from then on the vsock stream carries that TCP
+ * connection's bytes both ways, with half-closes passed on. Nothing is
+ * answered: if the connect fails (nothing listens there) the agent closes the
+ * connection, which the host client sees as an immediate close.
+ */
+struct smolvm_forward {
+	uint32_t port;  /* guest TCP port, 1..65535 */
+	uint32_t flags; /* 0 */
 } __attribute__((packed));
 
 /* ERROR payload: this struct, then a UTF-8 message (no NUL). */

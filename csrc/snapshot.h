@@ -33,6 +33,7 @@ enum snap_section {
 	SNAP_DEV_MMIO,  /* transport state, index = device slot */
 	SNAP_DEV_VSOCK, /* device state */
 	SNAP_DEV_BLK,
+	SNAP_DEV_NET,
 };
 
 struct snap_vm_info {

@@ -18,12 +18,15 @@
 #include "evloop.h"
 #include "kvm.h"
 #include "mptable.h"
+#include "passt.h"
+#include "portfwd.h"
 #include "proto.h"
 #include "serial.h"
 #include "snapshot.h"
 #include "vcpu.h"
 #include "virtio/blk.h"
 #include "virtio/mmio.h"
+#include "virtio/net.h"
 #include "virtio/vsock.h"
 #include "vm.h"
 
@@ -33,6 +36,9 @@
 #define VMM_MAX_DISKS 4
 #define VMM_BLK_BASE 0xd0001000ull /* disk i at VMM_BLK_BASE + i * 0x1000, GSI 6 + i */
 #define VMM_BLK_GSI 6
+#define VMM_NET_BASE 0xd0005000ull /* after the disks */
+#define VMM_NET_GSI 10
+#define VMM_NET_SLOT (1 + VMM_MAX_DISKS) /* snapshot section index */
 
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen;
@@ -41,13 +47,18 @@ struct vmm_args {
 	int ctl_fd;
 	int nr_disks;
 	char *disks[VMM_MAX_DISKS]; /* "PATH" or "PATH,ro" */
+	int nr_passt;
+	char *passt[PASST_MAX_ARGS]; /* --net-passt: passt's path, then its arguments; any = a NIC */
 };
 
 struct vmm {
 	struct vm vm;
 	struct vmm_args a;
 	struct vsock *vsock;
+	struct portfwd *fwd;
 	struct blk *blk[VMM_MAX_DISKS];
+	struct net *net;
+	pid_t passt_pid;
 	int sig_fd;
 	int paused; /* paused by a PAUSE command */
 	struct ctl *ctl;
@@ -65,7 +76,7 @@ static void vmm_usage(void)
 {
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
-			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]...\n");
+			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--net-passt PASST [--net-passt ARG]...]\n");
 }
 
 static int vmm_parse(int argc, char **argv, struct vmm_args *a)
@@ -83,6 +94,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "ctl-listen", required_argument, NULL, 'l' },
 		{ "daemonize", no_argument, NULL, 'd' },
 		{ "disk", required_argument, NULL, 'b' },
+		{ "net-passt", required_argument, NULL, 'p' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -109,6 +121,11 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 			if (a->nr_disks >= VMM_MAX_DISKS)
 				return -E2BIG;
 			a->disks[a->nr_disks++] = optarg;
+			break;
+		case 'p':
+			if (a->nr_passt >= PASST_MAX_ARGS)
+				return -E2BIG;
+			a->passt[a->nr_passt++] = optarg;
 			break;
 		default: return -EINVAL;
 		}
@@ -151,6 +168,8 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 	vsock_save(v->vsock, &devs);
 	for (int i = 0; i < v->a.nr_disks; i++)
 		blk_save(v->blk[i], &devs, 1 + (uint32_t)i);
+	if (v->net)
+		net_save(v->net, &devs, VMM_NET_SLOT);
 	ret = snapshot_save(&v->vm, dir, &devs, err, errlen);
 	free(devs.buf);
 	if (!v->paused)
@@ -161,7 +180,8 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 
 /*
  * One control command: PING, PAUSE, RESUME, SNAPSHOT <dir>, DETACH (outlive
- * the owner), STOP. Answers OK or ERR <why> on the asking connection.
+ * the owner), STOP, FWD ADD|DEL|LIST (csrc/portfwd.h). Answers OK [value] or
+ * ERR <why> on the asking connection.
  */
 static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 {
@@ -184,6 +204,14 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 		v->paused = 0;
 	} else if (!strncmp(line, "SNAPSHOT ", 9) && line[9] == '/') {
 		ret = vmm_snapshot(v, line + 9, err, sizeof(err));
+	} else if (!strncmp(line, "FWD ", 4)) {
+		char out[PORTFWD_MAX * 12 + 1];
+
+		ret = portfwd_command(v->fwd, line + 4, out, sizeof(out));
+		if (!ret) {
+			ctl_reply(conn, "OK%s%s", out[0] ? " " : "", out);
+			return;
+		}
 	} else if (!strcmp(line, "DETACH")) {
 		ctl_detach(v->ctl);
 	} else if (!strcmp(line, "STOP")) {
@@ -264,6 +292,9 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		if (ret)
 			VMM_FAIL(ret, "vsock device on %s: %s", v->a.vsock_uds, strerror(-ret));
 	}
+	ret = portfwd_new(vm->loop, v->vsock, &v->fwd);
+	if (ret)
+		VMM_FAIL(ret, "port forwards: %s", strerror(-ret));
 	for (int i = 0; i < v->a.nr_disks; i++) {
 		char *path = v->a.disks[i], *comma = strrchr(path, ',');
 		struct blk_config bc = {
@@ -279,6 +310,20 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		if (ret)
 			VMM_FAIL(ret, "disk %s: %s", path, strerror(-ret));
 	}
+	if (v->a.nr_passt) {
+		static const uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
+		struct net_config nc = { .base = VMM_NET_BASE, .gsi = VMM_NET_GSI, .backend_fd = -1 };
+
+		memcpy(nc.mac, mac, sizeof(mac));
+		ret = passt_start(v->a.passt, v->a.nr_passt, &nc.backend_fd, &v->passt_pid);
+		if (ret)
+			VMM_FAIL(ret, "network backend %s: %s", v->a.passt[0], strerror(-ret));
+		ret = net_new(vm, &nc, &v->net);
+		if (ret) {
+			close(nc.backend_fd);
+			VMM_FAIL(ret, "network device: %s", strerror(-ret));
+		}
+	}
 	if (v->a.restore) {
 		if (serial_restore(vm->serial, &snap) || vsock_restore(v->vsock, &snap))
 			VMM_FAIL(-EINVAL, "snapshot %s: device state missing or invalid", v->a.restore);
@@ -286,6 +331,9 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			if (blk_restore(v->blk[i], &snap, 1 + (uint32_t)i))
 				VMM_FAIL(-EINVAL, "snapshot %s: disk %d state missing or does not match %s",
 					 v->a.restore, i, v->a.disks[i]);
+		if (v->net && net_restore(v->net, &snap, VMM_NET_SLOT))
+			VMM_FAIL(-EINVAL, "snapshot %s: it has no network device (taken with networking off)",
+				 v->a.restore);
 	} else {
 		size_t n = (size_t)snprintf(cmdline, cmdline_len, "%s ", v->a.cmdline);
 		int w;
@@ -302,6 +350,15 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			w = virtio_mmio_cmdline(cmdline + n, cmdline_len - n,
 						VMM_BLK_BASE + (uint64_t)i * 0x1000,
 						VMM_BLK_GSI + (uint32_t)i);
+			if (w < 0)
+				VMM_FAIL(-E2BIG, "kernel command line too long");
+			n += (size_t)w;
+		}
+		if (v->net) {
+			if (n + 1 >= cmdline_len)
+				VMM_FAIL(-E2BIG, "kernel command line too long");
+			cmdline[n++] = ' ';
+			w = virtio_mmio_cmdline(cmdline + n, cmdline_len - n, VMM_NET_BASE, VMM_NET_GSI);
 			if (w < 0)
 				VMM_FAIL(-E2BIG, "kernel command line too long");
 			n += (size_t)w;
@@ -387,6 +444,7 @@ int main(int argc, char **argv)
 
 	v.vm.t_start_ns = vmm_now_ns();
 	v.sig_fd = -1;
+	v.passt_pid = -1;
 	signal(SIGPIPE, SIG_IGN);
 	if (vmm_parse(argc, argv, &v.a)) {
 		vmm_usage();
@@ -437,9 +495,12 @@ int main(int argc, char **argv)
 	}
 	v.vm.nr_vcpus = 0;
 	ctl_free(v.ctl);
+	portfwd_free(v.fwd);
 	vsock_free(v.vsock);
 	for (int i = 0; i < v.a.nr_disks; i++)
 		blk_free(v.blk[i]);
+	net_free(v.net);
+	passt_stop(v.passt_pid);
 	serial_free(v.vm.serial);
 	kvm_vm_destroy(&v.vm);
 	evloop_free(v.vm.loop);

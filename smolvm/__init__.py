@@ -24,6 +24,7 @@ from .errors import (
     VMNotRunningError,
     VMStartError,
 )
+from .ports import ExposedPort, PortInUseError, PortNotExposedError
 from .profile import Profile
 from .result import RunResult
 from .vm import SmolVM
@@ -35,7 +36,10 @@ __all__ = [
     "BrowserSessionError",
     "BrowserSessionInfo",
     "BrowserSessionNotFoundError",
+    "ExposedPort",
     "KVMUnavailableError",
+    "PortInUseError",
+    "PortNotExposedError",
     "Profile",
     "RunResult",
     "SmolVM",

@@ -312,13 +312,7 @@ class BrowserSession:
 
     def _expose(self) -> None:
         """Forward CDP (and the live view) to fresh ports on the host's 127.0.0.1."""
-        vm = self.vm
-        expose = getattr(vm, "expose_local", None)
-        if expose is None:
-            raise BrowserSessionError(
-                "this smolvm has no host port forwarding yet (SmolVM.expose_local), so Chromium's "
-                "DevTools port cannot reach the host; install a smolvm with it"
-            )
+        expose = self.vm.expose_local
         info = self._info
         info.debug_port = int(expose(CDP_PORT))
         info.cdp_url = f"http://127.0.0.1:{info.debug_port}"

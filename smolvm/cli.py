@@ -633,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_browser_parser(sub)
 
+    from .cli_port import add_parser as add_port_parser
+
+    add_port_parser(sub)
+
     sn = sub.add_parser("snapshot", help="named snapshots: create, ls, rm")
     snsub = sn.add_subparsers(dest="snapshot_cmd", required=True)
     sc = snsub.add_parser("create", help="save a running VM as a named snapshot")

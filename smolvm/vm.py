@@ -11,11 +11,12 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
-from . import _ctl, _process, _validate, disk, registry, snapshots
+from . import _ctl, _process, _validate, disk, ports, registry, snapshots
 from ._native import native, vmm_path
 from ._paths import home
 from .build._cache import progress
@@ -48,6 +49,7 @@ TRANSFER_TIMEOUT_S = 600.0
 CTL_TIMEOUT_S = 120.0  # a snapshot writes guest memory: allow for slow disks
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
+_T = TypeVar("_T")
 
 
 class SmolVM:
@@ -608,6 +610,41 @@ class SmolVM:
         finally:
             tmp.unlink(missing_ok=True)
         return local
+
+    # ---- ports into the guest (smolvm/ports.py) ------------------------------------
+
+    def expose_local(self, guest_port: int, host_port: int | None = None, **_compat: object) -> int:
+        """Forward 127.0.0.1:host_port on the host to the guest's 127.0.0.1:guest_port.
+
+        host_port=None picks a free port. Returns the host port. The VMM owns the
+        listener: it lasts as long as the VM (also after this process exits, for a
+        persistent VM) and other handles see it; it is not part of snapshots.
+        Raises PortInUseError if host_port is taken. Works without guest networking.
+        """
+        return self._ports(lambda ctl: ports.expose(ctl, self._vm_id, guest_port, host_port))
+
+    def unexpose_local(self, port: int, guest_port: int | None = None) -> SmolVM:
+        """Close a forward: unexpose_local(host_port, guest_port), or one port number (the
+        forward on that host port, else every forward of that guest port). Connections
+        already open go on until they end. Raises PortNotExposedError if none matches."""
+        self._ports(lambda ctl: ports.unexpose(ctl, self._vm_id, port, guest_port))
+        return self
+
+    def exposed_ports(self) -> builtins.list[ports.ExposedPort]:
+        """The VM's forwards as (host_port, guest_port) pairs."""
+        return self._ports(ports.exposed)
+
+    def _ports(self, fn: Callable[[Path], _T]) -> _T:
+        if self._status == "created":
+            self._start(persistent=False)
+        self._require_running()
+        try:
+            return fn(self._state_dir / "ctl.sock")
+        except OSError as e:
+            if isinstance(e, SmolVMError):
+                raise
+            self._raise_if_gone()
+            raise SmolVMError(f"VM {self._vm_id}: control socket failed: {e}") from e
 
     # ---- internals ------------------------------------------------------------------
 

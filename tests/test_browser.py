@@ -121,8 +121,6 @@ def distinct_rows(data: bytes) -> int:
 @pytest.fixture(scope="module")
 def session() -> Iterator[BrowserSession]:
     """One headless session shared by this module's browser tests (each page load is guest-kernel time)."""
-    if not hasattr(SmolVM, "expose_local"):
-        pytest.skip("BrowserSession needs SmolVM.expose_local (host port forwarding), not in this tree yet")
     with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768})) as s:
         yield s
 
@@ -218,8 +216,6 @@ def test_live_view_and_recording() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    if not hasattr(SmolVM, "expose_local"):
-        pytest.skip("BrowserSession needs SmolVM.expose_local (host port forwarding), not in this tree yet")
     host_chromium, ffprobe = shutil.which("chromium"), shutil.which("ffprobe")
     assert host_chromium and ffprobe, "needs the host's chromium and ffprobe: apt-get install chromium ffmpeg"
     cfg = BrowserSessionConfig(mode="live", record_video=True, viewport={"width": 800, "height": 600})

@@ -16,7 +16,7 @@ import pytest
 
 from smolvm._native import native
 
-MAGIC = 0x32564D53  # "SMV2"
+MAGIC = 0x33564D53  # "SMV3"
 HDR = struct.Struct("<IHHI")
 T_EXEC, T_STDOUT, T_STDERR, T_EXIT, T_ERROR = 1, 2, 3, 4, 5
 

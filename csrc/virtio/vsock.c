@@ -55,6 +55,9 @@ struct vsock_conn {
 	uint32_t line_len;
 	char ok[24];
 	uint32_t ok_len, ok_off;
+	bool opened;    /* made by vsock_open(): no "OK" line; the preface goes to the guest first */
+	uint8_t preface[VSOCK_PREFACE_MAX];
+	uint32_t preface_len, preface_off;
 	bool req_pending, rst_pending, credit_pending;
 	bool readable;  /* the client may have bytes (or EOF) for the guest */
 	bool host_eof;  /* client EOF seen; SHUTDOWN sent to the guest */
@@ -258,7 +261,8 @@ static void vsock_conn_flush(struct vsock_conn *c)
 			shutdown(c->fd, SHUT_WR);
 			c->wr_shut = true;
 		}
-		if (c->peer_shut == VSOCK_SHUT_BOTH) {
+		if (c->peer_shut == VSOCK_SHUT_BOTH ||
+		    (c->opened && c->host_eof && (c->peer_shut & VIRTIO_VSOCK_SHUTDOWN_SEND))) {
 			/* the guest is done both ways and has all it sent delivered: finish with RST */
 			vsock_conn_reset(c);
 			return;
@@ -327,7 +331,10 @@ static void vsock_conn_establish(struct vsock_conn *c)
 		return;
 	}
 	c->state = VSOCK_CONN_ESTABLISHED;
-	c->ok_len = (uint32_t)snprintf(c->ok, sizeof(c->ok), "OK %u\n", c->host_port);
+	if (c->opened)
+		c->readable = true; /* the preface is due even before the client sends anything */
+	else
+		c->ok_len = (uint32_t)snprintf(c->ok, sizeof(c->ok), "OK %u\n", c->host_port);
 	vsock_conn_flush(c);
 }
 
@@ -498,6 +505,8 @@ static int vsock_conn_to_guest(struct vsock *v, struct vsock_conn *c)
 	ssize_t n;
 	int niov;
 
+	if (credit == 0 && c->preface_off < c->preface_len)
+		return 0; /* the preface waits for a CREDIT_UPDATE */
 	if (credit == 0) {
 		char b;
 
@@ -522,6 +531,17 @@ static int vsock_conn_to_guest(struct vsock *v, struct vsock_conn *c)
 		virtq_unpop(virtio_mmio_queue(&v->mmio, VSOCK_RXQ)); /* header-only buffers: nothing fits */
 		return -1;
 	}
+	if (c->preface_off < c->preface_len) {
+		uint32_t k = vsock_min(cap, c->preface_len - c->preface_off);
+
+		virtq_chain_to(&v->rxc, VSOCK_HDR, c->preface + c->preface_off, k);
+		c->preface_off += k;
+		vsock_conn_hdr(c, VIRTIO_VSOCK_OP_RW, &h);
+		h.len = k;
+		c->tx_cnt += k;
+		vsock_rx_put(v, &h);
+		return 1;
+	}
 	n = 0;
 	if (cap) {
 		niov = virtq_chain_iov(&v->rxc, true, VSOCK_HDR, cap, iov, VIRTQ_MAX_SEGS);
@@ -542,10 +562,16 @@ static int vsock_conn_to_guest(struct vsock *v, struct vsock_conn *c)
 	if (n == 0) {
 		/* client EOF: the guest gets no more and may send no more */
 		vsock_conn_hdr(c, VIRTIO_VSOCK_OP_SHUTDOWN, &h);
-		h.flags = VSOCK_SHUT_BOTH;
+		/* an opened connection is half-closed: the guest's answer still reaches the client */
+		h.flags = c->opened ? VIRTIO_VSOCK_SHUTDOWN_SEND : VSOCK_SHUT_BOTH;
 		c->host_eof = true;
 		c->readable = false;
 		vsock_conn_set_mask(c);
+		if (c->opened && (c->peer_shut & VIRTIO_VSOCK_SHUTDOWN_SEND) && c->rx_cnt == c->fwd_cnt) {
+			vsock_rx_put(v, &h);
+			vsock_conn_reset(c); /* both sides are done: RST follows */
+			return 1;
+		}
 	} else {
 		vsock_conn_hdr(c, VIRTIO_VSOCK_OP_RW, &h);
 		h.len = (uint32_t)n;
@@ -583,7 +609,8 @@ static int vsock_conn_rx_one(struct vsock *v, struct vsock_conn *c)
 	}
 	if (c->state != VSOCK_CONN_ESTABLISHED)
 		return 0;
-	if (c->readable && c->fd >= 0 && !c->host_eof && !(c->peer_shut & VIRTIO_VSOCK_SHUTDOWN_RCV)) {
+	if ((c->readable || c->preface_off < c->preface_len) && c->fd >= 0 && !c->host_eof &&
+	    !(c->peer_shut & VIRTIO_VSOCK_SHUTDOWN_RCV)) {
 		r = vsock_conn_to_guest(v, c);
 		if (r)
 			return r;
@@ -795,6 +822,48 @@ static void vsock_work_cb(void *opaque, int fd, uint32_t revents)
 	v->tx_pending = true; /* after activation: look at everything */
 	vsock_run(v);
 	virtio_mmio_unlock(&v->mmio);
+}
+
+int vsock_open(struct vsock *v, int fd, uint32_t guest_port, const void *preface, uint32_t preface_len)
+{
+	struct vsock_conn *c = NULL;
+	unsigned i;
+	int err = 0;
+
+	if (fd < 0 || preface_len > VSOCK_PREFACE_MAX)
+		return -EINVAL;
+	virtio_mmio_lock(&v->mmio);
+	vsock_sync(v);
+	for (i = 0; i < VSOCK_MAX_CONNS && v->conns[i]; i++)
+		;
+	if (i == VSOCK_MAX_CONNS) {
+		err = -EMFILE;
+		goto out;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		err = -ENOMEM;
+		goto out;
+	}
+	c->v = v;
+	c->fd = fd;
+	c->opened = true;
+	c->guest_port = guest_port;
+	memcpy(c->preface, preface, preface_len);
+	c->preface_len = preface_len;
+	err = evloop_add(v->vm->loop, fd, 0, vsock_conn_cb, c);
+	if (err) {
+		free(c);
+		goto out;
+	}
+	c->host_port = vsock_alloc_port(v);
+	c->state = VSOCK_CONN_CONNECTING;
+	c->req_pending = true;
+	v->conns[i] = c;
+	vsock_run(v);
+out:
+	virtio_mmio_unlock(&v->mmio);
+	return err;
 }
 
 /* ---- transport ops (transport lock held) ---- */

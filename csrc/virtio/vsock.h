@@ -48,6 +48,19 @@ void vsock_free(struct vsock *v);
  */
 int vsock_reset_transport(struct vsock *v);
 
+/*
+ * Hand an already connected host socket (a TCP client the VMM accepted) to the
+ * guest as a connection to guest_port, as if a client had sent "CONNECT": no
+ * "OK" line is written to fd; the guest first receives the preface_len
+ * (<= VSOCK_PREFACE_MAX) bytes of preface, then what fd sends. fd must be
+ * non-blocking; the device owns it from here on, also on failure after
+ * success is returned (closed when either side ends; a refusal closes it).
+ * On an error the caller keeps fd. Host EOF half-closes (the guest may still
+ * answer). Loop thread. Returns 0 or -errno (-EMFILE: VSOCK_MAX_CONNS busy).
+ */
+#define VSOCK_PREFACE_MAX 32u
+int vsock_open(struct vsock *v, int fd, uint32_t guest_port, const void *preface, uint32_t preface_len);
+
 struct snap_writer;
 struct snap_reader;
 

@@ -28,6 +28,8 @@
 #include <unistd.h>
 
 #include "proto.h"
+#include "netcfg.h"
+#include "relay.h"
 
 #ifndef BLKGETSIZE64
 #define BLKGETSIZE64 _IOR(0x12, 114, size_t) /* <linux/fs.h>, which clashes with <sys/mount.h> */
@@ -73,7 +75,8 @@ static const char *const agent_base_env[] = {
 };
 #define AGENT_N_BASE_ENV (sizeof(agent_base_env) / sizeof(agent_base_env[0]))
 
-enum agent_watch_kind { AGENT_W_LISTEN, AGENT_W_SIGNAL, AGENT_W_READY, AGENT_W_SOCK, AGENT_W_STDOUT, AGENT_W_STDERR };
+enum agent_watch_kind { AGENT_W_LISTEN, AGENT_W_SIGNAL, AGENT_W_READY, AGENT_W_SOCK, AGENT_W_STDOUT, AGENT_W_STDERR,
+		       AGENT_W_PEER /* FORWARD: the guest TCP connection, in `out` */ };
 
 /* What an epoll event points at. events: the mask registered now (0 = not in the epoll set). */
 struct agent_watch {
@@ -100,6 +103,7 @@ enum agent_conn_state {
 	AGENT_C_PUT,       /* READY sent; DATA frames are written to the temporary file */
 	AGENT_C_GET,       /* READY sent; the file is streamed in DATA frames as the socket drains */
 	AGENT_C_CLOSING,   /* EXIT or ERROR queued; close once the queue is sent */
+	AGENT_C_RELAY,     /* FORWARD: bytes relayed between sock and the TCP connection in `out` */
 };
 
 struct agent_conn {
@@ -131,6 +135,7 @@ struct agent_conn {
 	struct agent_chunk *xbuf; /* PUT: receive buffer (pooled) */
 	/* SETUP ROOT */
 	uint64_t poll_at_ms;
+	struct relay relay; /* FORWARD (its b is out.fd) */
 };
 
 struct agent {
@@ -536,6 +541,10 @@ static void agent_conn_close(struct agent *a, struct agent_conn *c)
 	agent_conn_xfer_drop(c); /* a cut PUT leaves no file behind */
 	if (a->root_conn == c)
 		a->root_conn = NULL;
+	if (c->state == AGENT_C_RELAY) {
+		c->relay.b = -1; /* closed as `out` below */
+		relay_end(&c->relay);
+	}
 	agent_watch_close(a, &c->sock);
 	agent_watch_close(a, &c->out);
 	agent_watch_close(a, &c->err);
@@ -574,6 +583,12 @@ static void agent_conn_settle(struct agent *a, struct agent_conn *c)
 
 	if (c->dead)
 		return;
+	if (c->state == AGENT_C_RELAY) {
+		relay_events(&c->relay, &sock_ev, &pipe_ev);
+		if (agent_watch_set(a, &c->sock, sock_ev) < 0 || agent_watch_set(a, &c->out, pipe_ev) < 0)
+			agent_conn_close(a, c);
+		return;
+	}
 	/* GET: one more chunk when the socket took the last one (fair: one per wake-up) */
 	finished = c->state == AGENT_C_GET && !c->blocked && agent_conn_get_fill(c) < 0;
 	finished = finished || (c->qhead && !c->blocked && agent_conn_flush(c) < 0);
@@ -1026,6 +1041,24 @@ undo:
  * AGENT_ROOT_POLL_MS from agent_timeouts(). Returns 0 (EXIT or ERROR queued,
  * or still waiting) or -ENOMEM.
  */
+/* SETUP NET: what the last SETUP asked for; the files are written once the root is final. */
+static struct netcfg agent_net;
+static bool agent_net_files_due;
+
+/* Write /etc/resolv.conf and /etc/hosts if a SETUP NET is waiting for them. 0, or ERROR queued. */
+static int agent_net_files(struct agent_conn *c)
+{
+	char msg[200], host[SMOLVM_SETUP_MAX_HOSTNAME + 1] = "";
+	int ret;
+
+	if (!agent_net_files_due)
+		return 0;
+	agent_net_files_due = false;
+	gethostname(host, sizeof(host) - 1);
+	ret = netcfg_files(&agent_net, host, msg, sizeof(msg));
+	return ret ? agent_conn_fail(c, -ret, "SETUP net: %s", msg) : 0;
+}
+
 static int agent_conn_root_poll(struct agent *a, struct agent_conn *c)
 {
 	uint64_t size = 0, now;
@@ -1055,6 +1088,9 @@ static int agent_conn_root_poll(struct agent *a, struct agent_conn *c)
 	agent_boot.root_done = true;
 	agent_log("root: overlay of %s and %s (%llu MiB)", AGENT_IMAGE_DEV, AGENT_SCRATCH_DEV,
 		  (unsigned long long)(size >> 20));
+	ret = agent_net_files(c);
+	if (ret < 0 || c->state == AGENT_C_CLOSING)
+		return ret; /* ERROR queued, or no memory for it */
 	return agent_conn_done(c);
 }
 
@@ -1110,18 +1146,35 @@ static int agent_conn_setup(struct agent *a, struct agent_conn *c)
 	hlen = le32toh(su.hostname_len);
 	flags = le32toh(su.flags);
 	if (elen > SMOLVM_SETUP_MAX_ENTROPY || hlen > SMOLVM_SETUP_MAX_HOSTNAME ||
-	    (uint64_t)sizeof(su) + elen + hlen != len)
+	    (uint64_t)sizeof(su) + elen + hlen > len || (!(flags & SMOLVM_SETUP_NET) && sizeof(su) + elen + hlen != len))
 		return agent_conn_fail(c, 0, "bad SETUP frame: entropy %u, hostname %u, payload %u bytes", elen, hlen,
 				       len);
-	if (flags & ~SMOLVM_SETUP_ROOT)
-		return agent_conn_fail(c, EINVAL, "bad SETUP frame: unknown flags 0x%x", flags & ~SMOLVM_SETUP_ROOT);
+	if (flags & ~(SMOLVM_SETUP_ROOT | SMOLVM_SETUP_NET))
+		return agent_conn_fail(c, EINVAL, "bad SETUP frame: unknown flags 0x%x",
+				       flags & ~(SMOLVM_SETUP_ROOT | SMOLVM_SETUP_NET));
 	entropy = c->payload + sizeof(su);
 	host = entropy + elen;
+	if ((flags & SMOLVM_SETUP_NET) &&
+	    netcfg_parse(host + hlen, len - (uint32_t)sizeof(su) - elen - hlen, &agent_net) < 0)
+		return agent_conn_fail(c, EINVAL, "bad SETUP frame: the network part is malformed");
 	if (getpid() != 1)
 		return agent_conn_done(c);
 	agent_setup_identity(entropy, elen, host, hlen, le64toh(su.wall_ns));
-	if (!(flags & SMOLVM_SETUP_ROOT) || agent_boot.root_done)
+	if (flags & SMOLVM_SETUP_NET) {
+		char msg[200];
+		int ret = netcfg_link(&agent_net, msg, sizeof(msg));
+
+		if (ret)
+			return agent_conn_fail(c, -ret, "SETUP net: %s", msg);
+		agent_net_files_due = true;
+	}
+	if (!(flags & SMOLVM_SETUP_ROOT) || agent_boot.root_done) {
+		int ret = agent_net_files(c);
+
+		if (ret < 0 || c->state == AGENT_C_CLOSING)
+			return ret; /* ERROR queued, or no memory for it */
 		return agent_conn_done(c);
+	}
 	if (!agent_boot.image_mounted)
 		return agent_conn_fail(c, agent_boot.image_err ? agent_boot.image_err : ENODEV,
 				       "SETUP root: the image is not mounted: %s",
@@ -1383,6 +1436,27 @@ static int agent_conn_get_fill(struct agent_conn *c)
 	return 0;
 }
 
+/* ---- port forwards ---- */
+
+/* FORWARD: connect to the guest's 127.0.0.1:port and relay; a refused connect closes the connection. */
+static int agent_conn_forward(struct agent_conn *c)
+{
+	struct smolvm_forward f;
+	int ret;
+
+	memcpy(&f, c->payload, sizeof(f));
+	free(c->payload);
+	c->payload = NULL;
+	if (le32toh(f.port) < 1 || le32toh(f.port) > 65535 || f.flags)
+		return -EINVAL;
+	ret = relay_start(&c->relay, c->sock.fd, (uint16_t)le32toh(f.port));
+	if (ret < 0)
+		return ret; /* nothing listens there: the host client sees the close */
+	c->state = AGENT_C_RELAY;
+	c->out = (struct agent_watch){ AGENT_W_PEER, c->relay.b, 0, c };
+	return relay_pump(&c->relay) != 0 ? -ECONNRESET : 0;
+}
+
 /* ---- reading the request ---- */
 
 /* The request frame is complete: dispatch on its type. */
@@ -1395,6 +1469,8 @@ static int agent_conn_request(struct agent *a, struct agent_conn *c)
 		return agent_conn_put_start(c);
 	case SMOLVM_GET:
 		return agent_conn_get_start(c);
+	case SMOLVM_FORWARD:
+		return agent_conn_forward(c);
 	default:
 		return agent_conn_start(a, c);
 	}
@@ -1421,7 +1497,10 @@ static int agent_conn_read_request(struct agent *a, struct agent_conn *c)
 			if (magic != SMOLVM_PROTO_MAGIC)
 				return agent_conn_fail(c, 0, "bad frame: magic 0x%08x, want 0x%08x (protocol %.4s)", magic,
 						       SMOLVM_PROTO_MAGIC, (const char *)&(uint32_t){ htole32(SMOLVM_PROTO_MAGIC) });
-			if (type != SMOLVM_EXEC && type != SMOLVM_SETUP && type != SMOLVM_PUT && type != SMOLVM_GET)
+			if (type == SMOLVM_FORWARD && len != sizeof(struct smolvm_forward))
+				return -EINVAL; /* FORWARD gets no answer: just close */
+			if (type != SMOLVM_EXEC && type != SMOLVM_SETUP && type != SMOLVM_PUT && type != SMOLVM_GET &&
+			    type != SMOLVM_FORWARD)
 				return agent_conn_fail(c, 0, "bad frame: type %u, want EXEC (%u), SETUP (%u), PUT (%u) or GET (%u)",
 						       type, SMOLVM_EXEC, SMOLVM_SETUP, SMOLVM_PUT, SMOLVM_GET);
 			if (len > SMOLVM_MAX_PAYLOAD)
@@ -1483,6 +1562,7 @@ static int agent_conn_sock_event(struct agent *a, struct agent_conn *c, uint32_t
 	case AGENT_C_GET:
 		return agent_conn_read_running(c);
 	case AGENT_C_CLOSING:
+	case AGENT_C_RELAY: /* agent_dispatch pumps the relay */
 		break;
 	}
 	return 0;
@@ -1597,7 +1677,20 @@ static void agent_dispatch(struct agent *a, struct agent_watch *w, uint32_t ev)
 	case AGENT_W_SOCK:
 		if (c->dead)
 			return;
+		if (c->state == AGENT_C_RELAY) {
+			ret = relay_pump(&c->relay);
+			if (ret > 0)
+				ret = -ECONNRESET; /* both ways done */
+			break;
+		}
 		ret = agent_conn_sock_event(a, c, ev);
+		break;
+	case AGENT_W_PEER:
+		if (c->dead)
+			return;
+		ret = relay_pump(&c->relay);
+		if (ret > 0)
+			ret = -ECONNRESET;
 		break;
 	case AGENT_W_STDOUT:
 	case AGENT_W_STDERR:

@@ -2191,6 +2191,62 @@ static void test_vsock_new_errors(void)
 	printf("ok %s\n", cur_test);
 }
 
+/* vsock_open(): a connected host socket handed to the guest with a preface; half-closes both ways. */
+static struct gconn *find_gconn(struct world *w, uint32_t gport)
+{
+	for (int i = 0; i < G_MAX_CONNS; i++)
+		if (w->g.c[i].used && !w->g.c[i].closed && w->g.c[i].gport == gport)
+			return &w->g.c[i];
+	return NULL;
+}
+
+static void test_vsock_open(void)
+{
+	struct world w;
+	struct gconn *gc = NULL;
+	struct virtio_vsock_hdr h;
+	uint8_t big[VSOCK_PREFACE_MAX + 1] = { 0 };
+	char buf[64];
+	int sp[2], sp2[2];
+
+	cur_test = "vsock open";
+	world_init(&w);
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sp) == 0);
+	CHECK(vsock_open(w.vs, -1, 1000, "", 0) == -EINVAL);
+	CHECK(vsock_open(w.vs, sp[1], 1000, big, sizeof(big)) == -EINVAL);
+	CHECK(write(sp[0], "abc", 3) == 3); /* sent before the guest accepted: waits */
+	CHECK(vsock_open(w.vs, sp[1], 1000, "PRE", 3) == 0);
+	WAIT(&w, (gc = find_gconn(&w, 1000)) && gc->data_len == 6);
+	CHECK(memcmp(gc->data, "PREabc", 6) == 0); /* the preface, then the client's bytes; no "OK" line */
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.len = 5;
+	g_send(&w.g, &h, "hello", 5);
+	WAIT(&w, read(sp[0], buf, sizeof(buf)) == 5);
+	CHECK(memcmp(buf, "hello", 5) == 0);
+	/* client EOF is a half-close: the guest hears SHUTDOWN(SEND) and may still answer */
+	CHECK(shutdown(sp[0], SHUT_WR) == 0);
+	WAIT(&w, gc->shut == VIRTIO_VSOCK_SHUTDOWN_SEND);
+	CHECK(!gc->got_rst);
+	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
+	h.len = 4;
+	g_send(&w.g, &h, "late", 4);
+	WAIT(&w, read(sp[0], buf, sizeof(buf)) == 4);
+	CHECK(memcmp(buf, "late", 4) == 0);
+	/* the guest is done sending too: the client gets EOF and the device finishes with RST */
+	g_ctrl(&w.g, gc, VIRTIO_VSOCK_OP_SHUTDOWN, VIRTIO_VSOCK_SHUTDOWN_SEND);
+	WAIT(&w, gc->got_rst);
+	WAIT(&w, client_eof(sp[0]));
+	close(sp[0]);
+
+	/* a guest port nobody listens on: the guest refuses, the socket is closed */
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sp2) == 0);
+	CHECK(vsock_open(w.vs, sp2[1], 4242, "x", 1) == 0);
+	WAIT(&w, client_eof(sp2[0]));
+	close(sp2[0]);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
 int main(void)
 {
 	struct evloop *l = NULL;
@@ -2206,6 +2262,7 @@ int main(void)
 	test_vsock_new_errors();
 	test_vsock_stream();
 	test_vsock_guest_shutdown();
+	test_vsock_open();
 	test_vsock_credit_exhausted();
 	test_vsock_guest_overrun();
 	test_vsock_refuse_and_ready();
