@@ -17,6 +17,7 @@ import pytest
 from smolvm import BrowserSession, BrowserSessionConfig, SmolVM, SmolVMError
 from smolvm.browser_config import BrowserConfigError, parse_viewport
 
+MEM = 1024  # MiB: enough for Chromium with a small page; a smaller guest boots faster where ring 0 is emulated
 PAGE = """<!doctype html>
 <html><head><title>smolvm test page</title>
 <style>body { background: #2050c0; color: white; font: 40px sans-serif; margin: 0 }</style></head>
@@ -121,7 +122,7 @@ def distinct_rows(data: bytes) -> int:
 @pytest.fixture(scope="module")
 def session() -> Iterator[BrowserSession]:
     """One headless session shared by this module's browser tests (each page load is guest-kernel time)."""
-    with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768})) as s:
+    with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768}, mem_size_mib=MEM)) as s:
         yield s
 
 
@@ -189,7 +190,7 @@ def test_two_sessions_are_isolated_and_close_leaves_nothing(session: BrowserSess
     page = session.page()
     page.goto(page_url)
     page.evaluate("document.cookie = 'who=one; path=/'; localStorage.setItem('mark', 'one')")
-    with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768})) as other:
+    with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768}, mem_size_mib=MEM)) as other:
         assert other.cdp_url != session.cdp_url and other.vm_id != session.vm_id
         other.push_file(Path(__file__).with_name("conftest.py"), "/opt/pages/x.txt")  # folder made on demand
         other.vm.run("mkdir -p /opt/pages && cp /opt/pages/x.txt /dev/null")
@@ -218,7 +219,7 @@ def test_live_view_and_recording() -> None:
 
     host_chromium, ffprobe = shutil.which("chromium"), shutil.which("ffprobe")
     assert host_chromium and ffprobe, "needs the host's chromium and ffprobe: apt-get install chromium ffmpeg"
-    cfg = BrowserSessionConfig(mode="live", record_video=True, viewport={"width": 800, "height": 600})
+    cfg = BrowserSessionConfig(mode="live", record_video=True, viewport={"width": 800, "height": 600}, mem_size_mib=MEM)
     with BrowserSession(cfg) as s:
         assert s.live_url is not None and s.live_url.startswith("http://127.0.0.1:")
         with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(s.live_url, timeout=30) as r:
