@@ -104,8 +104,10 @@ start() { # MODE WIDTH HEIGHT CDP_PORT LIVE_PORT ALLOW_DOWNLOADS
 	fi
 }
 
+uptime_s() { read -r up _ </proc/uptime && echo "${up%.*}"; }
+
 wait_ready() { # CDP_PORT SECONDS
-	n=0
+	deadline=$(($(uptime_s) + $2))
 	while :; do
 		if out=$(curl -fsS --max-time 5 "http://127.0.0.1:$1/json/list" 2>/dev/null) &&
 			printf '%s' "$out" | grep -q '"type": "page"'; then
@@ -116,8 +118,7 @@ wait_ready() { # CDP_PORT SECONDS
 			tail -20 "$LOGS/chromium.log" >&2
 			exit 3
 		fi
-		n=$((n + 1))
-		[ "$n" -lt "$2" ] || { echo "chromium's DevTools port $1 did not answer within $2 s" >&2; exit 4; }
+		[ "$(uptime_s)" -lt "$deadline" ] || { echo "chromium's DevTools port $1 did not answer within $2 s" >&2; exit 4; }
 		sleep 1
 	done
 }
