@@ -37,6 +37,8 @@ GUEST_LOGS = f"{GUEST_ROOT}/logs"
 READY_TIMEOUT_S = 3600  # a cold Chromium start is minutes on hosts that emulate guest ring 0 (more when loaded)
 HOST_CDP_TIMEOUT_S = 60.0
 COMPAT_BOOT_TIMEOUT_S = 1800.0
+PLAYWRIGHT_TIMEOUT_MS = 30_000  # Playwright's own default
+COMPAT_PLAYWRIGHT_TIMEOUT_MS = 600_000  # where guest ring 0 is emulated a page load takes minutes
 SNAPSHOT_VERSION = b"browser-snap-v1"
 PLAYWRIGHT_HINT = 'pip install "smolvm[browser]" (or: pip install playwright)'
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -424,7 +426,11 @@ class BrowserSession:
             return self._browser
         if self._playwright is None:
             self._playwright = sync_playwright().start()
-        self._browser = self._playwright.chromium.connect_over_cdp(self.cdp_url)
+        timeout_ms = _playwright_timeout_ms()
+        self._browser = self._playwright.chromium.connect_over_cdp(self.cdp_url, timeout=timeout_ms)
+        if timeout_ms > PLAYWRIGHT_TIMEOUT_MS:
+            for context in self._browser.contexts:
+                context.set_default_timeout(timeout_ms)
         return self._browser
 
     def page(self) -> Any:
@@ -547,6 +553,13 @@ def _boot_timeout() -> float:
 
     t = _validate.boot_timeout(None)
     return max(t, COMPAT_BOOT_TIMEOUT_S) if detect().compat else t
+
+
+def _playwright_timeout_ms() -> int:
+    """Playwright's default (30 s), or COMPAT_PLAYWRIGHT_TIMEOUT_MS where guest ring 0 is emulated."""
+    from .profile import detect
+
+    return COMPAT_PLAYWRIGHT_TIMEOUT_MS if detect().compat else PLAYWRIGHT_TIMEOUT_MS
 
 
 def _wait_cdp(url: str, timeout: float) -> None:
