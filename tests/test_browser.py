@@ -119,9 +119,21 @@ def distinct_rows(data: bytes) -> int:
     return len(set(png_rows(data)))
 
 
+def require_browser_host() -> None:
+    """Where guest ring 0 is emulated (compat profile) a cold Chromium start in the guest did not
+    answer within 8 minutes on a loaded 2-core host (measured 2026-12-01, before the AVX fix): the
+    browser tests run there only when asked for with SMOLVM_BROWSER_TESTS=1."""
+    from smolvm.profile import detect
+
+    if detect().compat and os.environ.get("SMOLVM_BROWSER_TESTS") != "1":
+        pytest.skip("compat profile: Chromium's cold start in the guest takes tens of minutes here; "
+                    "SMOLVM_BROWSER_TESTS=1 runs the browser tests anyway")
+
+
 @pytest.fixture(scope="module")
 def session() -> Iterator[BrowserSession]:
     """One headless session shared by this module's browser tests (each page load is guest-kernel time)."""
+    require_browser_host()
     with BrowserSession(BrowserSessionConfig(viewport={"width": 1024, "height": 768}, mem_size_mib=MEM)) as s:
         yield s
 
@@ -217,6 +229,7 @@ def test_live_view_and_recording() -> None:
 
     from playwright.sync_api import sync_playwright
 
+    require_browser_host()
     host_chromium, ffprobe = shutil.which("chromium"), shutil.which("ffprobe")
     assert host_chromium and ffprobe, "needs the host's chromium and ffprobe: apt-get install chromium ffmpeg"
     cfg = BrowserSessionConfig(mode="live", record_video=True, viewport={"width": 800, "height": 600}, mem_size_mib=MEM)
