@@ -10,6 +10,7 @@ APT_PACKAGES=(
   passt                                                                                   # guest network backend
   python3 python3-dev python3-pip                                                        # the package
   clang                                                                                  # libFuzzer harnesses (tests/fuzz)
+  chromium ffmpeg                                          # browser tests: a host browser for the live view, ffprobe
 )
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

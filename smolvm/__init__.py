@@ -11,8 +11,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .browser import BrowserSession
+from .browser_config import BrowserSessionConfig
+from .browser_store import BrowserSessionInfo
 from .errors import (
     AgentError,
+    BrowserSessionError,
+    BrowserSessionNotFoundError,
     KVMUnavailableError,
     SmolVMError,
     VMGoneError,
@@ -26,6 +31,11 @@ from .vm import SmolVM
 
 __all__ = [
     "AgentError",
+    "BrowserSession",
+    "BrowserSessionConfig",
+    "BrowserSessionError",
+    "BrowserSessionInfo",
+    "BrowserSessionNotFoundError",
     "ExposedPort",
     "KVMUnavailableError",
     "PortInUseError",

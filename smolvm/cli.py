@@ -326,6 +326,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         ("busybox initramfs (image=None)", ensure_initramfs),
         ("default image", ensure_image),
     ]
+    if getattr(args, "browser", False):
+        from .browser import ensure_browser_image
+
+        steps.append(("browser image", ensure_browser_image))
     for name, func in steps:
         progress(f"{name}: checking the cache")
         try:
@@ -595,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     b = sub.add_parser("build", help="build the guest kernel, agent, initramfs and default image into $SMOLVM_HOME")
+    b.add_argument("--browser", action="store_true", help="also the browser image (Chromium, Xvfb, noVNC, ffmpeg)")
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser(
@@ -634,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_image import add_parser as add_image_parser
 
     add_image_parser(sub)
+
+    from .cli_browser import add_parser as add_browser_parser
+
+    add_browser_parser(sub)
 
     from .cli_port import add_parser as add_port_parser
     from .cli_ray import add_parser as add_ray_parser

@@ -64,3 +64,9 @@ class SandboxLostError(SmolVMError):
         super().__init__(message)
         self.node_id = node_id
         self.vm_id = vm_id
+class BrowserSessionError(SmolVMError):
+    """A BrowserSession could not start, was used in the wrong state, or its browser failed."""
+
+
+class BrowserSessionNotFoundError(BrowserSessionError, LookupError):
+    """No browser session with that id on this machine (stopped, timed out, or never existed)."""

@@ -405,7 +405,12 @@ class SmolVM:
         state in milliseconds, each with its own copy-on-write memory. An existing snapshot
         of that name is replaced.
         """
-        final = snapshots.user_dir(name)
+        self.snapshot_to(snapshots.user_dir(name))
+        return snapshots.info(name)
+
+    def snapshot_to(self, final: Path) -> None:
+        """snapshot() into the folder final (replaced if present), for callers that keep their
+        own snapshots (BrowserSession's browser base snapshots); restore with from_snapshot_dir()."""
         self._require_running()
         tmp = snapshots.staging_dir(final)
         was_paused = self.status == "paused"
@@ -420,7 +425,6 @@ class SmolVM:
             if self._image is not None and not was_paused:
                 self._command("RESUME")
             shutil.rmtree(tmp, ignore_errors=True)
-        return snapshots.info(name)
 
     @classmethod
     def from_snapshot(cls, name: str, *, boot_timeout: float | None = None) -> SmolVM:
@@ -430,6 +434,19 @@ class SmolVM:
         vm._image, vm._disk_size = snap.image, snap.disk_size
         vm._net = network.NetworkPolicy.from_dict(snapshots.read_meta(snap.path).get("network"))
         vm._source = snap.path
+        return vm
+
+    @classmethod
+    def from_snapshot_dir(cls, path: Path, *, boot_timeout: float | None = None) -> SmolVM:
+        """A new (not yet started) VM that will start from the snapshot folder written by snapshot_to()."""
+        meta = snapshots.read_meta(path)
+        image = meta.get("image")
+        size = meta.get("disk_size")
+        vm = cls(memory=int(str(meta.get("memory", 0))), vcpus=int(str(meta.get("vcpus", 1))),
+                 boot_timeout=boot_timeout, image=None)  # fmt: skip
+        vm._image = str(image["name"]) if isinstance(image, dict) and "name" in image else None
+        vm._disk_size = int(str(size)) if size else None
+        vm._source = path
         return vm
 
     @classmethod

@@ -1,0 +1,91 @@
+"""Benchmark BrowserSession: browser snapshot build, restore -> CDP ready, page.goto, screenshot, PSS per session; JSON out.
+
+    python3 benchmarks/bench_browser.py [--sessions 5] [--out FILE.json]
+
+The first session of the configuration makes the browser snapshot (boot, Chromium cold
+start, snapshot) when it is missing: that run's 'first_start_s' is the snapshot build time.
+On hosts whose KVM emulates guest ring 0 absolute times say little about real hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from smolvm import BrowserSession, BrowserSessionConfig
+from smolvm.browser import snapshot_dir, snapshot_key
+from smolvm.profile import detect
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_browser.json"
+PAGE = "<!doctype html><title>bench</title><h1>bench</h1><p id=n></p><script>n.textContent=6*7</script>"
+
+
+def pss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sessions", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args()
+    cfg = BrowserSessionConfig(viewport={"width": 1280, "height": 720})
+    had_snapshot = (snapshot_dir(snapshot_key(cfg)) / "meta.json").exists()
+    result: dict[str, Any] = {"host": platform.node(), "profile": detect().name, "had_snapshot": had_snapshot}
+    sessions: list[BrowserSession] = []
+    starts, gotos, shots = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        page_file = Path(tmp) / "bench.html"
+        page_file.write_text(PAGE)
+        try:
+            for i in range(args.sessions):
+                t = time.monotonic()
+                s = BrowserSession(cfg)
+                s.__enter__()
+                starts.append(time.monotonic() - t)
+                sessions.append(s)
+                if i == 0:
+                    s.push_file(page_file, "/opt/pages/bench.html")
+                    page = s.page()
+                    for _ in range(3):
+                        t = time.monotonic()
+                        page.goto("file:///opt/pages/bench.html")
+                        gotos.append(time.monotonic() - t)
+                    for _ in range(3):
+                        t = time.monotonic()
+                        s.screenshot(full_page=False)
+                        shots.append(time.monotonic() - t)
+            time.sleep(2)
+            pss = [pss_kib(s.vm.pid or 0) for s in sessions]
+        finally:
+            for s in sessions:
+                s.stop()
+    result.update({
+        "first_start_s": round(starts[0], 2),
+        "restored_start_s": [round(x, 2) for x in starts[1:]],
+        "restored_start_median_s": round(statistics.median(starts[1:]), 2) if len(starts) > 1 else None,
+        "goto_s": [round(x, 3) for x in gotos], "screenshot_s": [round(x, 3) for x in shots],
+        "pss_kib_per_session": pss,
+    })  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
