@@ -19,6 +19,7 @@ from . import _ctl, _process, _validate, disk, registry, snapshots
 from ._native import native, vmm_path
 from ._paths import home
 from .build._cache import progress
+from .build.image import DEFAULT_IMAGE
 from .errors import (
     AgentError,
     SmolVMError,
@@ -39,8 +40,6 @@ UDS_MAX = 107 - 8  # sun_path holds 107 bytes; leave room for the VMM's "_<port>
 KEEP_FAILED_LOGS = 10
 SETUP_ENTROPY_BYTES = 64
 SETUP_TIMEOUT_MS = 120_000  # the first setup of a disk VM mounts its root: guest kernel work
-SETUP_ROOT = 1  # csrc/proto.h SMOLVM_SETUP_ROOT
-DEFAULT_IMAGE = "default"
 DEFAULT_DISK_MIB = 1024
 DISK_FILE = "disk.img"  # in the VM's state folder, and in a snapshot taken of a VM with a disk
 IMAGE_ARG = "smolvm.image=vda"  # kernel command line: the agent mounts /dev/vda as the image
@@ -730,18 +729,6 @@ class SmolVM:
             argv.append("--daemonize")
         return argv
 
-    def _save_base(self, base: Path) -> None:
-        """Snapshot the freshly booted, idle guest as the base of its configuration."""
-        tmp = snapshots.staging_dir(base)
-        try:
-            self._command(f"SNAPSHOT {tmp}")
-            snapshots.publish(tmp, base, self._meta())
-            progress(f"saved the base snapshot {base}; later VMs of this configuration restore it")
-        except SmolVMError as e:
-            progress(f"could not save the base snapshot ({e}); later VMs will boot again")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
     @staticmethod
     def _damaged_base(base: Path) -> bool:
         """A base snapshot that fails its checks is removed (and the guest booted anew)."""
@@ -773,7 +760,7 @@ class SmolVM:
             nat.setup(
                 str(self._state_dir / "vsock.sock"), nat.AGENT_PORT, time.time_ns(),
                 secrets.token_bytes(SETUP_ENTROPY_BYTES), self._vm_id, SETUP_TIMEOUT_MS,
-                SETUP_ROOT if self._image is not None else 0,
+                nat.SETUP_ROOT if self._image is not None else 0,
             )  # fmt: skip
         except (OSError, nat.ProtocolError) as e:
             raise VMStartError(
