@@ -19,11 +19,14 @@ from .errors import (
     VMNotRunningError,
     VMStartError,
 )
+from .info import VMInfo, VMState
 from .profile import Profile
 from .result import RunResult
+from ._aio import AsyncSmolVM
 from .vm import SmolVM
 
 __all__ = [
+    "AsyncSmolVM",
     "AgentError",
     "KVMUnavailableError",
     "Profile",
@@ -31,7 +34,9 @@ __all__ = [
     "SmolVM",
     "SmolVMError",
     "VMGoneError",
+    "VMInfo",
     "VMNotRunningError",
     "VMStartError",
+    "VMState",
     "__version__",
 ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from . import _ctl, _process, _stream, _validate, disk, registry, snapshots
+from ._aio import AsyncMixin
 from ._native import native, vmm_path
 from ._paths import home
 from .build._cache import progress
@@ -51,7 +52,7 @@ CTL_TIMEOUT_S = 120.0  # a snapshot writes guest memory: allow for slow disks
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 
 
-class SmolVM:
+class SmolVM(AsyncMixin):
     """A microVM that runs shell commands.
 
     >>> with SmolVM() as vm:
@@ -190,6 +191,10 @@ class SmolVM:
     def boot_time(self) -> float | None:
         """Seconds from starting the VMM to a ready guest agent."""
         return self._boot_time
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the VM's info as a table."""
+        return self.info._repr_html_()
 
     def __repr__(self) -> str:
         return (
