@@ -117,3 +117,25 @@ def test_agentor_smolvm_runtime(vm: SmolVM) -> None:
         runtime.close()  # stop() then close()
     assert vm_id not in [r.vm_id for r in SmolVM.list()]
     assert runtime.vm.status == VMState.STOPPED
+
+
+# ---- one memory range in Python and in the VMM ----------------------------------------
+
+
+@pytest.mark.parametrize("value", ["63", "65537", "64x", "-1", "", "1e3"])
+def test_vmm_checks_memory_like_python(value: str) -> None:
+    import subprocess
+
+    from smolvm import _validate
+    from smolvm._native import vmm_path
+
+    res = subprocess.run(
+        [str(vmm_path()), "--restore", "/nonexistent", "--vsock-uds", "/nonexistent/s", "--mem-mib", value],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert res.returncode != 0
+    want = f"--mem-mib {value}: want a whole number from {_validate.MEMORY_MIN_MIB} to {_validate.MEMORY_MAX_MIB}"
+    assert want in res.stderr, res.stderr
+    for bad in (_validate.MEMORY_MIN_MIB - 1, _validate.MEMORY_MAX_MIB + 1):
+        with pytest.raises(ValueError, match="memory must be between"):
+            SmolVM(memory=bad)
