@@ -47,24 +47,28 @@ def test_async_streams_input_and_errors(vm: SmolVM) -> None:
 
 @pytest.mark.vm
 def test_cancelling_the_task_kills_the_command(vm: SmolVM) -> None:
-    tag = f"sleep 4{os.getpid() % 1000}"
+    pidfile = f"/tmp/async-pid-{os.getpid()}"
+    check = f"read p < {pidfile}; kill -0 $p 2>/dev/null && echo alive || echo gone"
 
     async def main() -> str:
         started = asyncio.Event()
-        task = asyncio.create_task(vm.async_run(f"echo started; {tag}", timeout=SLOW, on_stdout=lambda b: started.set()))
+        task = asyncio.create_task(
+            vm.async_run(f"echo $$ > {pidfile}; echo started; exec sleep 3600", timeout=SLOW,
+                         on_stdout=lambda b: started.set())
+        )  # fmt: skip
         await asyncio.wait_for(started.wait(), SLOW)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         left = "?"
         for _ in range(20):
-            left = (await vm.async_run(f"pgrep -f '^{tag}$' || echo none", timeout=SLOW)).stdout
-            if left == "none\n":
+            left = (await vm.async_run(check, timeout=SLOW)).output
+            if left == "gone":
                 break
             await asyncio.sleep(0.5)
         return left
 
-    assert asyncio.run(main()) == "none\n"
+    assert asyncio.run(main()) == "gone"
 
 
 @pytest.mark.own_vm

@@ -14,20 +14,26 @@ SLOW = 120  # guest commands on emulating hosts take seconds
 
 
 @pytest.mark.vm
+def test_chunks_arrive_one_by_one(vm: SmolVM) -> None:
+    items = list(vm.stream("for i in 1 2 3; do echo $i; sleep 2; done", timeout=SLOW))
+    assert items[:3] == [("stdout", b"1\n"), ("stdout", b"2\n"), ("stdout", b"3\n")], items
+    result = items[3]
+    assert len(items) == 4 and isinstance(result, RunResult) and result.ok and result.stdout == "1\n2\n3\n"
+
+
+@pytest.mark.vm
 def test_first_chunk_arrives_while_the_command_runs(vm: SmolVM) -> None:
-    done = f"/tmp/stream-done-{os.getpid()}"
+    """The command cannot end before the test has seen its first chunk: it waits for a file
+    the test creates only then (a stream that delivered at the end would time out)."""
+    go = f"/tmp/stream-go-{os.getpid()}"
     seen: list[object] = []
-    for item in vm.stream(f"for i in 1 2 3; do echo $i; sleep 2; done; touch {done}", timeout=SLOW):
-        if not seen:  # the first chunk: ask the guest whether the loop has finished
-            probe = vm.run(f"test -e {done} && echo finished || echo running", timeout=SLOW)
-            seen.append(("probe", probe.stdout))
+    for item in vm.stream(f"echo ready; while [ ! -e {go} ]; do sleep 0.2; done; echo after", timeout=SLOW):
+        if not seen:
+            assert vm.run(f"touch {go}", timeout=SLOW).ok
         seen.append(item)
     result = seen[-1]
-    assert isinstance(result, RunResult) and result.ok and result.stdout == "1\n2\n3\n"
-    assert seen[0] == ("probe", "running\n"), seen  # the first chunk came before the command ended
-    chunks = [i for i in seen[1:-1] if isinstance(i, tuple)]
-    assert b"".join(c for k, c in chunks if k == "stdout") == b"1\n2\n3\n"
-    assert chunks[0] == ("stdout", b"1\n")
+    assert isinstance(result, RunResult) and not result.timed_out and result.ok, result
+    assert seen[0] == ("stdout", b"ready\n") and result.stdout == "ready\nafter\n"
 
 
 @pytest.mark.vm
@@ -41,26 +47,37 @@ def test_callbacks_get_both_streams_in_order(vm: SmolVM) -> None:
     assert events == [("out", b"out1\n"), ("err", b"err1\n"), ("out", b"out2\n")]
 
 
+def _alive(vm: SmolVM, pidfile: str) -> str:
+    """"alive" or "gone" for the pid in the guest file pidfile (shell builtins only: no ps/pgrep,
+    whose /proc walk is slow in emulated guests)."""
+    return vm.run(f"read p < {pidfile}; kill -0 $p 2>/dev/null && echo alive || echo gone", timeout=SLOW).output
+
+
 @pytest.mark.vm
 def test_callback_exception_kills_the_command(vm: SmolVM) -> None:
-    tag = f"sleep 3{os.getpid() % 1000}"  # a command line we can look for
+    pidfile = f"/tmp/stream-pid-{os.getpid()}"
 
     def boom(chunk: bytes) -> None:
         raise RuntimeError(f"callback saw {chunk!r}")
 
     with pytest.raises(RuntimeError, match="callback saw b'start"):
-        vm.run(f"echo start; {tag}; echo end", timeout=SLOW, on_stdout=boom)
+        vm.run(f"echo $$ > {pidfile}; echo start; exec sleep 3600", timeout=SLOW, on_stdout=boom)
     left = "?"
     for _ in range(20):  # the agent kills the group when the connection closes
-        left = vm.run(f"pgrep -f '^{tag}$' || echo none", timeout=SLOW).stdout
-        if left == "none\n":
+        left = _alive(vm, pidfile)
+        if left == "gone":
             break
         time.sleep(0.5)
-    assert left == "none\n"
-    gen = vm.stream(f"echo start; {tag}", timeout=SLOW)
+    assert left == "gone"
+    gen = vm.stream(f"echo $$ > {pidfile}; echo start; exec sleep 3600", timeout=SLOW)
     assert next(gen) == ("stdout", b"start\n")
     gen.close()  # leaving a stream early kills the command too
-    assert vm.run("echo alive", timeout=SLOW).stdout == "alive\n"
+    for _ in range(20):
+        left = _alive(vm, pidfile)
+        if left == "gone":
+            break
+        time.sleep(0.5)
+    assert left == "gone"
 
 
 @pytest.mark.vm
