@@ -27,7 +27,8 @@ def test_first_chunk_arrives_while_the_command_runs(vm: SmolVM) -> None:
     the test creates only then (a stream that delivered at the end would time out)."""
     go = f"/tmp/stream-go-{os.getpid()}"
     seen: list[object] = []
-    for item in vm.stream(f"echo ready; while [ ! -e {go} ]; do sleep 0.2; done; echo after", timeout=SLOW):
+    cmd = f"echo ready; while [ ! -e {go} ]; do sleep 0.2; done; echo after"
+    for item in vm.stream(cmd, timeout=5 * SLOW):  # loaded emulating hosts: forks take many seconds
         if not seen:
             assert vm.run(f"touch {go}", timeout=SLOW).ok
         seen.append(item)
