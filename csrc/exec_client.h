@@ -1,4 +1,4 @@
-/* Host side of one exec: sends an EXEC frame to the guest agent over the VMM's vsock Unix socket and collects its output. */
+/* Host side of one exec: sends an EXEC frame (and stdin) to the guest agent over the VMM's vsock Unix socket and collects or streams its output. */
 #ifndef SMOLVM_EXEC_CLIENT_H
 #define SMOLVM_EXEC_CLIENT_H
 
@@ -28,6 +28,9 @@ struct exec_request {
 	uint32_t n_env;
 	uint32_t timeout_ms;     /* guest-side timeout; 0 = none */
 	const struct exec_setup *setup; /* non-NULL: send SETUP instead of EXEC (command unused) */
+	bool has_input;          /* the command's stdin is input[0..input_len), then end of file; else /dev/null */
+	const uint8_t *input;    /* kept by the caller until the exec ends */
+	size_t input_len;
 };
 
 struct exec_output {
@@ -39,15 +42,18 @@ struct exec_output {
 	int signal;
 	int timed_out;
 	int guest_err;   /* the errno of an ERROR frame (0: none, or the agent named none) */
+	int guest_code;  /* what it is about: enum smolvm_error_code (proto.h), e.g. SMOLVM_ERRC_CWD */
 	char error[256]; /* NUL-terminated message on failure (or a truncation note on success) */
 };
 
 /*
  * Connect to the VMM's vsock Unix socket uds_path, write "CONNECT port\n",
- * expect "OK ...\n", send EXEC, collect frames until EXIT.
+ * expect "OK ...\n", send EXEC (and the input in STDIN frames), collect
+ * frames until EXIT: exec_stream_open(), then exec_stream_step() and
+ * exec_stream_wait() in turns, then exec_stream_free().
  *
- * Waits with its own io_uring (set up and torn down per call, so any number
- * of threads may call it at once); never busy-polls. host_timeout_ms is the
+ * Holds no state outside the call, so any number of threads may call it at
+ * once; never busy-polls. host_timeout_ms is the
  * overall host-side deadline (-1 = none). Every ~100 ms of waiting it calls
  * interrupted(opaque) if non-NULL; a nonzero return aborts with -EINTR.
  * Returns:
@@ -69,6 +75,49 @@ int exec_run(const char *uds_path, uint32_t port, const struct exec_request *req
 
 /* Free out->out and out->err and set them to NULL. Safe on a zeroed or already freed struct. */
 void exec_output_free(struct exec_output *out);
+
+/*
+ * The same exec, step by step, for callers that hand output to their user as
+ * it arrives or wait on the socket in their own event loop (module.c).
+ *
+ * exec_stream_open() builds the request, connects to uds_path (a Unix connect
+ * completes at once) and makes the socket nonblocking; it returns 0 with
+ * *xsp set, or -errno with out->error set and *xsp NULL. out is the caller's
+ * and receives output and exit status as exec_run() describes; req->input
+ * must stay valid until exec_stream_free(). flags: EXEC_STREAM_EVENTS also
+ * logs each output chunk for exec_stream_events().
+ *
+ * exec_stream_step() never blocks: it sends what the socket takes (the
+ * handshake line, the request, STDIN frames) and parses what has arrived.
+ * Returns 1 when the EXIT frame came (done; later calls return 1 again), 0
+ * when more is to come (wait for exec_stream_fd() to be readable, or writable
+ * while exec_stream_wants_write()), or an exec_run() error code.
+ *
+ * exec_stream_wait() polls the socket for up to max_ms (-1: no limit), never
+ * past the host deadline: 0 (ready, or the time passed), -ETIMEDOUT past the
+ * deadline, -errno. EINTR returns 0 so the caller can check signals.
+ *
+ * exec_stream_events() gives the chunks logged since the last
+ * exec_stream_events_clear(): records of 1 byte SMOLVM_STDOUT or
+ * SMOLVM_STDERR, a host-endian uint32 length, then that many bytes, in
+ * arrival order (each chunk is also kept in out as usual).
+ *
+ * exec_stream_free() closes the connection: the agent then kills a command
+ * still running (its whole process group). Safe on NULL.
+ */
+#define EXEC_STREAM_EVENTS 1u
+
+struct exec_stream;
+
+int exec_stream_open(struct exec_stream **xsp, const char *uds_path, uint32_t port, const struct exec_request *req,
+		     int host_timeout_ms, unsigned flags, struct exec_output *out);
+int exec_stream_fd(const struct exec_stream *xs);
+bool exec_stream_wants_write(const struct exec_stream *xs);
+int exec_stream_step(struct exec_stream *xs);
+int exec_stream_wait(struct exec_stream *xs, int max_ms);
+const uint8_t *exec_stream_events(const struct exec_stream *xs, size_t *len);
+void exec_stream_events_clear(struct exec_stream *xs);
+void exec_stream_free(struct exec_stream *xs);
 
 /*
  * One connection to the guest agent, shared with file_client.c: a Unix stream
@@ -122,10 +171,11 @@ int exec_conn_fail(struct exec_conn *c, int err, const char *fmt, ...) __attribu
 void exec_frame_header(void *dst, uint16_t type, uint32_t len);
 
 /*
- * An ERROR frame's payload (struct smolvm_error + message) into *err and
- * msg (NUL-terminated, cut to msg_size). Returns 0, or -EPROTO when the
- * payload is shorter than struct smolvm_error.
+ * An ERROR frame's payload (struct smolvm_error + message) into *err, *code
+ * (enum smolvm_error_code; code may be NULL) and msg (NUL-terminated, cut to
+ * msg_size). Returns 0, or -EPROTO when the payload is shorter than struct
+ * smolvm_error.
  */
-int exec_parse_error(const uint8_t *payload, size_t len, int *err, char *msg, size_t msg_size);
+int exec_parse_error(const uint8_t *payload, size_t len, int *err, int *code, char *msg, size_t msg_size);
 
 #endif

@@ -138,7 +138,7 @@ static int file_client_expect(struct file_client *f, uint16_t type, uint32_t len
 	if (type == SMOLVM_ERROR) {
 		int err;
 
-		if (exec_parse_error(small, kept, &err, f->res->error, sizeof(f->res->error)) < 0)
+		if (exec_parse_error(small, kept, &err, NULL, f->res->error, sizeof(f->res->error)) < 0)
 			return file_client_fail(f, -EPROTO, "bad ERROR frame from the guest agent: %u bytes", len);
 		if (!f->res->error[0])
 			file_client_fail(f, 0, "the guest agent sent an ERROR without a message");

@@ -27,6 +27,7 @@ extern char **environ;
 /* Per-module state: no static PyObject globals. */
 typedef struct {
 	PyObject *protocol_error; /* smolvm._smolvm.ProtocolError */
+	PyObject *exec_stream_type; /* smolvm._smolvm.ExecStream */
 } module_state;
 
 static module_state *module_get_state(PyObject *module)
@@ -402,6 +403,14 @@ static void module_exec_raise(PyObject *module, int rc, struct exec_output *out)
 			return;
 		}
 		Py_DECREF(err);
+		/* .guest_code: what the errno is about (ERRC_CWD: the working directory) */
+		err = PyLong_FromLong(out->guest_code);
+		if (err == NULL || PyObject_SetAttrString(exc, "guest_code", err) < 0) {
+			Py_XDECREF(err);
+			Py_DECREF(exc);
+			return;
+		}
+		Py_DECREF(err);
 		PyErr_SetObject(st->protocol_error, exc);
 		Py_DECREF(exc);
 	} else {
@@ -477,6 +486,282 @@ cleanup:
 	Py_XDECREF(command);
 	Py_XDECREF(cwd);
 	return result;
+}
+
+/* ---- ExecStream: one exec driven step by step from Python ---------------- */
+
+typedef struct {
+	PyObject_HEAD
+	PyObject *module;          /* owning module (for ProtocolError) */
+	struct exec_stream *xs;    /* NULL once closed */
+	struct exec_output out;
+	PyObject *input;           /* bytes kept alive while the stream sends them, or NULL */
+	int state;                 /* 0 running, 1 done (EXIT came), -1 failed or closed */
+	int busy;                  /* a pump() has the GIL released: no second caller */
+} module_stream;
+
+static void module_stream_release(module_stream *ms)
+{
+	exec_stream_free(ms->xs); /* closes the connection: the agent kills a command still running */
+	ms->xs = NULL;
+	Py_CLEAR(ms->input);
+}
+
+static void module_stream_dealloc(PyObject *self)
+{
+	module_stream *ms = (module_stream *)self;
+	PyTypeObject *tp = Py_TYPE(self);
+
+	PyObject_GC_UnTrack(self);
+	module_stream_release(ms);
+	exec_output_free(&ms->out);
+	Py_CLEAR(ms->module);
+	tp->tp_free(self);
+	Py_DECREF(tp);
+}
+
+static int module_stream_traverse(PyObject *self, visitproc visit, void *arg)
+{
+	module_stream *ms = (module_stream *)self;
+
+	Py_VISIT(Py_TYPE(self));
+	Py_VISIT(ms->module);
+	return 0;
+}
+
+/* The chunks logged since the last call as a list of (kind, bytes); kind is STDOUT or STDERR. */
+static PyObject *module_stream_take_events(module_stream *ms)
+{
+	size_t len, off = 0;
+	const uint8_t *ev = exec_stream_events(ms->xs, &len);
+	PyObject *list = PyList_New(0);
+
+	if (list == NULL)
+		return NULL;
+	while (off + 5 <= len) {
+		uint32_t n;
+		PyObject *item;
+
+		memcpy(&n, ev + off + 1, 4);
+		item = Py_BuildValue("(iy#)", (int)ev[off], (const char *)ev + off + 5, (Py_ssize_t)n);
+		if (item == NULL || PyList_Append(list, item) < 0) {
+			Py_XDECREF(item);
+			Py_DECREF(list);
+			return NULL;
+		}
+		Py_DECREF(item);
+		off += 5 + (size_t)n;
+	}
+	exec_stream_events_clear(ms->xs);
+	return list;
+}
+
+PyDoc_STRVAR(stream_pump_doc,
+"pump(timeout) -> list[(kind, bytes)]\n\n"
+"Send what the socket takes, read what came, and if the command is not done\n"
+"yet wait up to timeout seconds (0: not at all; at most 0.1 s is advised, so\n"
+"that signals are seen) for more, with the GIL released. Returns the output\n"
+"chunks that arrived, in order (empty unless started with events=True).\n"
+"Raises like exec(); the stream is then closed.");
+
+static PyObject *module_stream_pump(PyObject *self, PyObject *args)
+{
+	module_stream *ms = (module_stream *)self;
+	double timeout;
+	int rc, wait_ms;
+
+	if (!PyArg_ParseTuple(args, "d:pump", &timeout))
+		return NULL;
+	if (ms->busy) {
+		PyErr_SetString(PyExc_RuntimeError, "ExecStream.pump() is already running in another thread");
+		return NULL;
+	}
+	if (ms->state != 0 || ms->xs == NULL)
+		return PyList_New(0);
+	wait_ms = !(timeout > 0) ? 0 : timeout > 3600 ? 3600000 : (int)(timeout * 1000.0 + 0.5);
+	ms->busy = 1;
+	Py_BEGIN_ALLOW_THREADS
+	rc = exec_stream_step(ms->xs);
+	if (rc == 0 && wait_ms > 0) {
+		rc = exec_stream_wait(ms->xs, wait_ms);
+		if (rc == 0)
+			rc = exec_stream_step(ms->xs);
+	} else if (rc == 0 && wait_ms == 0) {
+		rc = exec_stream_wait(ms->xs, 0); /* only the host deadline */
+	}
+	Py_END_ALLOW_THREADS
+	ms->busy = 0;
+	if (rc < 0) {
+		ms->state = -1;
+		module_stream_release(ms);
+		module_exec_raise(ms->module, rc, &ms->out);
+		return NULL;
+	}
+	if (rc == 1)
+		ms->state = 1;
+	if (PyErr_CheckSignals() < 0)
+		return NULL;
+	return module_stream_take_events(ms);
+}
+
+PyDoc_STRVAR(stream_result_doc,
+"result() -> (exit_code, signal, stdout, stderr, timed_out)\n\n"
+"The whole output and exit status once pump() saw the command end.");
+
+static PyObject *module_stream_result(PyObject *self, PyObject *unused)
+{
+	module_stream *ms = (module_stream *)self;
+
+	(void)unused;
+	if (ms->state != 1) {
+		PyErr_SetString(PyExc_RuntimeError, "ExecStream.result(): the command has not ended (or the stream failed)");
+		return NULL;
+	}
+	return Py_BuildValue("(iiy#y#O)", ms->out.exit_code, ms->out.signal,
+			     ms->out.out ? (const char *)ms->out.out : "", (Py_ssize_t)ms->out.out_len,
+			     ms->out.err ? (const char *)ms->out.err : "", (Py_ssize_t)ms->out.err_len,
+			     ms->out.timed_out ? Py_True : Py_False);
+}
+
+static PyObject *module_stream_fileno(PyObject *self, PyObject *unused)
+{
+	module_stream *ms = (module_stream *)self;
+
+	(void)unused;
+	if (ms->xs == NULL) {
+		PyErr_SetString(PyExc_ValueError, "ExecStream is closed");
+		return NULL;
+	}
+	return PyLong_FromLong(exec_stream_fd(ms->xs));
+}
+
+static PyObject *module_stream_wants_write(PyObject *self, PyObject *unused)
+{
+	module_stream *ms = (module_stream *)self;
+
+	(void)unused;
+	return PyBool_FromLong(ms->xs != NULL && ms->state == 0 && exec_stream_wants_write(ms->xs));
+}
+
+static PyObject *module_stream_done(PyObject *self, void *closure)
+{
+	(void)closure;
+	return PyBool_FromLong(((module_stream *)self)->state != 0);
+}
+
+static PyObject *module_stream_close(PyObject *self, PyObject *unused)
+{
+	module_stream *ms = (module_stream *)self;
+
+	(void)unused;
+	if (ms->busy) {
+		PyErr_SetString(PyExc_RuntimeError, "ExecStream.close() while pump() runs in another thread");
+		return NULL;
+	}
+	if (ms->state == 0)
+		ms->state = -1;
+	module_stream_release(ms);
+	Py_RETURN_NONE;
+}
+
+static PyMethodDef module_stream_methods[] = {
+	{"pump", module_stream_pump, METH_VARARGS, stream_pump_doc},
+	{"result", module_stream_result, METH_NOARGS, stream_result_doc},
+	{"fileno", module_stream_fileno, METH_NOARGS, "The socket, for an event loop's add_reader()/add_writer()."},
+	{"wants_write", module_stream_wants_write, METH_NOARGS, "True while the request or input waits to be sent."},
+	{"close", module_stream_close, METH_NOARGS, "Close the connection; a command still running is killed."},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef module_stream_getset[] = {
+	{"done", module_stream_done, NULL, "True once the command ended, failed or the stream was closed.", NULL},
+	{NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot module_stream_slots[] = {
+	{Py_tp_dealloc, module_stream_dealloc},
+	{Py_tp_traverse, module_stream_traverse},
+	{Py_tp_methods, module_stream_methods},
+	{Py_tp_getset, module_stream_getset},
+	{Py_tp_doc, "One command in the guest, driven by pump(); made by exec_start()."},
+	{0, NULL},
+};
+
+static PyType_Spec module_stream_spec = {
+	.name = "smolvm._smolvm.ExecStream",
+	.basicsize = sizeof(module_stream),
+	.flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+	.slots = module_stream_slots,
+};
+
+PyDoc_STRVAR(exec_start_doc,
+"exec_start(uds_path, port, command, cwd, env, timeout_ms, host_timeout_ms,\n"
+"           input=None, events=False) -> ExecStream\n\n"
+"Start what exec() does, without waiting: connect and queue the request.\n"
+"input (bytes) becomes the command's stdin (else /dev/null); events=True makes\n"
+"pump() return the output chunks as they arrive. Drive it with pump() until\n"
+".done, then result(). Raises OSError when nothing listens at uds_path.");
+
+static PyObject *module_exec_start(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+	static char *kwlist[] = {"uds_path", "port", "command", "cwd", "env", "timeout_ms", "host_timeout_ms",
+				 "input", "events", NULL};
+	PyObject *uds = NULL, *command = NULL, *cwd = NULL, *env_obj = NULL, *input = Py_None;
+	module_state *st = module_get_state(module);
+	struct module_strv env = {0};
+	unsigned int port, timeout_ms;
+	int host_timeout_ms, events = 0, rc;
+	struct exec_request req;
+	module_stream *ms = NULL;
+
+	memset(&req, 0, sizeof(req));
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&IO&O&OIi|Op:exec_start", kwlist, PyUnicode_FSConverter, &uds,
+					 &port, module_conv_cstr, &command, module_conv_cstr, &cwd, &env_obj,
+					 &timeout_ms, &host_timeout_ms, &input, &events))
+		return NULL;
+	if (input != Py_None && !PyBytes_Check(input)) {
+		PyErr_Format(PyExc_TypeError, "input must be bytes or None, not %.100s", Py_TYPE(input)->tp_name);
+		goto cleanup;
+	}
+	if (module_strv_from(env_obj, "env", &env) < 0)
+		goto cleanup;
+	if ((size_t)env.n > UINT32_MAX) {
+		PyErr_SetString(PyExc_OverflowError, "too many environment entries");
+		goto cleanup;
+	}
+	ms = PyObject_GC_New(module_stream, (PyTypeObject *)st->exec_stream_type);
+	if (ms == NULL)
+		goto cleanup;
+	ms->module = Py_NewRef(module);
+	ms->xs = NULL;
+	memset(&ms->out, 0, sizeof(ms->out));
+	ms->input = input == Py_None ? NULL : Py_NewRef(input);
+	ms->state = 0;
+	ms->busy = 0;
+	PyObject_GC_Track((PyObject *)ms);
+	req.command = PyBytes_AS_STRING(command);
+	req.cwd = PyBytes_AS_STRING(cwd);
+	req.env = (const char *const *)env.v;
+	req.n_env = (uint32_t)env.n;
+	req.timeout_ms = timeout_ms;
+	req.has_input = ms->input != NULL;
+	req.input = ms->input ? (const uint8_t *)PyBytes_AS_STRING(ms->input) : NULL;
+	req.input_len = ms->input ? (size_t)PyBytes_GET_SIZE(ms->input) : 0;
+	/* open copies command, cwd and env into its request frame; input stays in ms->input */
+	Py_BEGIN_ALLOW_THREADS
+	rc = exec_stream_open(&ms->xs, PyBytes_AS_STRING(uds), port, &req, host_timeout_ms,
+			      events ? EXEC_STREAM_EVENTS : 0, &ms->out);
+	Py_END_ALLOW_THREADS
+	if (rc < 0) {
+		module_exec_raise(module, rc, &ms->out);
+		Py_CLEAR(ms);
+	}
+cleanup:
+	module_strv_free(&env);
+	Py_XDECREF(uds);
+	Py_XDECREF(command);
+	Py_XDECREF(cwd);
+	return (PyObject *)ms;
 }
 
 PyDoc_STRVAR(setup_doc,
@@ -744,6 +1029,7 @@ static PyMethodDef module_methods[] = {
 	 spawn_vmm_doc},
 	{"wait_line", module_wait_line, METH_VARARGS, wait_line_doc},
 	{"exec", module_exec, METH_VARARGS, exec_doc},
+	{"exec_start", (PyCFunction)(void (*)(void))module_exec_start, METH_VARARGS | METH_KEYWORDS, exec_start_doc},
 	{"setup", module_setup, METH_VARARGS, setup_doc},
 	{"put_file", module_put_file, METH_VARARGS, put_file_doc},
 	{"get_file", module_get_file, METH_VARARGS, get_file_doc},
@@ -763,6 +1049,15 @@ static int module_exec_slot(PyObject *module)
 		return -1;
 	if (PyModule_AddObjectRef(module, "ProtocolError", st->protocol_error) < 0)
 		return -1;
+	st->exec_stream_type = PyType_FromModuleAndSpec(module, &module_stream_spec, NULL);
+	if (st->exec_stream_type == NULL)
+		return -1;
+	if (PyModule_AddObjectRef(module, "ExecStream", st->exec_stream_type) < 0)
+		return -1;
+	if (PyModule_AddIntConstant(module, "STDOUT", SMOLVM_STDOUT) < 0 ||
+	    PyModule_AddIntConstant(module, "STDERR", SMOLVM_STDERR) < 0 ||
+	    PyModule_AddIntConstant(module, "ERRC_CWD", SMOLVM_ERRC_CWD) < 0)
+		return -1;
 	if (PyModule_AddIntConstant(module, "AGENT_PORT", SMOLVM_AGENT_PORT) < 0)
 		return -1;
 	if (PyModule_AddIntConstant(module, "PROTO_MAGIC", SMOLVM_PROTO_MAGIC) < 0)
@@ -778,6 +1073,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
 {
 	module_state *st = module_get_state(module);
 	Py_VISIT(st->protocol_error);
+	Py_VISIT(st->exec_stream_type);
 	return 0;
 }
 
@@ -785,6 +1081,7 @@ static int module_clear(PyObject *module)
 {
 	module_state *st = module_get_state(module);
 	Py_CLEAR(st->protocol_error);
+	Py_CLEAR(st->exec_stream_type);
 	return 0;
 }
 

@@ -30,6 +30,7 @@ enum smolvm_frame_type {
 	SMOLVM_READY = 8,  /* guest -> host: PUT accepted (empty) / GET accepted (struct smolvm_file) */
 	SMOLVM_DATA = 9,   /* either way: raw file bytes */
 	SMOLVM_GET = 10,   /* host -> guest: NUL-terminated absolute path */
+	SMOLVM_STDIN = 11, /* host -> guest: bytes for the command's stdin (EXEC with SMOLVM_EXEC_STDIN); empty = end of input */
 	SMOLVM_FORWARD = 20, /* host -> guest: struct smolvm_forward; then raw TCP bytes both ways */
 };
 
@@ -44,10 +45,22 @@ struct smolvm_frame {
  * EXEC payload: this struct, then NUL-terminated strings: the command (run as
  * `/bin/sh -c COMMAND`), the working directory ("" = "/"), then n_env
  * "KEY=VALUE" entries added to the agent's base environment.
+ *
+ * stdin is /dev/null unless flags has SMOLVM_EXEC_STDIN: then it is a pipe,
+ * and after EXEC the host sends STDIN frames (any sizes) whose bytes the agent
+ * writes to it in order, then one empty STDIN frame, on which the agent
+ * closes the pipe. The agent stops reading the socket while the pipe is full
+ * (the command does not read), so the host must keep reading output while it
+ * sends input. Input left when the command exits or closes its stdin is read
+ * and dropped. Any other frame after EXEC: ERROR (err 0). Unknown flag bits:
+ * ERROR EINVAL.
  */
+#define SMOLVM_EXEC_STDIN 1u
+
 struct smolvm_exec {
 	uint32_t timeout_ms; /* 0: no timeout */
 	uint32_t n_env;
+	uint32_t flags; /* SMOLVM_EXEC_* */
 } __attribute__((packed));
 
 /*
@@ -142,9 +155,18 @@ struct smolvm_forward {
 	uint32_t flags; /* 0 */
 } __attribute__((packed));
 
-/* ERROR payload: this struct, then a UTF-8 message (no NUL). */
+/*
+ * ERROR payload: this struct, then a UTF-8 message (no NUL) for people;
+ * programs look at err and code only.
+ */
+enum smolvm_error_code {
+	SMOLVM_ERRC_REQUEST = 0, /* the request as a whole (or a bad frame when err is 0) */
+	SMOLVM_ERRC_CWD = 1,     /* EXEC: the working directory (err: ENOENT, ENOTDIR, EACCES...) */
+};
+
 struct smolvm_error {
-	int32_t err; /* Linux errno value the message is about, or 0 (a protocol error: bad frame) */
+	int32_t err;   /* Linux errno value the message is about, or 0 (a protocol error: bad frame) */
+	uint32_t code; /* enum smolvm_error_code: which part of the request err is about */
 } __attribute__((packed));
 
 #define SMOLVM_EXIT_TIMED_OUT 1u

@@ -39,6 +39,8 @@
 #define VMM_NET_BASE 0xd0005000ull /* after the disks */
 #define VMM_NET_GSI 10
 #define VMM_NET_SLOT (1 + VMM_MAX_DISKS) /* snapshot section index */
+#define VMM_MEM_MIN_MIB 64ul    /* guest memory range: smolvm/_validate.py MEMORY_MIN_MIB..MEMORY_MAX_MIB */
+#define VMM_MEM_MAX_MIB 65536ul
 
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen;
@@ -80,6 +82,22 @@ static void vmm_usage(void)
 			"[--net-passt PASST [--net-passt ARG]...]\n");
 }
 
+/* A whole decimal number in [lo, hi] (no sign, no trailing characters) into *out; -EINVAL with a message otherwise. */
+static int vmm_parse_count(const char *opt, const char *s, unsigned long lo, unsigned long hi, unsigned long *out)
+{
+	unsigned long v;
+	char *end;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (errno || end == s || *end || s[0] < '0' || s[0] > '9' || v < lo || v > hi) {
+		fprintf(stderr, "smolvm-vmm: %s %s: want a whole number from %lu to %lu\n", opt, s, lo, hi);
+		return -EINVAL;
+	}
+	*out = v;
+	return 0;
+}
+
 static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 {
 	static const struct option opts[] = {
@@ -111,8 +129,14 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'k': a->kernel = optarg; break;
 		case 'i': a->initrd = optarg; break;
 		case 'c': a->cmdline = optarg; break;
-		case 'm': a->mem_mib = strtoul(optarg, NULL, 10); break;
-		case 'n': a->vcpus = strtoul(optarg, NULL, 10); break;
+		case 'm':
+			if (vmm_parse_count("--mem-mib", optarg, VMM_MEM_MIN_MIB, VMM_MEM_MAX_MIB, &a->mem_mib) < 0)
+				return -EINVAL;
+			break;
+		case 'n':
+			if (vmm_parse_count("--vcpus", optarg, 1, VM_MAX_VCPUS, &a->vcpus) < 0)
+				return -EINVAL;
+			break;
 		case 'u': a->vsock_uds = optarg; break;
 		case 'o': a->console = optarg; break;
 		case 'f': a->ctl_fd = atoi(optarg); break;
@@ -133,8 +157,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		default: return -EINVAL;
 		}
 	}
-	if ((!a->kernel && !a->restore) || !a->vsock_uds || a->mem_mib < 32 || a->mem_mib > (1ul << 20) ||
-	    a->vcpus < 1 || a->vcpus > VM_MAX_VCPUS)
+	if ((!a->kernel && !a->restore) || !a->vsock_uds)
 		return -EINVAL;
 	return 0;
 }

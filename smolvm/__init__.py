@@ -25,11 +25,14 @@ from .errors import (
     VMStartError,
 )
 from .ports import ExposedPort, PortInUseError, PortNotExposedError
+from .info import VMInfo, VMState
 from .profile import Profile
 from .result import RunResult
+from ._aio import AsyncSmolVM
 from .vm import SmolVM
 
 __all__ = [
+    "AsyncSmolVM",
     "AgentError",
     "BrowserSession",
     "BrowserSessionConfig",
@@ -45,7 +48,9 @@ __all__ = [
     "SmolVM",
     "SmolVMError",
     "VMGoneError",
+    "VMInfo",
     "VMNotRunningError",
     "VMStartError",
+    "VMState",
     "__version__",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 
 
@@ -71,3 +72,14 @@ class RunResult:
         parts.append(f"stdout={_short(self.stdout)}")
         parts.append(f"stderr={_short(self.stderr)}")
         return "RunResult(" + ", ".join(parts) + ")"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the exit status and both streams (each cut to its last 20,000 characters)."""
+        color = "green" if self.ok else "#b00"
+        status = f"exit code {self.exit_code}" + (", timed out" if self.timed_out else "")
+        parts = [f"<div><b style='color:{color}'>{html.escape(status)}</b> in {self.duration:.3f} s</div>"]
+        for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
+            if text:
+                shown = text if len(text) <= 20_000 else "…" + text[-20_000:]
+                parts.append(f"<div>{name}</div><pre style='margin:0'>{html.escape(shown)}</pre>")
+        return "".join(parts)

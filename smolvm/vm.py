@@ -7,19 +7,22 @@ import builtins
 import errno
 import os
 import secrets
+import shlex
 import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from . import _ctl, _process, _validate, disk, network, ports, registry, snapshots
+from . import _ctl, _process, _stream, _validate, disk, network, ports, registry, snapshots
+from ._aio import AsyncMixin
 from ._native import native, vmm_path
 from ._paths import home
 from .build._cache import progress
+from .build.image import DEFAULT_IMAGE
 from .errors import (
     AgentError,
     SmolVMError,
@@ -29,6 +32,7 @@ from .errors import (
     VMNotRunningError,
     VMStartError,
 )
+from .info import VMInfo, VMState
 from .kvm import check_kvm
 from .profile import Profile, detect, kernel_cmdline
 from .result import RunResult
@@ -40,8 +44,6 @@ UDS_MAX = 107 - 8  # sun_path holds 107 bytes; leave room for the VMM's "_<port>
 KEEP_FAILED_LOGS = 10
 SETUP_ENTROPY_BYTES = 64
 SETUP_TIMEOUT_MS = 120_000  # the first setup of a disk VM mounts its root: guest kernel work
-SETUP_ROOT = 1  # csrc/proto.h SMOLVM_SETUP_ROOT
-DEFAULT_IMAGE = "default"
 DEFAULT_DISK_MIB = 1024
 DISK_FILE = "disk.img"  # in the VM's state folder, and in a snapshot taken of a VM with a disk
 IMAGE_ARG = "smolvm.image=vda"  # kernel command line: the agent mounts /dev/vda as the image
@@ -52,7 +54,7 @@ _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 _T = TypeVar("_T")
 
 
-class SmolVM:
+class SmolVM(AsyncMixin):
     """A microVM that runs shell commands.
 
     >>> with SmolVM() as vm:
@@ -115,11 +117,26 @@ class SmolVM:
         return self._vm_id
 
     @property
-    def status(self) -> str:
-        """"created" (not started), "running", "paused", or "stopped" (deleted, closed or gone).
+    def status(self) -> VMState:
+        """"created" (not started), "running", "paused", or "stopped" (deleted, closed or gone),
+        as a VMState (a str).
 
         For a persistent VM this is the VM's own state, also after this handle was closed.
         """
+        return VMState(self._state())
+
+    @property
+    def info(self) -> VMInfo:
+        """A typed record of the VM: id, status, memory, vCPUs, image, disk, pid, created."""
+        rec = self._record
+        return VMInfo(
+            vm_id=self._vm_id, status=self.status, memory=self._memory, vcpus=self._vcpus,
+            image=self._image, disk_size=self._disk_size,
+            pid=self.pid if self.pid is not None else (rec.pid if rec and self._attached else None),
+            created=rec.created if rec is not None else None,
+        )  # fmt: skip
+
+    def _state(self) -> str:
         rec = self._record
         if rec is not None and (self._persistent or self._attached) and self._status != "created":
             try:
@@ -185,6 +202,10 @@ class SmolVM:
     def boot_time(self) -> float | None:
         """Seconds from starting the VMM to a ready guest agent."""
         return self._boot_time
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the VM's info as a table."""
+        return self.info._repr_html_()
 
     def __repr__(self) -> str:
         return (
@@ -498,15 +519,65 @@ class SmolVM:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        input: bytes | str | None = None,
+        on_stdout: Callable[[bytes], object] | None = None,
+        on_stderr: Callable[[bytes], object] | None = None,
     ) -> RunResult:
         """Run `/bin/sh -c command` in the guest and return its exit code and output.
 
         The command sees the variables of set_env(), then `env` on top; it runs in `cwd`
-        (an absolute guest path; default "/"). When `timeout` (seconds) passes, the
-        command's process group is killed and the result has timed_out=True, exit_code=124
-        and the output so far; the VM stays usable. Starts the VM first if needed.
-        Raises VMGoneError if the VM died.
+        (an absolute guest path; default "/"; a missing one raises FileNotFoundError).
+        `input` (bytes, or str as UTF-8) is its stdin, else stdin is /dev/null.
+        on_stdout/on_stderr are called with each chunk of output (bytes) as it arrives, in
+        this thread; an exception in one kills the command and propagates. When `timeout`
+        (seconds) passes, the command's process group is killed and the result has
+        timed_out=True, exit_code=124 and the output so far; the VM stays usable. Starts
+        the VM first if needed. Raises VMGoneError if the VM died.
         """
+        data = _stream.input_bytes(input)
+        out_cb = _stream.callback("on_stdout", on_stdout)
+        err_cb = _stream.callback("on_stderr", on_stderr)
+        req = self._exec_request(command, timeout, env, cwd)
+        if data is not None or out_cb is not None or err_cb is not None:
+            return _stream.run(self, req, data, out_cb, err_cb)
+        nat = native()
+        try:
+            code, sig, out, err, timed_out = nat.exec(
+                req.uds, nat.AGENT_PORT, req.command, req.cwd, req.env, req.timeout_ms,
+                req.host_timeout_ms,
+            )  # fmt: skip
+        except (OSError, nat.ProtocolError) as e:
+            raise self._exec_failed(e, req) from None
+        return RunResult.from_bytes(
+            code, out, err, req.elapsed(), timed_out=bool(timed_out), signal=sig
+        )
+
+    def stream(
+        self,
+        command: str,
+        timeout: float = 30,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | str | None = None,
+    ) -> Iterator[_stream.StreamItem]:
+        """Run a command like run(), yielding its output as it arrives.
+
+        >>> for item in vm.stream("pip install rich"):
+        ...     if isinstance(item, RunResult): print(item.exit_code)
+        ...     else: kind, chunk = item   # kind is "stdout" or "stderr", chunk is bytes
+
+        Yields ("stdout" | "stderr", bytes) tuples in arrival order, then the RunResult
+        (with the whole output). Leaving the loop early kills the command.
+        """
+        data = _stream.input_bytes(input)
+        req = self._exec_request(command, timeout, env, cwd)
+        return _stream.chunks(self, req, data)
+
+    def _exec_request(
+        self, command: str, timeout: float, env: Mapping[str, str] | None, cwd: str | None
+    ) -> _stream.ExecRequest:
+        """Check a command's arguments, start the VM if needed, and give the request to send."""
         cmd = _validate.command(command)
         t_ms = _validate.timeout_ms(timeout)
         _validate.env(env)
@@ -515,32 +586,27 @@ class SmolVM:
             self._start(persistent=False)
         self._require_running()
         env_list = _validate.env({**self._current_env(), **(env or {})})
-        nat = native()
-        uds = str(self._state_dir / "vsock.sock")
-        t0 = time.monotonic()
-        try:
-            code, sig, out, err, timed_out = nat.exec(
-                uds, nat.AGENT_PORT, cmd, cwd_s, env_list, t_ms, t_ms + HOST_GRACE_MS
-            )
-        except nat.ProtocolError as e:
-            self._raise_if_gone()
-            err = getattr(e, "guest_errno", 0)
-            if cwd_s and str(e).startswith("cwd ") and err in (errno.ENOENT, errno.ENOTDIR):
-                kind = FileNotFoundError if err == errno.ENOENT else NotADirectoryError
-                raise kind(err, f"cwd is not a folder in the guest of {self._vm_id}", cwd_s) from None
-            raise AgentError(f"the guest agent of {self._vm_id} failed the request: {e}") from None
-        except TimeoutError:
-            self._raise_if_gone()
-            raise AgentError(
-                f"the guest agent of {self._vm_id} did not answer within "
-                f"{(t_ms + HOST_GRACE_MS) / 1000:.0f} s (timeout + {HOST_GRACE_MS // 1000} s grace)"
-            ) from None
-        except OSError as e:
-            self._raise_if_gone()
-            raise AgentError(f"lost the connection to the guest agent of {self._vm_id}: {e}") from e
-        return RunResult.from_bytes(
-            code, out, err, time.monotonic() - t0, timed_out=bool(timed_out), signal=sig
+        return _stream.ExecRequest(
+            str(self._state_dir / "vsock.sock"), cmd, cwd_s, env_list, t_ms, t_ms + HOST_GRACE_MS
         )
+
+    def _exec_failed(self, e: BaseException, req: _stream.ExecRequest) -> BaseException:
+        """The exception a failed exec means. An ERROR frame proves the VM alive; only a
+        transport failure asks whether the VMM has ended (and raises VMGoneError if so)."""
+        nat = native()
+        if isinstance(e, nat.ProtocolError):
+            err = getattr(e, "guest_errno", 0)
+            if getattr(e, "guest_code", 0) == nat.ERRC_CWD and err:
+                kind = {errno.ENOENT: FileNotFoundError, errno.ENOTDIR: NotADirectoryError}.get(err, OSError)
+                return kind(err, f"cwd is not a folder in the guest of {self._vm_id}", req.cwd)
+            return AgentError(f"the guest agent of {self._vm_id} failed the request: {e}")
+        self._raise_if_gone()
+        if isinstance(e, TimeoutError):
+            return AgentError(
+                f"the guest agent of {self._vm_id} did not answer within "
+                f"{req.host_timeout_ms / 1000:.0f} s (timeout + {HOST_GRACE_MS // 1000} s grace)"
+            )
+        return AgentError(f"lost the connection to the guest agent of {self._vm_id}: {e}")
 
     def set_env(self, env: Mapping[str, str | None]) -> None:
         """Set variables for every later run() of this VM (None removes one).
@@ -550,34 +616,88 @@ class SmolVM:
         if not isinstance(env, Mapping):
             raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
         _validate.env({k: v for k, v in env.items() if v is not None})
-        with self._lock:
-            merged = dict(self._current_env())
+
+        def update(current: dict[str, str]) -> None:
             for key, val in env.items():
                 if val is None:
-                    merged.pop(key, None)
+                    current.pop(key, None)
                 else:
-                    merged[key] = val
+                    current[key] = val
+
+        self._update_env(update)
+
+    def set_env_vars(self, env_vars: Mapping[str, str], *, merge: bool = True) -> builtins.list[str]:
+        """Set variables for every later run() (the original smolvm's name for set_env).
+
+        merge=False replaces all variables set before. Returns the sorted names now set.
+        """
+        if not isinstance(env_vars, Mapping):
+            raise TypeError(f"env_vars must be a mapping of str to str, not {type(env_vars).__name__}")
+        _validate.env(env_vars)
+
+        def update(current: dict[str, str]) -> None:
+            if not merge:
+                current.clear()
+            current.update(env_vars)
+
+        return sorted(self._update_env(update))
+
+    def unset_env_vars(self, keys: Iterable[str]) -> dict[str, str]:
+        """Remove variables set with set_env()/set_env_vars(); returns the removed ones with
+        the values they had (names that were not set are skipped)."""
+        if isinstance(keys, str):
+            keys = [keys]
+        names = builtins.list(keys)
+        for key in names:
+            if not isinstance(key, str):
+                raise TypeError(f"keys must be str, got {key!r}")
+        removed: dict[str, str] = {}
+
+        def update(current: dict[str, str]) -> None:
+            for key in names:
+                if key in current:
+                    removed[key] = current.pop(key)
+
+        self._update_env(update)
+        return removed
+
+    def list_env_vars(self) -> dict[str, str]:
+        """The variables set with set_env()/set_env_vars() (what every run() gets)."""
+        return dict(self._current_env())
+
+    def _update_env(self, update: Callable[[dict[str, str]], None]) -> dict[str, str]:
+        """Apply update() to the VM's variables and keep the result (in the VM's record when
+        other processes share it). Returns the new variables."""
+        with self._lock:
+            merged = dict(self._current_env())
+            update(merged)
             self._env = merged
             if self._record is not None and self._status == "running":
                 try:
                     rec = registry.load(self._vm_id)
                 except VMNotFoundError:
-                    return
+                    return dict(merged)
                 rec.extra["env"] = merged
                 registry.save(rec)
                 self._record = rec
+            return dict(merged)
 
     def upload_file(
         self, local_path: str | os.PathLike[str], guest_path: str, *,
-        mode: int | None = None, timeout: float = TRANSFER_TIMEOUT_S,
+        mode: int | None = None, make_dirs: bool = True, timeout: float = TRANSFER_TIMEOUT_S,
     ) -> int:  # fmt: skip
-        """Copy a host file into the guest at guest_path (absolute; its folder must exist).
+        """Copy a host file into the guest at guest_path (absolute; ending in "/" it names
+        a folder and the local file's name is added).
 
         The guest file appears whole or not at all, with `mode` (default: the local file's
-        permission bits). Returns the bytes copied. Raises FileNotFoundError naming the
-        local file or the missing guest folder, OSError for other guest errors (ENOSPC...).
+        permission bits). Missing guest folders are made (`mkdir -p`) unless make_dirs=False,
+        which raises FileNotFoundError naming the missing folder. Returns the bytes copied.
+        Raises FileNotFoundError naming a missing local file, OSError for other guest
+        errors (ENOSPC...).
         """
         local = _validate.local_path(local_path)
+        if isinstance(guest_path, str) and guest_path.endswith("/") and guest_path.strip("/"):
+            guest_path = guest_path + local.name
         gpath = _validate.guest_path(guest_path)
         t_ms = _validate.timeout_ms(timeout)
         if not local.exists():
@@ -591,25 +711,43 @@ class SmolVM:
         uds = self._transfer_uds()
         nat = native()
         try:
-            return int(nat.put_file(uds, nat.AGENT_PORT, str(local), gpath, mode, t_ms))
-        except (nat.ProtocolError, TimeoutError, ConnectionError) as e:
+            try:
+                return int(nat.put_file(uds, nat.AGENT_PORT, str(local), gpath, mode, t_ms))
+            except FileNotFoundError as e:
+                folder = gpath.rstrip("/").rsplit("/", 1)[0] or "/"
+                if not make_dirs or e.filename != gpath:
+                    raise
+                made = self.run(f"mkdir -p -- {shlex.quote(folder)}", timeout=t_ms / 1000)
+                if not made.ok:
+                    raise FileNotFoundError(
+                        2, f"cannot make the guest folder: {made.stderr.strip()}", folder
+                    ) from None
+                return int(nat.put_file(uds, nat.AGENT_PORT, str(local), gpath, mode, t_ms))
+        except nat.ProtocolError as e:
+            raise AgentError(f"upload of {local} to {self._vm_id}:{gpath} failed: {e}") from None
+        except (TimeoutError, ConnectionError) as e:
             self._raise_if_gone()
             raise AgentError(f"upload of {local} to {self._vm_id}:{gpath} failed: {e}") from None
 
     def download_file(
         self, guest_path: str, local_path: str | os.PathLike[str], *,
-        timeout: float = TRANSFER_TIMEOUT_S,
+        make_dirs: bool = True, timeout: float = TRANSFER_TIMEOUT_S,
     ) -> Path:  # fmt: skip
-        """Copy the guest file guest_path (absolute) to local_path on the host.
+        """Copy the guest file guest_path (absolute) to local_path on the host (an existing
+        folder, or a path ending in "/", gets the guest file's name added).
 
-        The local file appears whole or not at all. Returns its path. Raises
-        FileNotFoundError naming the guest path (or the missing local folder).
+        The local file appears whole or not at all. Missing local folders are made unless
+        make_dirs=False. Returns the local path. Raises FileNotFoundError naming the guest
+        path (or, with make_dirs=False, the missing local folder).
         """
         gpath = _validate.guest_path(guest_path)
+        raw = os.fspath(local_path) if isinstance(local_path, (str, os.PathLike)) else local_path
         local = _validate.local_path(local_path)
         t_ms = _validate.timeout_ms(timeout)
-        if local.is_dir():
+        if local.is_dir() or (isinstance(raw, str) and raw.endswith("/")):
             local = local / gpath.rstrip("/").rsplit("/", 1)[-1]
+        if make_dirs:
+            local.parent.mkdir(parents=True, exist_ok=True)
         if not local.parent.is_dir():
             raise FileNotFoundError(2, "No such folder on the host", str(local.parent))
         uds = self._transfer_uds()
@@ -619,7 +757,9 @@ class SmolVM:
             _size, mode = nat.get_file(uds, nat.AGENT_PORT, gpath, str(tmp), t_ms)
             os.chmod(tmp, mode & 0o777)
             os.replace(tmp, local)
-        except (nat.ProtocolError, TimeoutError, ConnectionError) as e:
+        except nat.ProtocolError as e:
+            raise AgentError(f"download of {self._vm_id}:{gpath} failed: {e}") from None
+        except (TimeoutError, ConnectionError) as e:
             self._raise_if_gone()
             raise AgentError(f"download of {self._vm_id}:{gpath} failed: {e}") from None
         finally:
@@ -660,6 +800,24 @@ class SmolVM:
                 raise
             self._raise_if_gone()
             raise SmolVMError(f"VM {self._vm_id}: control socket failed: {e}") from e
+
+    def wait_for_ready(self, timeout: float = 60.0) -> SmolVM:
+        """Wait until the guest agent runs commands (a no-op command answers); returns self.
+
+        start() already waits for the agent, so this returns at once for a VM this process
+        started; it helps with a handle from from_id() on a VM that is still busy. Like
+        run(), it starts a never-started VM. Raises AgentError after `timeout` seconds.
+        """
+        deadline = time.monotonic() + _validate.seconds("timeout", timeout, _validate.TIMEOUT_MAX_S)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.run("true", timeout=max(left, 0.001))
+                return self
+            except AgentError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
 
     # ---- internals ------------------------------------------------------------------
 
@@ -802,18 +960,6 @@ class SmolVM:
             argv += self._profile.vmm_args
         return argv
 
-    def _save_base(self, base: Path) -> None:
-        """Snapshot the freshly booted, idle guest as the base of its configuration."""
-        tmp = snapshots.staging_dir(base)
-        try:
-            self._command(f"SNAPSHOT {tmp}")
-            snapshots.publish(tmp, base, self._meta())
-            progress(f"saved the base snapshot {base}; later VMs of this configuration restore it")
-        except SmolVMError as e:
-            progress(f"could not save the base snapshot ({e}); later VMs will boot again")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
     @staticmethod
     def _damaged_base(base: Path) -> bool:
         """A base snapshot that fails its checks is removed (and the guest booted anew)."""
@@ -842,7 +988,7 @@ class SmolVM:
     def _setup_guest(self) -> None:
         """Give the guest its own entropy, the host's clock and its vm_id as hostname."""
         nat = native()
-        flags = SETUP_ROOT if self._image is not None else 0
+        flags = nat.SETUP_ROOT if self._image is not None else 0
         extra = network.setup_data(self._net) if self._net.enabled else b""
         try:
             nat.setup(

@@ -161,7 +161,7 @@ def test_file_errors_name_the_path(vm: SmolVM, tmp_path: Path) -> None:
     src = tmp_path / "x"
     src.write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="/no/such/folder"):
-        vm.upload_file(src, "/no/such/folder/x")
+        vm.upload_file(src, "/no/such/folder/x", make_dirs=False)
     assert vm.run("ls /no 2>&1", timeout=SLOW).exit_code != 0
     with pytest.raises(FileNotFoundError, match="missing-local"):
         vm.upload_file(tmp_path / "missing-local", "/root/x")
@@ -171,7 +171,7 @@ def test_file_errors_name_the_path(vm: SmolVM, tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError):
         vm.download_file("/root", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
-        vm.download_file("/etc/hostname", tmp_path / "no-such-dir" / "h")
+        vm.download_file("/etc/hostname", tmp_path / "no-such-dir" / "h", make_dirs=False)
     for bad in ("relative/path", "", "/"):
         with pytest.raises(ValueError, match="absolute|name a file"):
             vm.upload_file(src, bad)

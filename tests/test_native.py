@@ -174,8 +174,8 @@ def recv_exact(conn: socket.socket, n: int) -> bytes:
 
 class Request:
     def __init__(self, payload: bytes) -> None:
-        self.timeout_ms, n_env = struct.unpack_from("<II", payload)
-        parts = payload[8:].split(b"\0")
+        self.timeout_ms, n_env, self.flags = struct.unpack_from("<III", payload)
+        parts = payload[12:].split(b"\0")
         self.command = parts[0].decode("utf-8", "surrogateescape")
         self.cwd = parts[1].decode()
         self.env = [p.decode() for p in parts[2 : 2 + n_env]]
@@ -285,7 +285,7 @@ def test_exec_large_output(nat: ModuleType, agent_factory) -> None:
 
 
 def test_exec_error_frame(nat: ModuleType, agent_factory) -> None:
-    agent = agent_factory(lambda conn, req: conn.sendall(frame(T_ERROR, struct.pack("<i", 0) + b"cannot spawn: out of memory")))
+    agent = agent_factory(lambda conn, req: conn.sendall(frame(T_ERROR, struct.pack("<iI", 0, 0) + b"cannot spawn: out of memory")))
     with pytest.raises(nat.ProtocolError, match="out of memory"):
         call(nat, agent)
 

@@ -75,8 +75,16 @@ static const char *const agent_base_env[] = {
 };
 #define AGENT_N_BASE_ENV (sizeof(agent_base_env) / sizeof(agent_base_env[0]))
 
-enum agent_watch_kind { AGENT_W_LISTEN, AGENT_W_SIGNAL, AGENT_W_READY, AGENT_W_SOCK, AGENT_W_STDOUT, AGENT_W_STDERR,
-		       AGENT_W_PEER /* FORWARD: the guest TCP connection, in `out` */ };
+enum agent_watch_kind {
+	AGENT_W_LISTEN,
+	AGENT_W_SIGNAL,
+	AGENT_W_READY,
+	AGENT_W_SOCK,
+	AGENT_W_STDOUT,
+	AGENT_W_STDERR,
+	AGENT_W_STDIN,
+	AGENT_W_PEER, /* FORWARD: the guest TCP connection, in `out` */
+};
 
 /* What an epoll event points at. events: the mask registered now (0 = not in the epoll set). */
 struct agent_watch {
@@ -109,6 +117,7 @@ enum agent_conn_state {
 struct agent_conn {
 	struct agent_conn *next;
 	struct agent_watch sock, out, err;
+	struct agent_watch in; /* EXEC with SMOLVM_EXEC_STDIN: the write end of the command's stdin; fd -1 once closed */
 	enum agent_conn_state state;
 	char line[32]; /* handshake line */
 	size_t line_len;
@@ -136,6 +145,13 @@ struct agent_conn {
 	/* SETUP ROOT */
 	uint64_t poll_at_ms;
 	struct relay relay; /* FORWARD (its b is out.fd) */
+	/* EXEC with SMOLVM_EXEC_STDIN: the STDIN frame being read and written to the pipe */
+	bool stdin_on;            /* STDIN frames follow EXEC */
+	bool stdin_eof;           /* the empty STDIN frame came */
+	struct smolvm_frame ihdr;
+	uint32_t igot;            /* bytes of ihdr read; AGENT_HDR = in a payload */
+	uint8_t *ibuf;            /* payload of the current frame (ilen bytes) */
+	uint32_t ilen, iread, iwritten;
 };
 
 struct agent {
@@ -548,6 +564,7 @@ static void agent_conn_close(struct agent *a, struct agent_conn *c)
 	agent_watch_close(a, &c->sock);
 	agent_watch_close(a, &c->out);
 	agent_watch_close(a, &c->err);
+	agent_watch_close(a, &c->in);
 	for (pp = &a->conns; *pp; pp = &(*pp)->next) {
 		if (*pp == c) {
 			*pp = c->next;
@@ -570,10 +587,17 @@ static void agent_conn_free(struct agent_conn *c)
 	agent_conn_xfer_drop(c);
 	free(c->path);
 	free(c->payload);
+	free(c->ibuf);
 	free(c);
 }
 
 static int agent_conn_get_fill(struct agent_conn *c);
+
+/* A whole STDIN frame waits for the command to read it: read nothing more from the host until it does. */
+static bool agent_conn_stdin_full(const struct agent_conn *c)
+{
+	return c->ibuf && c->iread == c->ilen && c->iwritten < c->ilen;
+}
 
 /* After any event: send what is queued, close when finished, and set the epoll masks to the state. */
 static void agent_conn_settle(struct agent *a, struct agent_conn *c)
@@ -594,7 +618,7 @@ static void agent_conn_settle(struct agent *a, struct agent_conn *c)
 	finished = finished || (c->qhead && !c->blocked && agent_conn_flush(c) < 0);
 	finished = finished || (c->state == AGENT_C_CLOSING && !c->qhead);
 	if (!finished) {
-		if (c->state != AGENT_C_CLOSING)
+		if (c->state != AGENT_C_CLOSING && !agent_conn_stdin_full(c))
 			sock_ev |= EPOLLIN;
 		if (c->blocked || c->state == AGENT_C_GET)
 			sock_ev |= EPOLLOUT; /* GET: level-triggered EPOLLOUT drives the next read of the file */
@@ -606,7 +630,8 @@ static void agent_conn_settle(struct agent *a, struct agent_conn *c)
 		if (!c->paused)
 			pipe_ev = EPOLLIN;
 		finished = agent_watch_set(a, &c->sock, sock_ev) < 0 || agent_watch_set(a, &c->out, pipe_ev) < 0 ||
-			   agent_watch_set(a, &c->err, pipe_ev) < 0;
+			   agent_watch_set(a, &c->err, pipe_ev) < 0 ||
+			   agent_watch_set(a, &c->in, c->iwritten < c->iread ? EPOLLOUT : 0) < 0;
 	}
 	if (finished)
 		agent_conn_close(a, c);
@@ -616,10 +641,11 @@ static void agent_conn_settle(struct agent *a, struct agent_conn *c)
  * Queue an ERROR frame (err: the errno the message is about, or 0 for a
  * protocol error), end any transfer, and close the connection once it is sent.
  */
-static int agent_conn_fail(struct agent_conn *c, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int agent_conn_fail(struct agent_conn *c, int err, const char *fmt, ...)
+static int agent_conn_fail_code(struct agent_conn *c, int err, enum smolvm_error_code code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+static int agent_conn_fail_code(struct agent_conn *c, int err, enum smolvm_error_code code, const char *fmt, ...)
 {
-	struct smolvm_error e = { (int32_t)htole32((uint32_t)err) };
+	struct smolvm_error e = { (int32_t)htole32((uint32_t)err), htole32((uint32_t)code) };
 	uint8_t msg[sizeof(e) + 256];
 	va_list ap;
 
@@ -633,6 +659,9 @@ static int agent_conn_fail(struct agent_conn *c, int err, const char *fmt, ...)
 	c->state = AGENT_C_CLOSING;
 	return agent_conn_frame(c, SMOLVM_ERROR, msg, (uint32_t)(sizeof(e) + strlen((char *)msg + sizeof(e))));
 }
+
+/* agent_conn_fail_code() about the request as a whole. */
+#define agent_conn_fail(c, err, ...) agent_conn_fail_code(c, err, SMOLVM_ERRC_REQUEST, __VA_ARGS__)
 
 /* Queue EXIT with exit code 0 (SETUP, PUT and GET done) and close once it is sent. */
 static int agent_conn_done(struct agent_conn *c)
@@ -679,7 +708,7 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 	posix_spawn_file_actions_t fa;
 	posix_spawnattr_t attr;
 	bool fa_ready = false, attr_ready = false;
-	int po[2] = { -1, -1 }, pe[2] = { -1, -1 };
+	int po[2] = { -1, -1 }, pe[2] = { -1, -1 }, pi[2] = { -1, -1 };
 	const char **envp = NULL;
 	const char *cmd, *cwd;
 	struct smolvm_exec ex;
@@ -741,11 +770,20 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 	if (!cwd[0])
 		cwd = "/";
 	if (stat(cwd, &st) < 0) {
-		ret = agent_conn_fail(c, errno, "cwd %s: %s", cwd, strerror(errno));
+		ret = agent_conn_fail_code(c, errno, SMOLVM_ERRC_CWD, "cwd %s: %s", cwd, strerror(errno));
 		goto out;
 	}
 	if (!S_ISDIR(st.st_mode)) {
-		ret = agent_conn_fail(c, ENOTDIR, "cwd %s: %s", cwd, strerror(ENOTDIR));
+		ret = agent_conn_fail_code(c, ENOTDIR, SMOLVM_ERRC_CWD, "cwd %s: %s", cwd, strerror(ENOTDIR));
+		goto out;
+	}
+	if (le32toh(ex.flags) & ~SMOLVM_EXEC_STDIN) {
+		ret = agent_conn_fail(c, EINVAL, "bad EXEC frame: unknown flags 0x%x", le32toh(ex.flags));
+		goto out;
+	}
+	c->stdin_on = le32toh(ex.flags) & SMOLVM_EXEC_STDIN;
+	if (c->stdin_on && (pipe2(pi, O_CLOEXEC) < 0 || agent_set_nonblock(pi[1]) < 0)) {
+		ret = agent_conn_fail(c, errno, "cannot make the stdin pipe: %s", strerror(errno));
 		goto out;
 	}
 
@@ -775,7 +813,7 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 	if (!ret)
 		ret = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
 	if (!ret)
-		ret = posix_spawn_file_actions_adddup2(&fa, a->devnull, 0);
+		ret = posix_spawn_file_actions_adddup2(&fa, c->stdin_on ? pi[0] : a->devnull, 0);
 	if (!ret)
 		ret = posix_spawn_file_actions_adddup2(&fa, po[1], 1);
 	if (!ret)
@@ -798,7 +836,8 @@ static int agent_conn_start(struct agent *a, struct agent_conn *c)
 	c->pid = pid;
 	c->out = (struct agent_watch){ AGENT_W_STDOUT, po[0], 0, c };
 	c->err = (struct agent_watch){ AGENT_W_STDERR, pe[0], 0, c };
-	po[0] = pe[0] = -1;
+	c->in = (struct agent_watch){ AGENT_W_STDIN, pi[1], 0, c };
+	po[0] = pe[0] = pi[1] = -1;
 	if (le32toh(ex.timeout_ms))
 		c->deadline_ms = agent_now_ms() + le32toh(ex.timeout_ms);
 	c->state = AGENT_C_RUNNING;
@@ -815,6 +854,8 @@ out:
 			close(po[i]);
 		if (pe[i] >= 0)
 			close(pe[i]);
+		if (pi[i] >= 0)
+			close(pi[i]);
 	}
 	free(envp);
 	return ret;
@@ -862,6 +903,7 @@ static int agent_conn_exited(struct agent *a, struct agent_conn *c, int status)
 	int i, ret = 0;
 
 	c->pid = 0;
+	agent_watch_close(a, &c->in); /* input still coming is read and dropped */
 	for (i = 0; i < 2; i++) {
 		size_t total = 0;
 		while (ws[i]->fd >= 0 && total < AGENT_DRAIN_MAX) {
@@ -1537,6 +1579,88 @@ static int agent_conn_read_running(struct agent_conn *c)
 	return 0; /* unexpected bytes: ignored */
 }
 
+/* Write what is buffered of the current STDIN frame to the command's stdin; a closed stdin drops the rest. */
+static void agent_conn_stdin_write(struct agent *a, struct agent_conn *c)
+{
+	while (c->iwritten < c->iread) {
+		ssize_t n = c->in.fd < 0 ? -1 : write(c->in.fd, c->ibuf + c->iwritten, c->iread - c->iwritten);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return;
+		if (n < 0) {
+			agent_watch_close(a, &c->in); /* EPIPE: the command closed its stdin or exited */
+			c->iwritten = c->iread;
+			return;
+		}
+		c->iwritten += (uint32_t)n;
+	}
+}
+
+/* EXEC with SMOLVM_EXEC_STDIN, while the command runs: read STDIN frames and feed their bytes to the pipe. */
+static int agent_conn_read_stdin(struct agent *a, struct agent_conn *c)
+{
+	ssize_t n;
+
+	while (!agent_conn_stdin_full(c)) {
+		if (c->igot < AGENT_HDR) {
+			n = read(c->sock.fd, (uint8_t *)&c->ihdr + c->igot, AGENT_HDR - c->igot);
+		} else {
+			n = read(c->sock.fd, c->ibuf + c->iread, c->ilen - c->iread);
+		}
+		if (n == 0)
+			return -ECONNRESET;
+		if (n < 0)
+			return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+		if (c->igot < AGENT_HDR) {
+			uint32_t len;
+
+			c->igot += (uint32_t)n;
+			if (c->igot < AGENT_HDR)
+				continue;
+			len = le32toh(c->ihdr.len);
+			if (le32toh(c->ihdr.magic) != SMOLVM_PROTO_MAGIC || le16toh(c->ihdr.type) != SMOLVM_STDIN ||
+			    len > SMOLVM_MAX_PAYLOAD || c->stdin_eof)
+				return agent_conn_fail(c, 0, "bad frame while the command runs: type %u, length %u (want STDIN%s)",
+						       le16toh(c->ihdr.type), len, c->stdin_eof ? ", and none after the empty one" : "");
+			if (len == 0) {
+				c->stdin_eof = true;
+				agent_watch_close(a, &c->in); /* the command sees end of file */
+				c->igot = 0;
+				continue;
+			}
+			c->ibuf = malloc(len);
+			if (!c->ibuf)
+				return -ENOMEM;
+			c->ilen = len;
+			c->iread = c->iwritten = 0;
+			continue;
+		}
+		c->iread += (uint32_t)n;
+		agent_conn_stdin_write(a, c);
+		if (c->iread == c->ilen && c->iwritten == c->ilen) {
+			free(c->ibuf);
+			c->ibuf = NULL;
+			c->ilen = c->iread = c->iwritten = 0;
+			c->igot = 0;
+		}
+	}
+	return 0;
+}
+
+/* The command's stdin can take more: write, and finish the frame when it is all written. */
+static void agent_conn_stdin_event(struct agent *a, struct agent_conn *c)
+{
+	agent_conn_stdin_write(a, c);
+	if (c->ibuf && c->iread == c->ilen && c->iwritten == c->ilen) {
+		free(c->ibuf);
+		c->ibuf = NULL;
+		c->ilen = c->iread = c->iwritten = 0;
+		c->igot = 0;
+	}
+}
+
 static int agent_conn_sock_event(struct agent *a, struct agent_conn *c, uint32_t ev)
 {
 	int ret = 0;
@@ -1558,6 +1682,7 @@ static int agent_conn_sock_event(struct agent *a, struct agent_conn *c, uint32_t
 	case AGENT_C_PUT:
 		return agent_conn_read_put(c);
 	case AGENT_C_RUNNING:
+		return c->stdin_on ? agent_conn_read_stdin(a, c) : agent_conn_read_running(c);
 	case AGENT_C_ROOT_WAIT:
 	case AGENT_C_GET:
 		return agent_conn_read_running(c);
@@ -1593,6 +1718,7 @@ static void agent_accept(struct agent *a)
 	c->sock = (struct agent_watch){ AGENT_W_SOCK, fd, 0, c };
 	c->out = (struct agent_watch){ AGENT_W_STDOUT, -1, 0, c };
 	c->err = (struct agent_watch){ AGENT_W_STDERR, -1, 0, c };
+	c->in = (struct agent_watch){ AGENT_W_STDIN, -1, 0, c };
 	c->xfd = -1;
 	c->state = a->unix_mode ? AGENT_C_HANDSHAKE : AGENT_C_HEADER;
 	c->next = a->conns;
@@ -1699,6 +1825,11 @@ static void agent_dispatch(struct agent *a, struct agent_watch *w, uint32_t ev)
 		ret = agent_conn_pipe_read(a, c, w);
 		if (ret != -ENOMEM)
 			ret = 0;
+		break;
+	case AGENT_W_STDIN:
+		if (c->dead || w->fd < 0)
+			return;
+		agent_conn_stdin_event(a, c);
 		break;
 	}
 	if (ret < 0)

@@ -48,7 +48,7 @@ static double test_now(void)
 static int test_run(const char *cmd, const char *cwd, const char *const *env, uint32_t n_env, uint32_t timeout_ms,
 		    struct exec_output *o)
 {
-	struct exec_request r = { cmd, cwd, env, n_env, timeout_ms, NULL };
+	struct exec_request r = { cmd, cwd, env, n_env, timeout_ms, NULL, false, NULL, 0 };
 
 	return exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 60000, NULL, NULL, o);
 }
@@ -154,7 +154,7 @@ static const char *test_error_msg(const struct smolvm_frame *h, const uint8_t *p
 /* Payload of an EXEC frame built by hand. */
 static size_t test_exec_payload(uint8_t *buf, uint32_t timeout_ms, uint32_t n_env, const void *strings, size_t slen)
 {
-	struct smolvm_exec ex = { timeout_ms, n_env };
+	struct smolvm_exec ex = { timeout_ms, n_env, 0 };
 
 	memcpy(buf, &ex, sizeof(ex));
 	memcpy(buf + sizeof(ex), strings, slen);
@@ -322,14 +322,57 @@ static void test_cwd(void)
 	exec_output_free(&o);
 
 	ret = test_run("pwd", "/nonexistent-smolvm", NULL, 0, 0, &o);
-	CHECK(ret == -EPROTO && o.guest_err == ENOENT, "ret %d err %d", ret, o.guest_err);
+	CHECK(ret == -EPROTO && o.guest_err == ENOENT && o.guest_code == SMOLVM_ERRC_CWD, "ret %d err %d code %d", ret,
+	      o.guest_err, o.guest_code);
 	CHECK(strcmp(o.error, "cwd /nonexistent-smolvm: No such file or directory") == 0, "error %s", o.error);
 	exec_output_free(&o);
 
 	snprintf(path, sizeof(path), "%s/blob", test_dir);
 	ret = test_run("pwd", path, NULL, 0, 0, &o);
-	CHECK(ret == -EPROTO && strstr(o.error, "Not a directory"), "ret %d error %s", ret, o.error);
+	CHECK(ret == -EPROTO && strstr(o.error, "Not a directory") && o.guest_code == SMOLVM_ERRC_CWD, "ret %d error %s",
+	      ret, o.error);
 	exec_output_free(&o);
+}
+
+/* stdin: 1 MiB through cat byte-exact (input and output interleave), input nobody reads, empty input. */
+static void test_stdin(void)
+{
+	size_t len = (1u << 20) + 17;
+	uint8_t *data = malloc(len);
+	struct exec_request r = { "cat", NULL, NULL, 0, 0, NULL, true, NULL, 0 };
+	struct exec_output o;
+	uint32_t x = 99;
+	int ret;
+
+	for (size_t i = 0; i < len; i++) {
+		x = x * 1103515245u + 12345u;
+		data[i] = (uint8_t)(x >> 16);
+	}
+	r.input = data;
+	r.input_len = len;
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 60000, NULL, NULL, &o);
+	CHECK(ret == 0 && o.exit_code == 0 && o.out_len == len && memcmp(o.out, data, len) == 0,
+	      "cat: ret %d exit %d out %zu/%zu %s", ret, o.exit_code, o.out_len, len, o.error);
+	exec_output_free(&o);
+
+	r.command = "head -c 3; echo; exit 5";
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 60000, NULL, NULL, &o);
+	CHECK(ret == 0 && o.exit_code == 5 && o.out_len == 4, "head: ret %d exit %d out %zu %s", ret, o.exit_code,
+	      o.out_len, o.error);
+	exec_output_free(&o);
+
+	r.command = "wc -c";
+	r.input_len = 0;
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 60000, NULL, NULL, &o);
+	CHECK(ret == 0 && test_eq(o.out, o.out_len, "0\n"), "empty: ret %d out %.*s", ret, (int)o.out_len, o.out);
+	exec_output_free(&o);
+
+	r.has_input = false; /* no input: /dev/null, cat ends at once */
+	r.command = "cat; echo done";
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 60000, NULL, NULL, &o);
+	CHECK(ret == 0 && test_eq(o.out, o.out_len, "done\n"), "devnull: ret %d out %.*s", ret, (int)o.out_len, o.out);
+	exec_output_free(&o);
+	free(data);
 }
 
 struct test_thread {
@@ -397,7 +440,7 @@ static void test_bad_frames(void)
 		{ "magic", 0xdeadbeef, SMOLVM_EXEC, 0, "true\0", 6, -1, "magic 0xdeadbeef" },
 		{ "type", SMOLVM_PROTO_MAGIC, SMOLVM_STDOUT, 0, "true\0", 6, -1, "type 2, want EXEC" },
 		{ "oversized", SMOLVM_PROTO_MAGIC, SMOLVM_EXEC, 0, "", 0, SMOLVM_MAX_PAYLOAD + 1, "over the limit" },
-		{ "short", SMOLVM_PROTO_MAGIC, SMOLVM_EXEC, 0, "", 0, 4, "shorter than its 8-byte header" },
+		{ "short", SMOLVM_PROTO_MAGIC, SMOLVM_EXEC, 0, "", 0, 4, "shorter than its 12-byte header" },
 		{ "unterminated command", SMOLVM_PROTO_MAGIC, SMOLVM_EXEC, 0, "true", 4, -1, "command string is not NUL" },
 		{ "no cwd", SMOLVM_PROTO_MAGIC, SMOLVM_EXEC, 0, "true", 5, -1, "cwd string is missing" },
 		{ "n_env too big", SMOLVM_PROTO_MAGIC, SMOLVM_EXEC, 2, "true\0\0A=1", 10, -1, "env entry 1 is missing" },
@@ -440,7 +483,7 @@ static void test_bad_frames(void)
 	CHECK(fd >= 0 && read(fd, &c, 1) == 0, "wrong port not refused");
 	if (fd >= 0)
 		close(fd);
-	struct exec_request r = { "true", NULL, NULL, 0, 0, NULL };
+	struct exec_request r = { "true", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
 	struct exec_output o;
 	int ret = exec_run(test_sock, 99, &r, 10000, NULL, NULL, &o);
 	CHECK(ret == -ECONNREFUSED, "wrong port: ret %d %s", ret, o.error);
@@ -452,7 +495,7 @@ static void test_setup(void)
 {
 	static const uint8_t entropy[32] = { 1, 2, 3 };
 	struct exec_setup su = { 1700000000000000000ull, entropy, sizeof(entropy), "vm-test", 0, NULL, 0 };
-	struct exec_request r = { NULL, NULL, NULL, 0, 0, &su };
+	struct exec_request r = { NULL, NULL, NULL, 0, 0, &su, false, NULL, 0 };
 	struct exec_output o;
 	int ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
 
@@ -621,7 +664,7 @@ static int test_interrupt_cb(void *opaque)
 
 static void test_host_side_limits(void)
 {
-	struct exec_request r = { "sleep 5", NULL, NULL, 0, 0, NULL };
+	struct exec_request r = { "sleep 5", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
 	struct exec_output o;
 	double t0 = test_now();
 	int calls = 0, ret;
@@ -741,6 +784,7 @@ int main(int argc, char **argv)
 		{ "background_holds_pipes", test_background_holds_pipes },
 		{ "env", test_env },
 		{ "cwd", test_cwd },
+		{ "stdin", test_stdin },
 		{ "concurrent", test_concurrent },
 		{ "bad_frames", test_bad_frames },
 		{ "setup", test_setup },

@@ -422,7 +422,7 @@ static void test_concurrent(void)
 {
 	pthread_t th[3];
 	struct test_xfer t[3];
-	struct exec_request r = { "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done", NULL, NULL, 0, 0, NULL };
+	struct exec_request r = { "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
 	struct exec_output o;
 	int ret;
 
@@ -578,7 +578,7 @@ static int test_start_agent(const char *agent)
 {
 	char *argv[] = { (char *)agent, "--unix", test_sock, NULL };
 	struct rlimit lim = { TEST_FSIZE_LIMIT, TEST_FSIZE_LIMIT };
-	struct exec_request r = { "true", NULL, NULL, 0, 0, NULL };
+	struct exec_request r = { "true", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
 	struct exec_output o;
 	double end;
 	int ret;

@@ -1,0 +1,123 @@
+"""Commands whose output is handed over as it arrives, or that read stdin: run(on_stdout=, input=) and stream()."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from ._native import native
+from .result import RunResult
+
+if TYPE_CHECKING:
+    from .vm import SmolVM
+
+Chunk = tuple[Literal["stdout", "stderr"], bytes]
+StreamItem = Union[Chunk, RunResult]
+OutputCallback = Callable[[bytes], object]
+
+PUMP_SLICE_S = 0.1  # longest wait with the GIL released before signals are checked again
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """One checked command for the agent (SmolVM._exec_request builds it)."""
+
+    uds: str
+    command: str
+    cwd: str
+    env: list[str]
+    timeout_ms: int
+    host_timeout_ms: int
+    t0: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def input_bytes(value: object) -> bytes | None:
+    """run(input=): bytes-like or str (UTF-8), or None for no stdin (/dev/null)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"input must be bytes or str, not {type(value).__name__}")
+
+
+def callback(name: str, value: object) -> OutputCallback | None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable taking bytes, not {type(value).__name__}")
+    return value  # type: ignore[return-value]
+
+
+def open_stream(vm: SmolVM, req: ExecRequest, data: bytes | None, events: bool) -> Any:
+    nat = native()
+    try:
+        return nat.exec_start(
+            req.uds, nat.AGENT_PORT, req.command, req.cwd, req.env, req.timeout_ms,
+            req.host_timeout_ms, input=data, events=events,
+        )  # fmt: skip
+    except (OSError, nat.ProtocolError) as e:
+        raise vm._exec_failed(e, req) from None
+
+
+def chunks(vm: SmolVM, req: ExecRequest, data: bytes | None) -> Iterator[StreamItem]:
+    """Drive one exec: yield (kind, bytes) as output arrives, then the RunResult.
+
+    Closing the generator early (or an exception thrown into it) closes the connection,
+    and the agent kills the command's process group.
+    """
+    nat = native()
+    kinds: dict[int, Literal["stdout", "stderr"]] = {nat.STDOUT: "stdout", nat.STDERR: "stderr"}
+    s = open_stream(vm, req, data, events=True)
+    try:
+        while not s.done:
+            try:
+                got = s.pump(PUMP_SLICE_S)
+            except (OSError, nat.ProtocolError) as e:
+                raise vm._exec_failed(e, req) from None
+            for kind, chunk in got:
+                yield kinds[kind], chunk
+        code, sig, out, err, timed_out = s.result()
+    finally:
+        s.close()
+    yield RunResult.from_bytes(
+        code, out, err, req.elapsed(), timed_out=bool(timed_out), signal=sig
+    )
+
+
+def run(
+    vm: SmolVM, req: ExecRequest, data: bytes | None,
+    on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
+) -> RunResult:  # fmt: skip
+    """run() with callbacks or stdin. A callback's exception kills the command and propagates."""
+    if on_stdout is None and on_stderr is None:
+        nat = native()
+        s = open_stream(vm, req, data, events=False)
+        try:
+            while not s.done:
+                try:
+                    s.pump(PUMP_SLICE_S)
+                except (OSError, nat.ProtocolError) as e:
+                    raise vm._exec_failed(e, req) from None
+            code, sig, out, err, timed_out = s.result()
+        finally:
+            s.close()
+        return RunResult.from_bytes(
+            code, out, err, req.elapsed(), timed_out=bool(timed_out), signal=sig
+        )
+    gen = chunks(vm, req, data)
+    try:
+        for item in gen:
+            if isinstance(item, RunResult):
+                return item
+            kind, chunk = item
+            cb = on_stdout if kind == "stdout" else on_stderr
+            if cb is not None:
+                cb(chunk)
+    finally:
+        gen.close()  # after a callback's exception: closes the connection, the agent kills the command
+    raise AssertionError("the exec stream ended without a result")  # pragma: no cover
