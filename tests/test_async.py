@@ -13,6 +13,7 @@ from smolvm import AsyncSmolVM, RunResult, SmolVM
 SLOW = 120
 
 
+@pytest.mark.guest_only
 @pytest.mark.vm
 def test_concurrent_async_runs_need_no_threads(vm: SmolVM) -> None:
     async def main() -> tuple[list[RunResult], int, int]:

@@ -81,6 +81,7 @@ def test_passt_missing_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_pa
 # ---- real VMs ----------------------------------------------------------------------------
 
 
+@pytest.mark.guest_only
 @pytest.mark.vm
 def test_curl_host_loopback_byte_exact(vm: SmolVM, host_server: tuple[int, str]) -> None:
     port, digest = host_server

@@ -198,6 +198,7 @@ def test_forward_of_persistent_vm_outlives_the_process_that_made_it(
     served.unexpose_local(GUEST_PORT)
 
 
+@pytest.mark.guest_only
 def test_two_vms_same_guest_port(served: SmolVM) -> None:
     with SmolVM() as other:
         assert other.exposed_ports() == []  # restored from the base snapshot: no forwards

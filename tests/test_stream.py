@@ -21,6 +21,7 @@ def test_chunks_arrive_one_by_one(vm: SmolVM) -> None:
     assert len(items) == 4 and isinstance(result, RunResult) and result.ok and result.stdout == "1\n2\n3\n"
 
 
+@pytest.mark.guest_only
 @pytest.mark.vm
 def test_first_chunk_arrives_while_the_command_runs(vm: SmolVM) -> None:
     """The command cannot end before the test has seen its first chunk: it waits for a file
@@ -81,6 +82,7 @@ def test_callback_exception_kills_the_command(vm: SmolVM) -> None:
     assert left == "gone"
 
 
+@pytest.mark.guest_only
 @pytest.mark.vm
 def test_stdin_one_mib_byte_exact(vm: SmolVM) -> None:
     data = os.urandom(1 << 20)

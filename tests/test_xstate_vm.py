@@ -70,6 +70,7 @@ def test_registers_private_in_a_restored_vm(vm: SmolVM, regtest: Path) -> None:
         _check_registers(own, regtest)
 
 
+@pytest.mark.guest_only
 @pytest.mark.own_vm
 def test_registers_private_in_a_booted_vm(vm: SmolVM, regtest: Path) -> None:
     with SmolVM(cold_boot=True) as booted:
