@@ -13,6 +13,7 @@ from smolvm import AsyncSmolVM, RunResult, SmolVM
 SLOW = 120
 
 
+@pytest.mark.skipif(os.environ.get("SMOLVM_SLOW_TESTS") != "1", reason="slow on emulating hosts: SMOLVM_SLOW_TESTS=1 runs it")
 @pytest.mark.guest_only
 @pytest.mark.vm
 def test_concurrent_async_runs_need_no_threads(vm: SmolVM) -> None:
