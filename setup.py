@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parent
 EXT_SOURCES = ["csrc/module.c", "csrc/exec_client.c", "csrc/file_client.c"]
 VMM_MAIN = "csrc/vmm_main.c"
 VMM_NAME = "smolvm-vmm"
+# The nested profile's two programs (csrc/nested/, not part of the VMM): name -> sources.
+NESTED_PROGRAMS = {
+    "smolvm-hostd": ["csrc/nested/hostd.c", "csrc/nested/wire.c"],
+    "smolvm-vmm-relay": ["csrc/nested/relay.c", "csrc/nested/wire.c"],
+}
 DATA_DIRS = ("csrc", "guest", "kernel-config")  # shipped as smolvm/_data/<name>
 DATA_IGNORE = shutil.ignore_patterns("*.o", "*.a", "*.so", "__pycache__", "*.pyc", ".git*", "build")
 
@@ -49,8 +54,11 @@ def rel(path: Path) -> str:
 
 
 def vmm_sources() -> list[str]:
-    """Every csrc/**/*.c except the extension's own files."""
-    return sorted(rel(p) for p in (ROOT / "csrc").rglob("*.c") if rel(p) not in EXT_SOURCES)
+    """Every csrc/**/*.c except the extension's own files and csrc/nested/."""
+    return sorted(
+        rel(p) for p in (ROOT / "csrc").rglob("*.c")
+        if rel(p) not in EXT_SOURCES and not rel(p).startswith("csrc/nested/")
+    )
 
 
 def headers() -> list[str]:
@@ -68,12 +76,28 @@ class BuildExt(build_ext):
     def run(self) -> None:
         super().run()
         self.build_vmm()
+        for name, sources in NESTED_PROGRAMS.items():
+            self.build_program(name, sources, [])
 
     def vmm_build_path(self) -> str:
         return os.path.join(self.build_lib, "smolvm", VMM_NAME)
 
     def get_outputs(self) -> list[str]:
-        return [*super().get_outputs(), self.vmm_build_path()]
+        extra = [os.path.join(self.build_lib, "smolvm", n) for n in NESTED_PROGRAMS]
+        return [*super().get_outputs(), self.vmm_build_path(), *extra]
+
+    def build_program(self, name: str, sources: list[str], libraries: list[str]) -> None:
+        """Compile and link one small executable into the package folder."""
+        cc = self.compiler
+        objects = cc.compile(
+            sources, output_dir=os.path.join(self.build_temp, name), include_dirs=["csrc"],
+            extra_postargs=cflags(), depends=headers(),
+        )  # fmt: skip
+        out_dir = os.path.join(self.build_lib, "smolvm")
+        os.makedirs(out_dir, exist_ok=True)
+        cc.link_executable(objects, name, output_dir=out_dir, libraries=libraries, extra_postargs=ldflags())
+        if self.inplace:
+            shutil.copy2(os.path.join(out_dir, name), ROOT / "smolvm" / name)
 
     def build_vmm(self) -> None:
         sources = vmm_sources()

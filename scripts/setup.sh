@@ -38,7 +38,7 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
 # `python3 -m smolvm` run from this checkout imports ./smolvm: give it the compiled parts just installed.
 installed=$(cd / && python3 -c 'import pathlib, smolvm; print(pathlib.Path(smolvm.__file__).resolve().parent)')
 if [ "$installed" != "$PWD/smolvm" ]; then
-  cp -f "$installed"/_smolvm*.so "$installed"/smolvm-vmm smolvm/
+  cp -f "$installed"/_smolvm*.so "$installed"/smolvm-vmm "$installed"/smolvm-hostd "$installed"/smolvm-vmm-relay smolvm/
 fi
 
 # Run from / so that `-m smolvm` imports the installed package.

@@ -650,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_port_parser(sub)
     add_ray_parser(sub)
 
+    from .cli_host import add_parser as add_host_parser
+
+    add_host_parser(sub)
+
     sn = sub.add_parser("snapshot", help="named snapshots: create, ls, rm")
     snsub = sn.add_subparsers(dest="snapshot_cmd", required=True)
     sc = snsub.add_parser("create", help="save a running VM as a named snapshot")

@@ -130,22 +130,29 @@ def passt_path() -> Path:
     return Path(found)
 
 
-def passt_argv(pol: NetworkPolicy) -> list[str]:
-    """passt's command line (the VMM adds --fd). No DHCP or router adverts: the agent sets the addresses."""
-    return [
+def passt_argv(pol: NetworkPolicy, nested: bool = False) -> list[str]:
+    """passt's command line (the VMM adds --fd). No DHCP or router adverts: the agent sets the addresses.
+
+    nested: passt runs inside the host VM (smolvm/hostvm.py), whose own network is QEMU's
+    user networking on the same 10.0.2.0/24 with the host's loopback at 10.0.2.2. passt then
+    leaves the gateway unmapped, so host.smolvm.internal reaches the real host's loopback
+    through QEMU rather than the host VM's own.
+    """
+    argv = [
         str(passt_path()), "--foreground", "--quiet", "--ipv4-only",
         "--address", GUEST_ADDR, "--netmask", str(PREFIX), "--gateway", GATEWAY,
         "--dns-forward", DNS, "--no-dhcp", "--no-dhcpv6", "--no-ndp", "--no-ra",
         "--tcp-ports", "none", "--udp-ports", "none",
     ]  # fmt: skip
+    return argv + ["--no-map-gw"] if nested else argv
 
 
-def vmm_args(pol: NetworkPolicy) -> list[str]:
+def vmm_args(pol: NetworkPolicy, nested: bool = False) -> list[str]:
     """smolvm-vmm arguments: none without a network, else passt's command line as --net-passt words."""
     if not pol.enabled:
         return []
     out: list[str] = []
-    for word in passt_argv(pol):
+    for word in passt_argv(pol, nested):
         out += ["--net-passt", word]
     return out
 

@@ -36,12 +36,16 @@ COMPAT_VMM_ARGS: tuple[str, ...] = ("--xstate-port",)
 # CONFIG_HZ of our guest kernel (CONFIG_HZ_100 in kernel-config/smolvm.config).
 KERNEL_HZ = 100
 
-PROFILES = ("native", "compat")
+PROFILES = ("native", "compat", "nested")
 
 
 @dataclass(frozen=True)
 class Profile:
-    """The active profile: `name` ("native" or "compat"), why it was chosen, and its extra boot args."""
+    """The active profile: `name` ("native", "compat" or "nested"), why it was chosen, its extra boot args.
+
+    nested: the VMMs run inside a host VM with a real KVM (smolvm/hostvm.py); the guests
+    there boot exactly as under native.
+    """
 
     name: str
     reason: str
@@ -51,6 +55,10 @@ class Profile:
     @property
     def compat(self) -> bool:
         return self.name == "compat"
+
+    @property
+    def nested(self) -> bool:
+        return self.name == "nested"
 
 
 def cpu_flags(cpuinfo: str) -> set[str]:

@@ -246,9 +246,10 @@ class SmolVM(AsyncMixin):
             if self._status == "running":
                 return self
             self._raise_if_stopped()
-            check_kvm()
-            vmm = vmm_path()
             self._profile = detect()
+            if not self._profile.nested:  # nested: the host VM's KVM, checked when it starts
+                check_kvm()
+            vmm = vmm_path()
             if self._profile.compat and self._vcpus > 1 and self._source is None:
                 self._status = "stopped"
                 raise VMStartError(
@@ -313,9 +314,17 @@ class SmolVM(AsyncMixin):
         """Start the VMM and wait for its guest agent: None, or why it failed (VMM still to reap)."""
         t0 = time.monotonic()
         try:
+            if self._profile is not None and self._profile.nested:
+                from . import hostvm
+
+                argv = hostvm.relay_argv(argv)
             pid, self._ctl_fd = native().spawn_vmm(
                 argv, stderr_path=str(self._state_dir / "vmm.stderr")
             )
+        except SmolVMError as e:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            self._status = "stopped"
+            raise VMStartError(str(e), vm_id=self._vm_id) from e
         except OSError as e:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             self._status = "stopped"
@@ -952,7 +961,7 @@ class SmolVM(AsyncMixin):
             "--console", str(self.console_log),
             "--ctl-fd", "3",
             "--ctl-listen", str(self._state_dir / "ctl.sock"),
-            *network.vmm_args(self._net),
+            *network.vmm_args(self._net, nested=self._profile is not None and self._profile.nested),
         ]  # fmt: skip
         if self._persistent:
             argv.append("--daemonize")

@@ -114,7 +114,7 @@ def test_timeout_kills_and_vm_stays_usable(vm: SmolVM) -> None:
     assert after.ok and after.stdout == "after\n"
     # The whole process group went, background sleep included.
     for _ in range(10):
-        left = vm.run("ps | grep -c '[s]leep 1000'")
+        left = vm.run("ps | grep -c '[s]leep 1000'", timeout=120)
         if left.stdout.strip() == "0":
             break
         time.sleep(1)

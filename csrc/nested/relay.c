@@ -1,0 +1,318 @@
+/* smolvm-vmm-relay: stands in for smolvm-vmm on the host when the VMM runs in the nested profile's host VM. */
+#define _GNU_SOURCE
+#include "nested/wire.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/*
+ * Python starts this exactly as it would start smolvm-vmm (same argv after "--", fd 3 the
+ * owner's control socket, fd 2 the VMM's stderr file). The relay starts the real VMM in the
+ * host VM through smolvm-hostd, moves the VMM's Unix sockets (--vsock-uds, --ctl-listen) to
+ * the host VM's /run and listens at their host paths in their place, relays fd 3, handles
+ * --daemonize itself and exits as the VMM did. Its pid is the VM's pid on the host.
+ */
+
+#define RELAY_MAX_SOCKS 4
+
+struct relay_sock {
+	char host_path[108];
+	char vm_path[108];
+	int fd;
+};
+
+struct relay {
+	const char *endpoint;
+	char token[WIRE_TOKEN_MAX];
+	char run_dir[108];
+	struct relay_sock socks[RELAY_MAX_SOCKS];
+	int nr_socks;
+	int conn; /* the SPAWN connection, -1 before it */
+};
+
+static volatile sig_atomic_t relay_signal;
+
+static void relay_on_signal(int sig)
+{
+	relay_signal = sig;
+}
+
+/* A connection to hostd that has said "<token> VERB[ arg]" and got "OK". fd or -errno. */
+static int relay_open(struct relay *r, const char *verb, const char *arg, char *why, size_t cap)
+{
+	char line[WIRE_LINE_MAX];
+	int fd = wire_tcp_connect(r->endpoint), ret;
+
+	if (fd < 0) {
+		snprintf(why, cap, "cannot reach the host VM at %s: %s", r->endpoint, strerror(-fd));
+		return fd;
+	}
+	snprintf(line, sizeof(line), "%s %s%s%s\n", r->token, verb, arg ? " " : "", arg ? arg : "");
+	ret = wire_write_all(fd, line, strlen(line));
+	if (ret == 0)
+		ret = wire_read_line(fd, line, sizeof(line));
+	if (ret >= 0 && strcmp(line, "OK") != 0) {
+		snprintf(why, cap, "the host VM refused %s: %s", verb, line);
+		ret = -ECONNREFUSED;
+	} else if (ret < 0) {
+		snprintf(why, cap, "the host VM closed the connection (%s)", strerror(-ret));
+	}
+	if (ret < 0) {
+		close(fd);
+		return ret;
+	}
+	return fd;
+}
+
+static int relay_listen(struct relay_sock *s)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		return -errno;
+	strcpy(sa.sun_path, s->host_path);
+	unlink(s->host_path);
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
+		int err = errno;
+
+		close(fd);
+		return -err;
+	}
+	s->fd = fd;
+	return 0;
+}
+
+/* A host client connected to one of the VMM's sockets: carry it to the socket in the host VM. */
+static void relay_accept(struct relay *r, struct relay_sock *s)
+{
+	char why[256];
+	int c = accept4(s->fd, NULL, NULL, SOCK_CLOEXEC), t;
+
+	if (c < 0)
+		return;
+	if (fork() == 0) {
+		/* Only the VMM's end may hold the owner's socket (fd 3): its EOF tells the owner the VM ended. */
+		close(3);
+		if (r->conn >= 0)
+			close(r->conn);
+		for (int i = 0; i < r->nr_socks; i++)
+			close(r->socks[i].fd);
+		t = relay_open(r, "CONNECT", s->vm_path, why, sizeof(why));
+		if (t >= 0)
+			wire_splice(c, t);
+		_exit(0);
+	}
+	close(c);
+}
+
+static void relay_cleanup(struct relay *r)
+{
+	for (int i = 0; i < r->nr_socks; i++) {
+		if (r->socks[i].fd >= 0)
+			unlink(r->socks[i].host_path);
+	}
+}
+
+/* The VMM ended with wait status st (or the host VM went away, st < 0): end the same way. */
+static void __attribute__((noreturn)) relay_exit(struct relay *r, int st, const char *why)
+{
+	relay_cleanup(r);
+	if (why) {
+		fprintf(stderr, "smolvm-vmm-relay: %s\n", why);
+		dprintf(3, "EXIT error %s\n", why);
+		exit(1);
+	}
+	if (WIFSIGNALED(st)) {
+		signal(WTERMSIG(st), SIG_DFL);
+		raise(WTERMSIG(st));
+	}
+	exit(WIFEXITED(st) ? WEXITSTATUS(st) : 1);
+}
+
+/* argv for the host VM: sockets moved under run_dir, --daemonize dropped (the relay does it). */
+static int relay_argv(struct relay *r, char **argv, int argc, char *blob, size_t cap, int *daemonize)
+{
+	size_t len = 0;
+	char stderr_path[4096] = "";
+	ssize_t n = readlink("/proc/self/fd/2", stderr_path, sizeof(stderr_path) - 1);
+	const char *head[2] = { r->run_dir, stderr_path };
+
+	if (n > 0 && stderr_path[0] == '/')
+		stderr_path[n] = '\0';
+	else
+		stderr_path[0] = '\0';
+	for (int i = 0; i < 2; i++) {
+		size_t l = strlen(head[i]) + 1;
+
+		if (len + l > cap)
+			return -E2BIG;
+		memcpy(blob + len, head[i], l);
+		len += l;
+	}
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i];
+
+		if (strcmp(a, "--daemonize") == 0) {
+			*daemonize = 1;
+			continue;
+		}
+		if (i > 0 && (strcmp(argv[i - 1], "--vsock-uds") == 0 || strcmp(argv[i - 1], "--ctl-listen") == 0)) {
+			struct relay_sock *s = &r->socks[r->nr_socks];
+			const char *base = strrchr(a, '/') ? strrchr(a, '/') + 1 : a;
+
+			if (r->nr_socks == RELAY_MAX_SOCKS || strlen(a) >= sizeof(s->host_path))
+				return -E2BIG;
+			strcpy(s->host_path, a);
+			if ((size_t)snprintf(s->vm_path, sizeof(s->vm_path), "%s/%s", r->run_dir, base) >=
+			    sizeof(s->vm_path))
+				return -E2BIG;
+			s->fd = -1;
+			r->nr_socks++;
+			a = s->vm_path;
+		}
+		size_t l = strlen(a) + 1;
+
+		if (len + l > cap)
+			return -E2BIG;
+		memcpy(blob + len, a, l);
+		len += l;
+	}
+	return (int)len;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "endpoint", required_argument, NULL, 'e' },
+		{ "token-file", required_argument, NULL, 't' },
+		{ NULL, 0, NULL, 0 },
+	};
+	static char blob[WIRE_FRAME_MAX], buf[WIRE_FRAME_MAX];
+	struct relay r = { .endpoint = NULL, .conn = -1 };
+	const char *token_file = NULL;
+	char why[512];
+	int c, len, daemonize = 0, conn, fd3_open = 1, ret;
+	struct timespec ts;
+
+	while ((c = getopt_long(argc, argv, "+", opts, NULL)) != -1) {
+		switch (c) {
+		case 'e': r.endpoint = optarg; break;
+		case 't': token_file = optarg; break;
+		default: goto usage;
+		}
+	}
+	if (!r.endpoint || !token_file || optind >= argc)
+		goto usage;
+	ret = wire_read_token(token_file, r.token, sizeof(r.token));
+	if (ret) {
+		fprintf(stderr, "smolvm-vmm-relay: token file %s: %s\n", token_file, strerror(-ret));
+		return 1;
+	}
+	clock_gettime(CLOCK_REALTIME, &ts);
+	snprintf(r.run_dir, sizeof(r.run_dir), "/run/smolvm-%d-%lx", (int)getpid(),
+		 (unsigned long)(ts.tv_nsec ^ ts.tv_sec));
+	len = relay_argv(&r, argv + optind, argc - optind, blob, sizeof(blob), &daemonize);
+	if (len < 0) {
+		fprintf(stderr, "smolvm-vmm-relay: arguments too long\n");
+		return 2;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	if (daemonize) { /* as smolvm-vmm does: the spawner reaps us at once, init adopts the relay */
+		pid_t pid = fork();
+
+		if (pid < 0)
+			return 1;
+		if (pid > 0)
+			_exit(0);
+		setsid();
+	}
+	struct sigaction sa = { .sa_handler = relay_on_signal };
+
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+	signal(SIGCHLD, SIG_IGN); /* splice children reap themselves */
+	for (int i = 0; i < r.nr_socks; i++) {
+		ret = relay_listen(&r.socks[i]);
+		if (ret) {
+			snprintf(why, sizeof(why), "cannot listen at %s: %s", r.socks[i].host_path, strerror(-ret));
+			relay_exit(&r, 0, why);
+		}
+	}
+	conn = relay_open(&r, "SPAWN", NULL, why, sizeof(why));
+	if (conn < 0)
+		relay_exit(&r, 0, why);
+	r.conn = conn;
+	if (wire_send(conn, WIRE_ARGV, blob, (uint32_t)len))
+		relay_exit(&r, 0, "the host VM closed the connection while starting the VMM");
+	for (;;) {
+		struct pollfd p[2 + RELAY_MAX_SOCKS];
+		uint32_t type;
+		int n = 0;
+
+		p[n++] = (struct pollfd){ .fd = conn, .events = POLLIN };
+		p[n++] = (struct pollfd){ .fd = fd3_open ? 3 : -1, .events = POLLIN };
+		for (int i = 0; i < r.nr_socks; i++)
+			p[n++] = (struct pollfd){ .fd = r.socks[i].fd, .events = POLLIN };
+		if (relay_signal) {
+			uint32_t sig = (uint32_t)relay_signal;
+
+			relay_signal = 0;
+			wire_send(conn, WIRE_KILL, &sig, sizeof(sig));
+		}
+		if (poll(p, (nfds_t)n, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			relay_exit(&r, 0, "poll failed");
+		}
+		if (p[1].revents) {
+			ssize_t got = read(3, buf, sizeof(buf));
+
+			if (got < 0 && errno == EINTR)
+				continue;
+			if (got <= 0) {
+				fd3_open = 0;
+				wire_send(conn, WIRE_EOF, NULL, 0);
+			} else if (wire_send(conn, WIRE_DATA, buf, (uint32_t)got)) {
+				relay_exit(&r, 0, "the host VM went away (it stopped or was killed)");
+			}
+		}
+		if (p[0].revents) {
+			len = wire_recv(conn, &type, buf, sizeof(buf));
+			if (len < 0)
+				relay_exit(&r, 0, "the host VM went away (it stopped or was killed)");
+			if (type == WIRE_DATA) {
+				wire_write_all(3, buf, (size_t)len);
+			} else if (type == WIRE_EOF) {
+				shutdown(3, SHUT_WR);
+			} else if (type == WIRE_PID) {
+				dprintf(3, "PID %d\n", (int)getpid());
+			} else if (type == WIRE_EXIT && len == 4) {
+				int st;
+
+				memcpy(&st, buf, sizeof(st));
+				relay_exit(&r, st, NULL);
+			}
+		}
+		for (int i = 0; i < r.nr_socks; i++) {
+			if (p[2 + i].revents & POLLIN)
+				relay_accept(&r, &r.socks[i]);
+		}
+	}
+usage:
+	fprintf(stderr, "usage: smolvm-vmm-relay --endpoint IP:PORT --token-file F -- VMM-ARGV...\n");
+	return 2;
+}
