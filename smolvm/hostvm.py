@@ -217,6 +217,9 @@ def _start() -> HostVM:
         f"smolvm.idle={idle} smolvm.ip={NET}.15 smolvm.gw={NET}.2"
     )
     model = "passthrough" if os.geteuid() == 0 else "none"
+    images = (home() / "images").resolve()
+    images.mkdir(parents=True, exist_ok=True)
+    append += f" smolvm.images={images}"
     argv = [
         qemu_path() or QEMU, "-name", f"{NAME},process={NAME}",
         "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max", "-smp", str(cpus), "-m", str(mem),
@@ -226,6 +229,7 @@ def _start() -> HostVM:
         "-netdev", f"user,id=n0,net={NET}.0/24,host={NET}.2,hostfwd=tcp:127.0.0.1:{port}-{NET}.15:{HOSTD_PORT}",
         "-device", "virtio-net-pci,netdev=n0",
         "-virtfs", f"local,path=/,mount_tag=hostroot,security_model={model},id=fs0,multidevs=remap",
+        "-virtfs", f"local,path={images},mount_tag=images,security_model={model},id=fs1,readonly=on",
         "-daemonize", "-pidfile", str(d / "qemu.pid"),
     ]  # fmt: skip
     progress(f"starting the nested profile's host VM (QEMU TCG, {cpus} vCPUs, {mem} MiB); about a minute")
@@ -282,3 +286,8 @@ def relay_argv(argv: list[str]) -> list[str]:
 
 def logs(lines: int = 60) -> str:
     return tail(host_dir() / "console.log", lines)
+
+
+def vmm_command(argv: list[str], nested: bool) -> list[str]:
+    """argv that starts the VMM argv: as it is, or through the host VM when nested."""
+    return relay_argv(argv) if nested else argv

@@ -44,7 +44,12 @@ def expose(ctl: Path, vm_id: str, guest_port: int, host_port: int | None) -> int
     guest = port_number("guest_port", guest_port)
     host = 0 if host_port is None else port_number("host_port", host_port)
     try:
-        return int(_ctl.command(ctl, f"FWD ADD {guest} {host}", CTL_TIMEOUT_S))
+        for _ in range(8 if host == 0 else 1):
+            got = int(_ctl.command(ctl, f"FWD ADD {guest} {host}", CTL_TIMEOUT_S))
+            if _host_listen(ctl, got):
+                return got
+            _ctl.command(ctl, f"FWD DEL {got}", CTL_TIMEOUT_S)  # free in the host VM, taken here: again
+        raise _ctl.ControlError("Address already in use")
     except _ctl.ControlError as e:
         if "in use" in str(e):
             raise PortInUseError(
@@ -98,4 +103,31 @@ def unexpose(ctl: Path, vm_id: str, port: int, guest_port: int | None = None) ->
             _ctl.command(ctl, f"FWD DEL {f.host_port}", CTL_TIMEOUT_S)
         except _ctl.ControlError:
             pass  # removed meanwhile by another process
+        relay = _relay(ctl)
+        if relay is not None:
+            _ctl.command(relay, f"UNLISTEN {f.host_port}", CTL_TIMEOUT_S)
     return gone
+
+
+def _relay(ctl: Path) -> Path | None:
+    """The nested profile's relay beside a VM's control socket (csrc/nested/relay.c), if any."""
+    relay = ctl.parent / "relay.sock"
+    return relay if relay.exists() else None
+
+
+def _host_listen(ctl: Path, port: int) -> bool:
+    """Nested profile: the VMM listens inside the host VM, so the relay listens on the host too.
+
+    False if the port is taken on the host. Without a relay (native, compat) the VMM's own
+    listener is on the host already: True.
+    """
+    relay = _relay(ctl)
+    if relay is None:
+        return True
+    try:
+        _ctl.command(relay, f"LISTEN {port}", CTL_TIMEOUT_S)
+    except _ctl.ControlError as e:
+        if "in use" in str(e):
+            return False
+        raise
+    return True

@@ -19,6 +19,7 @@ import pytest
 
 from smolvm._native import vmm_path
 from smolvm.build.kernel import ensure_kernel
+from smolvm.hostvm import vmm_command
 from smolvm.profile import detect, kernel_cmdline
 
 pytestmark = pytest.mark.vm
@@ -34,13 +35,15 @@ def boot_until(
     profile = detect()
     cmdline = kernel_cmdline(profile) + " earlyprintk=serial,ttyS0"
     owner, child = socket.socketpair()
+    argv = [
+        str(vmm_path()), "--kernel", str(kernel), "--cmdline", cmdline, "--mem-mib", "256",
+        "--vcpus", str(vcpus), "--vsock-uds", str(tmp_path / "v.sock"),
+        "--console", str(console), "--ctl-fd", str(child.fileno()), *profile.vmm_args,
+        *(extra or []),
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [str(vmm_path()), "--kernel", str(kernel), "--cmdline", cmdline, "--mem-mib", "256",
-         "--vcpus", str(vcpus), "--vsock-uds", str(tmp_path / "v.sock"),
-         "--console", str(console), "--ctl-fd", str(child.fileno()), *profile.vmm_args,
-         *(extra or [])],
-        pass_fds=[child.fileno()], stderr=subprocess.PIPE,
-    )  # fmt: skip
+        vmm_command(argv, profile.nested), pass_fds=[child.fileno()], stderr=subprocess.PIPE
+    )
     child.close()
     text = ""
     try:

@@ -68,6 +68,23 @@ static int hostd_listen(const char *endpoint)
 	return fd;
 }
 
+/* TCP <port>: a stream to 127.0.0.1:<port> in the host VM (a VMM's port-forward listener). */
+static void hostd_tcp(int conn, const char *port)
+{
+	char endpoint[32];
+	int fd;
+
+	snprintf(endpoint, sizeof(endpoint), "127.0.0.1:%s", port);
+	fd = wire_tcp_connect(endpoint);
+	if (fd < 0) {
+		dprintf(conn, "ERR %s\n", strerror(-fd));
+		return;
+	}
+	if (wire_write_all(conn, "OK\n", 3) == 0)
+		wire_splice(conn, fd);
+	close(fd);
+}
+
 static void hostd_connect(int conn, const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -260,6 +277,8 @@ static void hostd_serve(struct hostd *h, int conn)
 		dprintf(conn, "PONG\n");
 	else if (strcmp(verb, "CONNECT") == 0 && arg)
 		hostd_connect(conn, arg);
+	else if (strcmp(verb, "TCP") == 0 && arg)
+		hostd_tcp(conn, arg);
 	else if (strcmp(verb, "SPAWN") == 0)
 		hostd_spawn(conn);
 	else

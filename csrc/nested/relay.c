@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -12,20 +13,22 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 /*
- * Python starts this exactly as it would start smolvm-vmm (same argv after "--", fd 3 the
- * owner's control socket, fd 2 the VMM's stderr file). The relay starts the real VMM in the
+ * Python starts this exactly as it would start smolvm-vmm (same argv after "--", the owner's
+ * control socket on the fd that --ctl-fd names, fd 2 the VMM's stderr file). The relay starts the real VMM in the
  * host VM through smolvm-hostd, moves the VMM's Unix sockets (--vsock-uds, --ctl-listen) to
  * the host VM's /run and listens at their host paths in their place, relays fd 3, handles
  * --daemonize itself and exits as the VMM did. Its pid is the VM's pid on the host.
  */
 
 #define RELAY_MAX_SOCKS 4
+#define RELAY_MAX_FWDS 64 /* as csrc/portfwd.h */
 
 struct relay_sock {
 	char host_path[108];
@@ -40,6 +43,14 @@ struct relay {
 	struct relay_sock socks[RELAY_MAX_SOCKS];
 	int nr_socks;
 	int conn; /* the SPAWN connection, -1 before it */
+	int owner; /* the owner's control socket (--ctl-fd N; the VMM in the host VM gets it as 3), or -1 */
+	/* relay.sock beside --ctl-listen: "LISTEN <port>" / "UNLISTEN <port>" from smolvm/ports.py */
+	char ctl_path[108];
+	int ctl_fd;
+	struct {
+		int port, fd;
+	} fwds[RELAY_MAX_FWDS]; /* host 127.0.0.1:port -> the host VM's 127.0.0.1:port (the VMM's listener) */
+	int nr_fwds;
 };
 
 static volatile sig_atomic_t relay_signal;
@@ -95,26 +106,93 @@ static int relay_listen(struct relay_sock *s)
 	return 0;
 }
 
-/* A host client connected to one of the VMM's sockets: carry it to the socket in the host VM. */
-static void relay_accept(struct relay *r, struct relay_sock *s)
+/*
+ * A host client connected to listener lfd: carry it, in a child, to hostd's verb arg (a Unix
+ * socket or a TCP port in the host VM). Only the VMM's end may hold the owner's socket: its
+ * EOF tells the owner the VM ended, so the child closes it and every other relay fd.
+ */
+static void relay_accept(struct relay *r, int lfd, const char *verb, const char *arg)
 {
 	char why[256];
-	int c = accept4(s->fd, NULL, NULL, SOCK_CLOEXEC), t;
+	int c = accept4(lfd, NULL, NULL, SOCK_CLOEXEC), t;
 
 	if (c < 0)
 		return;
 	if (fork() == 0) {
-		/* Only the VMM's end may hold the owner's socket (fd 3): its EOF tells the owner the VM ended. */
-		close(3);
+		if (r->owner >= 0)
+			close(r->owner);
 		if (r->conn >= 0)
 			close(r->conn);
+		if (r->ctl_fd >= 0)
+			close(r->ctl_fd);
 		for (int i = 0; i < r->nr_socks; i++)
 			close(r->socks[i].fd);
-		t = relay_open(r, "CONNECT", s->vm_path, why, sizeof(why));
+		for (int i = 0; i < r->nr_fwds; i++)
+			close(r->fwds[i].fd);
+		t = relay_open(r, verb, arg, why, sizeof(why));
 		if (t >= 0)
 			wire_splice(c, t);
 		_exit(0);
 	}
+	close(c);
+}
+
+static int relay_tcp_listen(int port)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+
+	if (fd < 0)
+		return -errno;
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
+		int err = errno;
+
+		close(fd);
+		return -err;
+	}
+	return fd;
+}
+
+/* One command on relay.sock: LISTEN <port> or UNLISTEN <port>; answers "OK" or "ERR <why>". */
+static void relay_control(struct relay *r)
+{
+	struct timeval tv = { .tv_sec = 2 };
+	char line[128];
+	int c = accept4(r->ctl_fd, NULL, NULL, SOCK_CLOEXEC), port, fd;
+
+	if (c < 0)
+		return;
+	setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	if (wire_read_line(c, line, sizeof(line)) < 0)
+		goto out;
+	if (sscanf(line, "LISTEN %d", &port) == 1 && port > 0 && port < 65536) {
+		if (r->nr_fwds == RELAY_MAX_FWDS) {
+			dprintf(c, "ERR %s\n", strerror(ENOSPC));
+			goto out;
+		}
+		fd = relay_tcp_listen(port);
+		if (fd < 0) {
+			dprintf(c, "ERR %s\n", strerror(-fd));
+			goto out;
+		}
+		r->fwds[r->nr_fwds].port = port;
+		r->fwds[r->nr_fwds++].fd = fd;
+		dprintf(c, "OK\n");
+	} else if (sscanf(line, "UNLISTEN %d", &port) == 1) {
+		for (int i = 0; i < r->nr_fwds; i++) {
+			if (r->fwds[i].port == port) {
+				close(r->fwds[i].fd);
+				r->fwds[i] = r->fwds[--r->nr_fwds];
+				break;
+			}
+		}
+		dprintf(c, "OK\n");
+	} else {
+		dprintf(c, "ERR unknown command\n");
+	}
+out:
 	close(c);
 }
 
@@ -124,6 +202,8 @@ static void relay_cleanup(struct relay *r)
 		if (r->socks[i].fd >= 0)
 			unlink(r->socks[i].host_path);
 	}
+	if (r->ctl_fd >= 0)
+		unlink(r->ctl_path);
 }
 
 /* The VMM ended with wait status st (or the host VM went away, st < 0): end the same way. */
@@ -132,7 +212,8 @@ static void __attribute__((noreturn)) relay_exit(struct relay *r, int st, const 
 	relay_cleanup(r);
 	if (why) {
 		fprintf(stderr, "smolvm-vmm-relay: %s\n", why);
-		dprintf(3, "EXIT error %s\n", why);
+		if (r->owner >= 0)
+			dprintf(r->owner, "EXIT error %s\n", why);
 		exit(1);
 	}
 	if (WIFSIGNALED(st)) {
@@ -169,6 +250,10 @@ static int relay_argv(struct relay *r, char **argv, int argc, char *blob, size_t
 			*daemonize = 1;
 			continue;
 		}
+		if (i > 0 && strcmp(argv[i - 1], "--ctl-fd") == 0) {
+			r->owner = atoi(a);
+			a = "3";
+		}
 		if (i > 0 && (strcmp(argv[i - 1], "--vsock-uds") == 0 || strcmp(argv[i - 1], "--ctl-listen") == 0)) {
 			struct relay_sock *s = &r->socks[r->nr_socks];
 			const char *base = strrchr(a, '/') ? strrchr(a, '/') + 1 : a;
@@ -181,6 +266,13 @@ static int relay_argv(struct relay *r, char **argv, int argc, char *blob, size_t
 				return -E2BIG;
 			s->fd = -1;
 			r->nr_socks++;
+			if (strcmp(argv[i - 1], "--ctl-listen") == 0) {
+				int dir = (int)(base - a);
+
+				if ((size_t)snprintf(r->ctl_path, sizeof(r->ctl_path), "%.*srelay.sock", dir, a) >=
+				    sizeof(r->ctl_path))
+					return -E2BIG;
+			}
 			a = s->vm_path;
 		}
 		size_t l = strlen(a) + 1;
@@ -201,10 +293,10 @@ int main(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	static char blob[WIRE_FRAME_MAX], buf[WIRE_FRAME_MAX];
-	struct relay r = { .endpoint = NULL, .conn = -1 };
+	struct relay r = { .endpoint = NULL, .conn = -1, .owner = -1, .ctl_fd = -1 };
 	const char *token_file = NULL;
 	char why[512];
-	int c, len, daemonize = 0, conn, fd3_open = 1, ret;
+	int c, len, daemonize = 0, conn, owner_open, ret;
 	struct timespec ts;
 
 	while ((c = getopt_long(argc, argv, "+", opts, NULL)) != -1) {
@@ -229,6 +321,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "smolvm-vmm-relay: arguments too long\n");
 		return 2;
 	}
+	owner_open = r.owner >= 0;
 	signal(SIGPIPE, SIG_IGN);
 	if (daemonize) { /* as smolvm-vmm does: the spawner reaps us at once, init adopts the relay */
 		pid_t pid = fork();
@@ -252,6 +345,17 @@ int main(int argc, char **argv)
 			relay_exit(&r, 0, why);
 		}
 	}
+	if (r.ctl_path[0]) {
+		struct relay_sock cs = { .fd = -1 };
+
+		strcpy(cs.host_path, r.ctl_path);
+		ret = relay_listen(&cs);
+		if (ret) {
+			snprintf(why, sizeof(why), "cannot listen at %s: %s", r.ctl_path, strerror(-ret));
+			relay_exit(&r, 0, why);
+		}
+		r.ctl_fd = cs.fd;
+	}
 	conn = relay_open(&r, "SPAWN", NULL, why, sizeof(why));
 	if (conn < 0)
 		relay_exit(&r, 0, why);
@@ -259,14 +363,17 @@ int main(int argc, char **argv)
 	if (wire_send(conn, WIRE_ARGV, blob, (uint32_t)len))
 		relay_exit(&r, 0, "the host VM closed the connection while starting the VMM");
 	for (;;) {
-		struct pollfd p[2 + RELAY_MAX_SOCKS];
+		struct pollfd p[3 + RELAY_MAX_SOCKS + RELAY_MAX_FWDS];
 		uint32_t type;
-		int n = 0;
+		int n = 0, nr_fwds = r.nr_fwds;
 
 		p[n++] = (struct pollfd){ .fd = conn, .events = POLLIN };
-		p[n++] = (struct pollfd){ .fd = fd3_open ? 3 : -1, .events = POLLIN };
+		p[n++] = (struct pollfd){ .fd = owner_open ? r.owner : -1, .events = POLLIN };
+		p[n++] = (struct pollfd){ .fd = r.ctl_fd, .events = POLLIN };
 		for (int i = 0; i < r.nr_socks; i++)
 			p[n++] = (struct pollfd){ .fd = r.socks[i].fd, .events = POLLIN };
+		for (int i = 0; i < nr_fwds; i++)
+			p[n++] = (struct pollfd){ .fd = r.fwds[i].fd, .events = POLLIN };
 		if (relay_signal) {
 			uint32_t sig = (uint32_t)relay_signal;
 
@@ -279,12 +386,12 @@ int main(int argc, char **argv)
 			relay_exit(&r, 0, "poll failed");
 		}
 		if (p[1].revents) {
-			ssize_t got = read(3, buf, sizeof(buf));
+			ssize_t got = read(r.owner, buf, sizeof(buf));
 
 			if (got < 0 && errno == EINTR)
 				continue;
 			if (got <= 0) {
-				fd3_open = 0;
+				owner_open = 0;
 				wire_send(conn, WIRE_EOF, NULL, 0);
 			} else if (wire_send(conn, WIRE_DATA, buf, (uint32_t)got)) {
 				relay_exit(&r, 0, "the host VM went away (it stopped or was killed)");
@@ -295,11 +402,14 @@ int main(int argc, char **argv)
 			if (len < 0)
 				relay_exit(&r, 0, "the host VM went away (it stopped or was killed)");
 			if (type == WIRE_DATA) {
-				wire_write_all(3, buf, (size_t)len);
+				if (r.owner >= 0)
+					wire_write_all(r.owner, buf, (size_t)len);
 			} else if (type == WIRE_EOF) {
-				shutdown(3, SHUT_WR);
+				if (r.owner >= 0)
+					shutdown(r.owner, SHUT_WR);
 			} else if (type == WIRE_PID) {
-				dprintf(3, "PID %d\n", (int)getpid());
+				if (r.owner >= 0)
+					dprintf(r.owner, "PID %d\n", (int)getpid());
 			} else if (type == WIRE_EXIT && len == 4) {
 				int st;
 
@@ -308,9 +418,19 @@ int main(int argc, char **argv)
 			}
 		}
 		for (int i = 0; i < r.nr_socks; i++) {
-			if (p[2 + i].revents & POLLIN)
-				relay_accept(&r, &r.socks[i]);
+			if (p[3 + i].revents & POLLIN)
+				relay_accept(&r, r.socks[i].fd, "CONNECT", r.socks[i].vm_path);
 		}
+		for (int i = 0; i < nr_fwds && i < r.nr_fwds; i++) {
+			char port[16];
+
+			if (!(p[3 + r.nr_socks + i].revents & POLLIN) || p[3 + r.nr_socks + i].fd != r.fwds[i].fd)
+				continue;
+			snprintf(port, sizeof(port), "%d", r.fwds[i].port);
+			relay_accept(&r, r.fwds[i].fd, "TCP", port);
+		}
+		if (p[2].revents & POLLIN) /* last: it may change fwds */
+			relay_control(&r);
 	}
 usage:
 	fprintf(stderr, "usage: smolvm-vmm-relay --endpoint IP:PORT --token-file F -- VMM-ARGV...\n");

@@ -11,6 +11,7 @@
  *   PING           -> "PONG\n", then close.
  *   CONNECT <path> -> "OK\n" and the connection becomes a byte stream to the Unix socket
  *                     <path> inside the host VM, or "ERR <why>\n".
+ *   TCP <port>     -> the same, to 127.0.0.1:<port> inside the host VM.
  *   SPAWN          -> "OK\n", then frames both ways (below) until the VMM has exited.
  * A SPAWN connection's first frame from the relay is WIRE_ARGV: NUL-terminated strings
  * run_dir, stderr_path, argv[0], argv[1], ... The hostd makes run_dir (mode 0700), starts

@@ -24,7 +24,7 @@ VMLINUZ = "vmlinuz"
 INITRD = "hostvm.cpio"
 # Loaded in this order (their own dependencies first, found from each module's .modinfo).
 MODULES = ("kvm_amd", "virtio_pci", "virtio_net", "9pnet_virtio", "9p")
-WRITER_VERSION = b"hostvm-v2"
+WRITER_VERSION = b"hostvm-v3"
 
 # The host VM's init: modules, the host's / over 9p, a chroot with the host VM's own /dev,
 # /proc, /sys and /run, the network, then smolvm-hostd as PID 1 with the host's / as its root.
@@ -37,10 +37,13 @@ mount -t devtmpfs dev /dev
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "smolvm-host: insmod $m failed"; done
 for w in $(cat /proc/cmdline); do
   case $w in smolvm.hostd=*) HOSTD=${w#*=};; smolvm.token=*) TOKEN=${w#*=};;
-    smolvm.idle=*) IDLE=${w#*=};; smolvm.ip=*) IP=${w#*=};; smolvm.gw=*) GW=${w#*=};; esac
+    smolvm.idle=*) IDLE=${w#*=};; smolvm.ip=*) IP=${w#*=};; smolvm.images=*) IMAGES=${w#*=};; smolvm.gw=*) GW=${w#*=};; esac
 done
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,cache=mmap hostroot /host || {
   echo "smolvm-host: cannot mount the host's / over 9p"; poweroff -f; }
+# Root images never change once built: a read-only view that the host VM may cache (cache=loose),
+# so each guest's reads of its image do not all cross 9p again.
+[ -n "$IMAGES" ] && mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,cache=loose,ro images "/host$IMAGES"
 mount --bind /dev /host/dev
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
