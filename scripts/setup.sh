@@ -25,6 +25,25 @@ if ((${#missing[@]})); then
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# The nested profile (hosts whose KVM emulates guest ring 0) needs QEMU >= 8.2: bookworm has 7.2,
+# bookworm-backports a current one. The backports source reuses the mirror apt already uses.
+qemu_ok() { qemu-system-x86_64 --version 2>/dev/null | awk '/version/ {split($4, v, "."); exit !(v[1] > 8 || (v[1] == 8 && v[2] >= 2))}'; }
+if ! qemu_ok && grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release; then
+  mirror=$( { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}';
+              grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'; } |
+            grep -v -e security -e '^$' | grep -m1 debian || true)
+  if [ -n "$mirror" ]; then
+    echo "setup: QEMU from bookworm-backports ($mirror) for the nested profile"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      "$mirror" | sudo_ tee /etc/apt/sources.list.d/smolvm-backports.sources >/dev/null
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 ||
+      echo "setup: no QEMU from backports; the nested profile is unavailable (compat is used)"
+  else
+    echo "setup: no Debian mirror found in the apt sources; the nested profile needs QEMU >= 8.2"
+  fi
+fi
+
 # Debian's own python3 refuses pip installs outside a venv (PEP 668) unless told otherwise.
 pip_flags=()
 if python3 -c 'import os, sys, sysconfig

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import secrets
@@ -71,6 +72,16 @@ def qemu_version(path: str | None = None) -> tuple[int, int] | None:
     path = path or qemu_path()
     if path is None:
         return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _qemu_version(path, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=4)
+def _qemu_version(path: str, _mtime: int, _ino: int) -> tuple[int, int] | None:
+    """`qemu --version`, asked once per binary (profile detection runs at every VM start)."""
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, env=tool_env())
     except (OSError, subprocess.TimeoutExpired):

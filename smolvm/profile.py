@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,8 +122,30 @@ def host_info(root: Path = Path("/")) -> HostInfo:
     return HostInfo("unknown", "no /dev/kvm and no vmx/svm flag in /proc/cpuinfo", False, False, flags)
 
 
-def detect(env: Mapping[str, str] | None = None, root: Path = Path("/")) -> Profile:
-    """The profile to boot with: SMOLVM_PROFILE=compat|native forces one, else the host decides."""
+NESTED_WHY = (
+    "runs the VMMs in a host VM (QEMU TCG with AMD-V and nested paging) whose KVM is real: "
+    "guest kernel work there is 10-100x cheaper than under compat, pure user-space loops a few "
+    "times dearer"
+)
+
+
+def _nested_unavailable() -> str | None:
+    from .hostvm import unavailable_reason
+
+    return unavailable_reason()
+
+
+def detect(
+    env: Mapping[str, str] | None = None,
+    root: Path = Path("/"),
+    nested_unavailable: Callable[[], str | None] = _nested_unavailable,
+) -> Profile:
+    """The profile to boot with: SMOLVM_PROFILE=native|compat|nested forces one, else the host decides.
+
+    VT-x/AMD-V: native. A KVM that emulates guest ring 0, or no /dev/kvm at all: nested when
+    QEMU can run it (see smolvm/hostvm.py), else compat (emulating KVM) or native (nothing
+    better to try; starting a VM then says /dev/kvm is missing).
+    """
     env = os.environ if env is None else env
     forced = env.get("SMOLVM_PROFILE", "").strip()
     if forced:
@@ -133,8 +155,18 @@ def detect(env: Mapping[str, str] | None = None, root: Path = Path("/")) -> Prof
             )
         return _make(forced, f"forced by SMOLVM_PROFILE={forced}")
     host = host_info(root)
-    if host.kind == "PVM":
-        return _make("compat", f"{host.detail}; guest ring 0 is emulated, so the kernel needs workarounds")
+    if host.kind in ("VT-x", "AMD-V") and host.kvm_present:
+        return _make("native", f"hardware virtualization ({host.kind}: {host.detail})")
+    if host.kind == "PVM" or not host.kvm_present:
+        why_not = nested_unavailable()
+        if why_not is None:
+            return _make("nested", f"{host.detail}; nested profile: {NESTED_WHY}")
+        if host.kind == "PVM":
+            return _make(
+                "compat",
+                f"{host.detail}; guest ring 0 is emulated, so the kernel needs workarounds "
+                f"(nested profile unavailable: {why_not})",
+            )
     if host.kind in ("VT-x", "AMD-V"):
         return _make("native", f"hardware virtualization ({host.kind}: {host.detail})")
     return _make("native", f"host kind unknown ({host.detail}); assuming hardware virtualization")

@@ -126,7 +126,7 @@ def test_boot_timeout_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def fake_root(tmp_path: Path, flags: str, kvm: bool = True, pvm: bool = False, mhz: str = "2445.406") -> Path:
-    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc").mkdir(parents=True)
     (tmp_path / "proc/cpuinfo").write_text(
         f"processor\t: 0\nmodel name\t: Test CPU\ncpu MHz\t\t: {mhz}\nflags\t\t: fpu {flags} sse2\n\n"
         f"processor\t: 1\nflags\t\t: fpu\n"
@@ -152,23 +152,38 @@ def test_profile_amdv_is_native(tmp_path: Path) -> None:
     assert prof.host_info(root).kind == "AMD-V"
 
 
+def no_nested() -> str:
+    return "QEMU is not installed"
+
+
 def test_profile_pvm_module_is_compat(tmp_path: Path) -> None:
     root = fake_root(tmp_path, "vmx", pvm=True)
-    p = prof.detect(env={}, root=root)
-    assert p.name == "compat" and "kvm_pvm" in p.reason
+    p = prof.detect(env={}, root=root, nested_unavailable=no_nested)
+    assert p.name == "compat" and "kvm_pvm" in p.reason and "QEMU is not installed" in p.reason
     assert p.extra_args == prof.COMPAT_ARGS
 
 
 def test_profile_kvm_without_vmx_svm_is_compat(tmp_path: Path) -> None:
     root = fake_root(tmp_path, "avx2")
-    p = prof.detect(env={}, root=root)
+    p = prof.detect(env={}, root=root, nested_unavailable=no_nested)
     assert p.name == "compat" and "no vmx/svm" in p.reason
+
+
+def test_profile_emulating_kvm_prefers_nested(tmp_path: Path) -> None:
+    for root in (fake_root(tmp_path / "a", "vmx", pvm=True), fake_root(tmp_path / "b", "avx2")):
+        p = prof.detect(env={}, root=root, nested_unavailable=lambda: None)
+        assert p.name == "nested" and p.nested and not p.compat
+        assert p.extra_args == () and p.vmm_args == ()  # the guests boot as on real hardware
 
 
 def test_profile_no_kvm_no_flags(tmp_path: Path) -> None:
     root = fake_root(tmp_path, "avx2", kvm=False)
     assert prof.host_info(root).kind == "unknown"
-    assert prof.detect(env={}, root=root).name == "native"
+    assert prof.detect(env={}, root=root, nested_unavailable=no_nested).name == "native"
+    assert prof.detect(env={}, root=root, nested_unavailable=lambda: None).name == "nested"
+    # Real hardware never goes nested, whatever QEMU offers.
+    vtx = fake_root(tmp_path / "vtx", "vmx ept")
+    assert prof.detect(env={}, root=vtx, nested_unavailable=lambda: None).name == "native"
 
 
 def test_profile_forced_by_env(tmp_path: Path) -> None:
@@ -181,7 +196,7 @@ def test_profile_forced_by_env(tmp_path: Path) -> None:
 
 def test_kernel_cmdline(tmp_path: Path) -> None:
     root = fake_root(tmp_path, "avx2")
-    compat = prof.detect(env={}, root=root)
+    compat = prof.detect(env={}, root=root, nested_unavailable=no_nested)
     line = prof.kernel_cmdline(compat, env={"SMOLVM_CMDLINE_EXTRA": "quiet loglevel=3"}, root=root)
     words = line.split()
     assert words[: len(prof.BASE_ARGS)] == list(prof.BASE_ARGS)

@@ -2,11 +2,9 @@
 #define _GNU_SOURCE
 #include "nested/wire.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -39,33 +37,6 @@ static int token_ok(const char *want, const char *got)
 	for (size_t i = 0; i < n; i++)
 		diff |= (unsigned char)(want[i] ^ (i < m ? got[i] : 0));
 	return diff == 0;
-}
-
-static int hostd_listen(const char *endpoint)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	char host[64];
-	const char *colon = strrchr(endpoint, ':');
-	int fd, one = 1;
-
-	if (!colon || (size_t)(colon - endpoint) >= sizeof(host))
-		return -EINVAL;
-	memcpy(host, endpoint, (size_t)(colon - endpoint));
-	host[colon - endpoint] = '\0';
-	if (inet_pton(AF_INET, host, &sa.sin_addr) != 1)
-		return -EINVAL;
-	sa.sin_port = htons((uint16_t)atoi(colon + 1));
-	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return -errno;
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
-		int err = errno;
-
-		close(fd);
-		return -err;
-	}
-	return fd;
 }
 
 /* TCP <port>: a stream to 127.0.0.1:<port> in the host VM (a VMM's port-forward listener). */
@@ -126,7 +97,7 @@ static int split_argv(char *blob, int len, char **out, int max)
 	return n;
 }
 
-static pid_t spawn_vmm(char **argv, const char *stderr_path, int ctl)
+static pid_t spawn_vmm(char **argv, char **envp, const char *stderr_path, int ctl)
 {
 	pid_t pid = fork();
 
@@ -145,7 +116,7 @@ static pid_t spawn_vmm(char **argv, const char *stderr_path, int ctl)
 	syscall(SYS_close_range, 4U, ~0U, 0U);
 	setsid();
 	signal(SIGPIPE, SIG_DFL);
-	execv(argv[0], argv);
+	execve(argv[0], argv, envp);
 	dprintf(2, "smolvm-hostd: cannot run %s: %s\n", argv[0], strerror(errno));
 	_exit(127);
 }
@@ -182,7 +153,8 @@ static int relay_out(int sv, int conn, int *saw_pid, pid_t pid)
 static void hostd_spawn(int conn)
 {
 	static char blob[WIRE_FRAME_MAX + 1];
-	char *args[512];
+	char *args[512], *env[9];
+	int nargs, nenv;
 	uint32_t type;
 	int sv[2] = { -1, -1 }, pidfd = -1, n, saw_pid = 0, out_open = 1, status = 0;
 	pid_t pid;
@@ -193,13 +165,20 @@ static void hostd_spawn(int conn)
 	if (n < 0 || type != WIRE_ARGV)
 		return;
 	blob[n] = '\0';
-	if (split_argv(blob, n, args, 512) < 3)
+	nargs = split_argv(blob, n, args, 512);
+	if (nargs < 4)
 		return;
+	nenv = atoi(args[2]);
+	if (nenv < 0 || nenv > 8 || 3 + nenv >= nargs)
+		return;
+	for (int i = 0; i < nenv; i++)
+		env[i] = args[3 + i];
+	env[nenv] = NULL;
 	if (mkdir(args[0], 0700) < 0 && errno != EEXIST)
 		dprintf(2, "smolvm-hostd: mkdir %s: %s\n", args[0], strerror(errno));
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return;
-	pid = spawn_vmm(args + 2, args[1], sv[1]);
+	pid = spawn_vmm(args + 3 + nenv, env, args[1], sv[1]);
 	close(sv[1]);
 	if (pid < 0)
 		return;
@@ -328,7 +307,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
-	lfd = hostd_listen(h.listen);
+	lfd = wire_tcp_listen(h.listen);
 	if (lfd < 0) {
 		fprintf(stderr, "smolvm-hostd: listen %s: %s\n", h.listen, strerror(-lfd));
 		return 1;

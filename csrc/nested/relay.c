@@ -29,6 +29,9 @@
 
 #define RELAY_MAX_SOCKS 4
 #define RELAY_MAX_FWDS 64 /* as csrc/portfwd.h */
+#define RELAY_PASS_ENV 8
+
+extern char **environ;
 
 struct relay_sock {
 	char host_path[108];
@@ -137,24 +140,6 @@ static void relay_accept(struct relay *r, int lfd, const char *verb, const char 
 	close(c);
 }
 
-static int relay_tcp_listen(int port)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
-
-	if (fd < 0)
-		return -errno;
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
-		int err = errno;
-
-		close(fd);
-		return -err;
-	}
-	return fd;
-}
-
 /* One command on relay.sock: LISTEN <port> or UNLISTEN <port>; answers "OK" or "ERR <why>". */
 static void relay_control(struct relay *r)
 {
@@ -172,7 +157,8 @@ static void relay_control(struct relay *r)
 			dprintf(c, "ERR %s\n", strerror(ENOSPC));
 			goto out;
 		}
-		fd = relay_tcp_listen(port);
+		snprintf(line, sizeof(line), "127.0.0.1:%d", port);
+		fd = wire_tcp_listen(line);
 		if (fd < 0) {
 			dprintf(c, "ERR %s\n", strerror(-fd));
 			goto out;
@@ -229,13 +215,27 @@ static int relay_argv(struct relay *r, char **argv, int argc, char *blob, size_t
 	size_t len = 0;
 	char stderr_path[4096] = "";
 	ssize_t n = readlink("/proc/self/fd/2", stderr_path, sizeof(stderr_path) - 1);
-	const char *head[2] = { r->run_dir, stderr_path };
+	const char *head[3 + RELAY_PASS_ENV], *pass[] = { "ASAN_OPTIONS=", "UBSAN_OPTIONS=", "LSAN_OPTIONS=" };
+	char count[8];
+	int nh = 3, ne = 0;
 
 	if (n > 0 && stderr_path[0] == '/')
 		stderr_path[n] = '\0';
 	else
 		stderr_path[0] = '\0';
-	for (int i = 0; i < 2; i++) {
+	head[0] = r->run_dir;
+	head[1] = stderr_path;
+	/* The sanitizers' settings reach the VMM (a sanitized build's reports go where the tests look). */
+	for (char **e = environ; *e && ne < RELAY_PASS_ENV; e++) {
+		for (size_t k = 0; k < sizeof(pass) / sizeof(pass[0]); k++) {
+			if (strncmp(*e, pass[k], strlen(pass[k])) == 0)
+				head[3 + ne++] = *e;
+		}
+	}
+	snprintf(count, sizeof(count), "%d", ne);
+	head[2] = count;
+	nh += ne;
+	for (int i = 0; i < nh; i++) {
 		size_t l = strlen(head[i]) + 1;
 
 		if (len + l > cap)

@@ -138,23 +138,51 @@ void wire_splice(int a, int b)
 	}
 }
 
-int wire_tcp_connect(const char *endpoint)
+static int wire_parse_endpoint(const char *endpoint, struct sockaddr_in *sa)
 {
-	struct sockaddr_in sa = { .sin_family = AF_INET };
 	char host[64];
 	const char *colon = strrchr(endpoint, ':');
 	long port;
 	char *end;
-	int fd, one = 1;
 
 	if (!colon || (size_t)(colon - endpoint) >= sizeof(host))
 		return -EINVAL;
 	memcpy(host, endpoint, (size_t)(colon - endpoint));
 	host[colon - endpoint] = '\0';
 	port = strtol(colon + 1, &end, 10);
-	if (*end || port <= 0 || port > 65535 || inet_pton(AF_INET, host, &sa.sin_addr) != 1)
+	*sa = (struct sockaddr_in){ .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	if (*end || port <= 0 || port > 65535 || inet_pton(AF_INET, host, &sa->sin_addr) != 1)
 		return -EINVAL;
-	sa.sin_port = htons((uint16_t)port);
+	return 0;
+}
+
+int wire_tcp_listen(const char *endpoint)
+{
+	struct sockaddr_in sa;
+	int fd, one = 1;
+
+	if (wire_parse_endpoint(endpoint, &sa))
+		return -EINVAL;
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
+		int err = errno;
+
+		close(fd);
+		return -err;
+	}
+	return fd;
+}
+
+int wire_tcp_connect(const char *endpoint)
+{
+	struct sockaddr_in sa;
+	int fd, one = 1;
+
+	if (wire_parse_endpoint(endpoint, &sa))
+		return -EINVAL;
 	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;

@@ -14,8 +14,9 @@
  *   TCP <port>     -> the same, to 127.0.0.1:<port> inside the host VM.
  *   SPAWN          -> "OK\n", then frames both ways (below) until the VMM has exited.
  * A SPAWN connection's first frame from the relay is WIRE_ARGV: NUL-terminated strings
- * run_dir, stderr_path, argv[0], argv[1], ... The hostd makes run_dir (mode 0700), starts
- * argv with its fd 3 on a socketpair and its stderr appended to stderr_path ("" = none),
+ * run_dir, stderr_path, N (decimal, at most 8), N environment strings, argv[0], argv[1], ...
+ * The hostd makes run_dir (mode 0700), starts argv with exactly that environment, its fd 3
+ * on a socketpair and its stderr appended to stderr_path ("" = none),
  * answers WIRE_PID, relays fd 3 as WIRE_DATA/WIRE_EOF, and ends with WIRE_EXIT. If the
  * relay's connection ends first, the VMM is killed.
  */
@@ -51,8 +52,9 @@ int wire_read_line(int fd, char *buf, size_t cap);
 /* Copy bytes both ways between a and b, passing on half-closes, until both directions end. */
 void wire_splice(int a, int b);
 
-/* A TCP connection to "HOST:PORT" (numeric IPv4). fd, or -errno. */
+/* A TCP connection to, or a listening socket (backlog 64) on, "HOST:PORT" (numeric IPv4). fd, or -errno. */
 int wire_tcp_connect(const char *endpoint);
+int wire_tcp_listen(const char *endpoint);
 
 /* The first line of a token file, stripped, into buf. 0, or -errno (-EINVAL if empty or too long). */
 int wire_read_token(const char *path, char *buf, size_t cap);
