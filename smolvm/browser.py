@@ -321,7 +321,7 @@ class BrowserSession:
         if self._config.mode == "live":
             info.live_port = int(expose(LIVE_PORT))
             info.live_url = f"http://127.0.0.1:{info.live_port}/vnc.html?autoconnect=true&resize=scale"
-        _wait_cdp(info.cdp_url, HOST_CDP_TIMEOUT_S)
+        _wait_cdp(info.cdp_url, _host_cdp_timeout_s())
 
     def _load_profile(self) -> None:
         """A persistent profile kept on the host replaces the snapshot's blank one."""
@@ -556,10 +556,17 @@ def _boot_timeout() -> float:
 
 
 def _playwright_timeout_ms() -> int:
-    """Playwright's default (30 s), or COMPAT_PLAYWRIGHT_TIMEOUT_MS where guest ring 0 is emulated."""
+    """Playwright's default (30 s), or COMPAT_PLAYWRIGHT_TIMEOUT_MS where guest ring 0 is emulated
+    (compat) or emulated one level down (nested: a restored Chromium's first page faults cross 9p)."""
     from .profile import detect
 
-    return COMPAT_PLAYWRIGHT_TIMEOUT_MS if detect().compat else PLAYWRIGHT_TIMEOUT_MS
+    return PLAYWRIGHT_TIMEOUT_MS if detect().name == "native" else COMPAT_PLAYWRIGHT_TIMEOUT_MS
+
+
+def _host_cdp_timeout_s() -> float:
+    from .profile import detect
+
+    return HOST_CDP_TIMEOUT_S if detect().name == "native" else 10 * HOST_CDP_TIMEOUT_S
 
 
 def _wait_cdp(url: str, timeout: float) -> None:

@@ -20,6 +20,7 @@ from smolvm._paths import home
 
 pytestmark = [
     pytest.mark.own_vm,
+    pytest.mark.guest_only,  # each starts host VMs of its own (minutes); every other VM test already runs the relay and hostd
     pytest.mark.skipif(hostvm.unavailable_reason() is not None, reason=f"nested profile: {hostvm.unavailable_reason()}"),
 ]
 

@@ -246,6 +246,7 @@ def test_kill_9_of_the_vmm_gives_clear_error(own_vm: SmolVM) -> None:
     vm.close()
 
 
+@pytest.mark.profile_compat
 def test_several_vcpus_refused_clearly_on_compat_hosts() -> None:
     from smolvm.profile import detect
 

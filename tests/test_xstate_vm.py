@@ -21,9 +21,11 @@ import pytest
 
 from smolvm import SmolVM
 
+pytestmark = pytest.mark.profile_compat
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "guest" / "regtest.c"
-ITERATIONS = 1000
+ITERATIONS = 2000
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,9 @@ def _check_registers(vm: SmolVM, regtest: Path) -> None:
         assert len(lines) == 2, r
         for who, switches, bad in lines:
             assert int(bad) == 0, f"{kind}: {who} saw the other process's registers {bad} times: {r}"
-            # Both really ran interleaved, or the test proves nothing.
-            assert int(switches) >= ITERATIONS // 20, f"{kind}: too few switches: {r}"
+            # Both really ran interleaved, or the test proves nothing. (How often sched_yield
+            # switches differs: ~11% under compat, 1-4% on a real KVM with one vCPU.)
+            assert int(switches) >= ITERATIONS // 200, f"{kind}: too few switches: {r}"
         assert r.ok, r
     r = vm.run(f"{exe} signal {ITERATIONS // 2}", timeout=600)
     assert r.ok and "signal bad=0" in r.stdout, r
@@ -84,8 +87,9 @@ def test_guest_kernel_uses_xsave(vm: SmolVM) -> None:
     """The guest kernel switches the full XSAVE state, not only FXSAVE's legacy part."""
     with SmolVM() as own:
         # X86_FEATURE_XSAVE ("xsave") is dropped when the kernel falls back to FXSAVE.
-        flags = own.run("grep -m1 '^flags' /proc/cpuinfo").stdout.split()
-        assert "xsave" in flags and "avx" in flags, flags
+        r = own.run("grep -m1 '^flags' /proc/cpuinfo", timeout=120)
+        flags = r.stdout.split()
+        assert "xsave" in flags and "avx" in flags, r
 
 
 @pytest.mark.skipif(os.environ.get("SMOLVM_SLOW_TESTS") != "1", reason="slow on emulating hosts: SMOLVM_SLOW_TESTS=1 runs it")
