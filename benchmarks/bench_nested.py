@@ -29,7 +29,7 @@ import json, os, statistics, sys, time, tempfile, zipfile
 from pathlib import Path
 from smolvm import SmolVM
 from smolvm.profile import detect
-runs = int(sys.argv[1]); chromium = sys.argv[2] == "1"
+runs = int(sys.argv[1]); chromium = sys.argv[2] == "1"; pip = sys.argv[3] == "1"
 out = {"profile": detect().name}
 
 def rss_kib(pid):
@@ -73,19 +73,20 @@ out["python_pass_s"] = med(pys)
 out["cpu_loop_3M_adds_guest_s"] = med(loops)
 
 # pip install of a local wheel (built on the host, uploaded; no network needed)
-with tempfile.TemporaryDirectory() as d:
-    whl = Path(d) / "smolbench-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(whl, "w") as z:
-        z.writestr("smolbench/__init__.py", "VALUE = 42\n")
-        z.writestr("smolbench-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: smolbench\nVersion: 1.0\n")
-        z.writestr("smolbench-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: bench\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("smolbench-1.0.dist-info/RECORD", "")
-    with SmolVM() as vm:
-        vm.upload_file(str(whl), "/root/" + whl.name)
-        t = time.monotonic()
-        r = vm.run(f"python3 -m venv /root/v && /root/v/bin/pip install --no-index -q /root/{whl.name} && /root/v/bin/python -c 'import smolbench; print(smolbench.VALUE)'", timeout=1800)
-        out["venv_pip_install_local_wheel_s"] = time.monotonic() - t
-        out["pip_ok"] = r.ok and r.stdout.strip() == "42"
+if pip:
+    with tempfile.TemporaryDirectory() as d:
+        whl = Path(d) / "smolbench-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(whl, "w") as z:
+            z.writestr("smolbench/__init__.py", "VALUE = 42\n")
+            z.writestr("smolbench-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: smolbench\nVersion: 1.0\n")
+            z.writestr("smolbench-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: bench\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            z.writestr("smolbench-1.0.dist-info/RECORD", "")
+        with SmolVM() as vm:
+            vm.upload_file(str(whl), "/root/" + whl.name)
+            t = time.monotonic()
+            r = vm.run(f"python3 -m venv /root/v && /root/v/bin/pip install --no-index -q /root/{whl.name} && /root/v/bin/python -c 'import smolbench; print(smolbench.VALUE)'", timeout=1800)
+            out["venv_pip_install_local_wheel_s"] = time.monotonic() - t
+            out["pip_ok"] = r.ok and r.stdout.strip() == "42"
 
 if chromium:
     with SmolVM(image="browser", memory=1024, disk_size=2048) as vm:
@@ -97,11 +98,11 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def run_profile(profile: str, runs: int, chromium: bool) -> dict[str, Any]:
+def run_profile(profile: str, runs: int, chromium: bool, pip: bool) -> dict[str, Any]:
     env = dict(os.environ, SMOLVM_PROFILE=profile)
     t = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(runs), "1" if chromium else "0"], env=env,
+        [sys.executable, "-c", CHILD, str(runs), "1" if chromium else "0", "1" if pip else "0"], env=env,
         capture_output=True, text=True, timeout=4 * 3600,
     )  # fmt: skip
     for line in res.stdout.splitlines():
@@ -117,9 +118,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--skip-chromium", action="store_true")
+    ap.add_argument("--skip-pip", action="store_true", help="no venv + pip install (minutes under compat)")
     ap.add_argument("--profiles", default="compat,nested")
     args = ap.parse_args()
-    results = {p: run_profile(p, args.runs, not args.skip_chromium) for p in args.profiles.split(",")}
+    results = {p: run_profile(p, args.runs, not args.skip_chromium, not args.skip_pip) for p in args.profiles.split(",")}
     ratios: dict[str, float] = {}
     c, n = results.get("compat", {}), results.get("nested", {})
     for key, value in n.items():
