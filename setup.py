@@ -75,63 +75,35 @@ class BuildExt(build_ext):
 
     def run(self) -> None:
         super().run()
-        self.build_vmm()
-        for name, sources in NESTED_PROGRAMS.items():
-            self.build_program(name, sources, [])
-
-    def vmm_build_path(self) -> str:
-        return os.path.join(self.build_lib, "smolvm", VMM_NAME)
+        sources = vmm_sources()
+        if VMM_MAIN in sources:
+            self.build_program(VMM_NAME, sources, ["uring", "pthread"])
+        else:
+            print(f"warning: {VMM_MAIN} not found: {VMM_NAME} is not built", file=sys.stderr)
+        for name, nested_sources in NESTED_PROGRAMS.items():
+            self.build_program(name, nested_sources, [])
 
     def get_outputs(self) -> list[str]:
-        extra = [os.path.join(self.build_lib, "smolvm", n) for n in NESTED_PROGRAMS]
-        return [*super().get_outputs(), self.vmm_build_path(), *extra]
+        programs = [os.path.join(self.build_lib, "smolvm", n) for n in (VMM_NAME, *NESTED_PROGRAMS)]
+        return [*super().get_outputs(), *programs]
 
     def build_program(self, name: str, sources: list[str], libraries: list[str]) -> None:
-        """Compile and link one small executable into the package folder."""
+        """Compile (in parallel) and link one executable into the package folder."""
         cc = self.compiler
-        objects = cc.compile(
-            sources, output_dir=os.path.join(self.build_temp, name), include_dirs=["csrc"],
-            extra_postargs=cflags(), depends=headers(),
-        )  # fmt: skip
-        out_dir = os.path.join(self.build_lib, "smolvm")
-        os.makedirs(out_dir, exist_ok=True)
-        cc.link_executable(objects, name, output_dir=out_dir, libraries=libraries, extra_postargs=ldflags())
-        if self.inplace:
-            shutil.copy2(os.path.join(out_dir, name), ROOT / "smolvm" / name)
-
-    def build_vmm(self) -> None:
-        sources = vmm_sources()
-        if VMM_MAIN not in sources:
-            print(f"warning: {VMM_MAIN} not found: {VMM_NAME} is not built", file=sys.stderr)
-            return
-        cc = self.compiler
-        obj_dir = os.path.join(self.build_temp, "vmm")
+        obj_dir = os.path.join(self.build_temp, name)
         deps = headers()
         args = cflags()
 
         def compile_one(src: str) -> list[str]:
-            return cc.compile(
-                [src],
-                output_dir=obj_dir,
-                include_dirs=["csrc"],
-                extra_postargs=args,
-                depends=deps,
-            )
+            return cc.compile([src], output_dir=obj_dir, include_dirs=["csrc"], extra_postargs=args, depends=deps)
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             objects = [o for objs in pool.map(compile_one, sources) for o in objs]
-        out = self.vmm_build_path()
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        cc.link_executable(
-            objects,
-            VMM_NAME,
-            output_dir=os.path.dirname(out),
-            libraries=["uring", "pthread"],
-            extra_postargs=ldflags(),
-        )
+        out_dir = os.path.join(self.build_lib, "smolvm")
+        os.makedirs(out_dir, exist_ok=True)
+        cc.link_executable(objects, name, output_dir=out_dir, libraries=libraries, extra_postargs=ldflags())
         if self.inplace:  # `build_ext --inplace` / editable installs: next to the sources too
-            dest = ROOT / "smolvm" / VMM_NAME
-            shutil.copy2(out, dest)
+            shutil.copy2(os.path.join(out_dir, name), ROOT / "smolvm" / name)
 
 
 class BuildPy(build_py):

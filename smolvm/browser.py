@@ -555,18 +555,21 @@ def _boot_timeout() -> float:
     return max(t, COMPAT_BOOT_TIMEOUT_S) if detect().compat else t
 
 
-def _playwright_timeout_ms() -> int:
-    """Playwright's default (30 s), or COMPAT_PLAYWRIGHT_TIMEOUT_MS where guest ring 0 is emulated
-    (compat) or emulated one level down (nested: a restored Chromium's first page faults cross 9p)."""
+def _emulated() -> bool:
+    """Off native hardware: guest ring 0 emulated (compat) or the VMMs one level down (nested,
+    where a restored Chromium's first page faults cross 9p). Waits for Chromium are longer there."""
     from .profile import detect
 
-    return PLAYWRIGHT_TIMEOUT_MS if detect().name == "native" else COMPAT_PLAYWRIGHT_TIMEOUT_MS
+    return detect().name != "native"
+
+
+def _playwright_timeout_ms() -> int:
+    """Playwright's default (30 s), or COMPAT_PLAYWRIGHT_TIMEOUT_MS off native hardware."""
+    return COMPAT_PLAYWRIGHT_TIMEOUT_MS if _emulated() else PLAYWRIGHT_TIMEOUT_MS
 
 
 def _host_cdp_timeout_s() -> float:
-    from .profile import detect
-
-    return HOST_CDP_TIMEOUT_S if detect().name == "native" else 10 * HOST_CDP_TIMEOUT_S
+    return 10 * HOST_CDP_TIMEOUT_S if _emulated() else HOST_CDP_TIMEOUT_S
 
 
 def _wait_cdp(url: str, timeout: float) -> None:

@@ -168,16 +168,18 @@ def doctor_report() -> dict[str, Any]:
     from ._paths import home
     from .errors import SmolVMError
     from .kvm import KVM_PATH, check_kvm
-    from .profile import detect, host_info, kernel_cmdline
+    from .profile import Profile, detect, host_info, kernel_cmdline
 
     rep: dict[str, Any] = {"version": __version__, "problems": []}
     problems: list[str] = rep["problems"]
 
-    kvm: dict[str, Any] = {"path": KVM_PATH, "present": os.path.exists(KVM_PATH)}
+    prof_error = ""
     try:
-        nested_profile = detect().nested
-    except ValueError:
-        nested_profile = False
+        prof: Profile | None = detect()
+    except ValueError as e:
+        prof, prof_error = None, str(e)
+    nested_profile = prof is not None and prof.nested
+    kvm: dict[str, Any] = {"path": KVM_PATH, "present": os.path.exists(KVM_PATH)}
     try:
         check_kvm()
         kvm["usable"] = True
@@ -215,17 +217,16 @@ def doctor_report() -> dict[str, Any]:
 
     host = host_info()
     rep["host"] = {"kind": host.kind, "detail": host.detail}
-    try:
-        prof = detect()
+    if prof is not None:
         rep["profile"] = {
             "name": prof.name,
             "reason": prof.reason,
             "extra_args": list(prof.extra_args),
             "cmdline": kernel_cmdline(prof),
         }
-    except ValueError as e:
-        rep["profile"] = {"error": str(e)}
-        problems.append(str(e))
+    else:
+        rep["profile"] = {"error": prof_error}
+        problems.append(prof_error)
 
     from . import hostvm
 

@@ -98,12 +98,12 @@ def unexpose(ctl: Path, vm_id: str, port: int, guest_port: int | None = None) ->
             f"VM {vm_id} does not forward {what} (its forwards, host->guest: {listing}); "
             "exposed_ports() lists them"
         )
+    relay = _relay(ctl)
     for f in gone:
         try:
             _ctl.command(ctl, f"FWD DEL {f.host_port}", CTL_TIMEOUT_S)
         except _ctl.ControlError:
             pass  # removed meanwhile by another process
-        relay = _relay(ctl)
         if relay is not None:
             _ctl.command(relay, f"UNLISTEN {f.host_port}", CTL_TIMEOUT_S)
     return gone

@@ -155,8 +155,6 @@ def detect(
             )
         return _make(forced, f"forced by SMOLVM_PROFILE={forced}")
     host = host_info(root)
-    if host.kind in ("VT-x", "AMD-V") and host.kvm_present:
-        return _make("native", f"hardware virtualization ({host.kind}: {host.detail})")
     if host.kind == "PVM" or not host.kvm_present:
         why_not = nested_unavailable()
         if why_not is None:

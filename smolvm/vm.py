@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from . import _ctl, _process, _stream, _validate, disk, network, ports, registry, snapshots
+from . import _ctl, _process, _stream, _validate, disk, hostvm, network, ports, registry, snapshots
 from ._aio import AsyncMixin
 from ._native import native, vmm_path
 from ._paths import home
@@ -199,6 +199,11 @@ class SmolVM(AsyncMixin):
         return self._profile
 
     @property
+    def _nested(self) -> bool:
+        """Does this VM's VMM run in the nested profile's host VM (smolvm/hostvm.py)?"""
+        return self._profile is not None and self._profile.nested
+
+    @property
     def boot_time(self) -> float | None:
         """Seconds from starting the VMM to a ready guest agent."""
         return self._boot_time
@@ -247,7 +252,7 @@ class SmolVM(AsyncMixin):
                 return self
             self._raise_if_stopped()
             self._profile = detect()
-            if not self._profile.nested:  # nested: the host VM's KVM, checked when it starts
+            if not self._nested:  # nested: the host VM's KVM, checked when it starts
                 check_kvm()
             vmm = vmm_path()
             if self._profile.compat and self._vcpus > 1 and self._source is None:
@@ -314,10 +319,7 @@ class SmolVM(AsyncMixin):
         """Start the VMM and wait for its guest agent: None, or why it failed (VMM still to reap)."""
         t0 = time.monotonic()
         try:
-            if self._profile is not None and self._profile.nested:
-                from . import hostvm
-
-                argv = hostvm.relay_argv(argv)
+            argv = hostvm.vmm_command(argv, self._nested)
             pid, self._ctl_fd = native().spawn_vmm(
                 argv, stderr_path=str(self._state_dir / "vmm.stderr")
             )
@@ -961,7 +963,7 @@ class SmolVM(AsyncMixin):
             "--console", str(self.console_log),
             "--ctl-fd", "3",
             "--ctl-listen", str(self._state_dir / "ctl.sock"),
-            *network.vmm_args(self._net, nested=self._profile is not None and self._profile.nested),
+            *network.vmm_args(self._net, nested=self._nested),
         ]  # fmt: skip
         if self._persistent:
             argv.append("--daemonize")

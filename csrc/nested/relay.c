@@ -21,10 +21,11 @@
 
 /*
  * Python starts this exactly as it would start smolvm-vmm (same argv after "--", the owner's
- * control socket on the fd that --ctl-fd names, fd 2 the VMM's stderr file). The relay starts the real VMM in the
- * host VM through smolvm-hostd, moves the VMM's Unix sockets (--vsock-uds, --ctl-listen) to
- * the host VM's /run and listens at their host paths in their place, relays fd 3, handles
- * --daemonize itself and exits as the VMM did. Its pid is the VM's pid on the host.
+ * control socket on the fd that --ctl-fd names, fd 2 the VMM's stderr file). The relay starts
+ * the real VMM in the host VM through smolvm-hostd, moves the VMM's Unix sockets (--vsock-uds,
+ * --ctl-listen) to the host VM's /run and listens at their host paths in their place, relays
+ * the owner's socket, handles --daemonize itself and exits as the VMM did. Its pid is the VM's
+ * pid on the host.
  */
 
 #define RELAY_MAX_SOCKS 4

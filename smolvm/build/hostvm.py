@@ -1,7 +1,7 @@
 """The nested profile's host VM: Debian's stock kernel and a small initramfs that loads kvm_amd and 9p.
 
 The host VM runs no root file system of its own: its init mounts the host's `/` over 9p and
-chroots into it, so smolvm-hostd and the VMMs it starts see the same files at the same
+switches its root to it, so smolvm-hostd and the VMMs it starts see the same files at the same
 paths as the Python process on the host (kernel, images, snapshots, VM folders).
 """
 
@@ -26,8 +26,8 @@ INITRD = "hostvm.cpio"
 MODULES = ("kvm_amd", "virtio_pci", "virtio_net", "9pnet_virtio", "9p")
 WRITER_VERSION = b"hostvm-v3"
 
-# The host VM's init: modules, the host's / over 9p, a chroot with the host VM's own /dev,
-# /proc, /sys and /run, the network, then smolvm-hostd as PID 1 with the host's / as its root.
+# The host VM's init: modules, the host's / over 9p with the host VM's own /dev, /proc, /sys
+# and /run mounted in it, the network, then smolvm-hostd as PID 1 with the host's / as its root.
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
