@@ -121,15 +121,20 @@ static pid_t spawn_vmm(char **argv, char **envp, const char *stderr_path, int ct
 	_exit(127);
 }
 
-/* Pass the VMM's fd-3 output on as frames; its first "PID n" line becomes WIRE_PID. */
+/*
+ * Pass the VMM's fd-3 output on as frames; its first "PID n" line becomes WIRE_PID.
+ * 0: more may come; 1: nothing more (EOF, or EAGAIN when draining non-blocking after exit); -errno.
+ */
 static int relay_out(int sv, int conn, int *saw_pid, pid_t pid)
 {
 	char buf[WIRE_FRAME_MAX];
 	ssize_t r = read(sv, buf, sizeof(buf));
 	size_t off = 0;
 
+	if (r < 0 && errno == EAGAIN)
+		return 1;
 	if (r < 0)
-		return errno == EINTR || errno == EAGAIN ? 0 : -errno;
+		return errno == EINTR ? 0 : -errno;
 	if (r == 0) {
 		wire_send(conn, WIRE_EOF, NULL, 0);
 		return 1;
