@@ -16,7 +16,8 @@
  * regtest switch KIND ITER: fork once; parent and child each hold their own
  * pattern in a register (KIND: ymm = ymm7, zmm = zmm7 upper half and zmm31,
  * k = k5) across sched_yield(), and count iterations where the pattern came
- * back changed. Prints "KIND switches=N bad=M" for each process.
+ * back changed: ITER rounds, more (up to 50 * ITER) until ITER / 200 of them
+ * switched. Prints "KIND switches=N bad=M" for each process.
  * regtest signal ITER: a signal handler that clobbers ymm7 must leave the
  * interrupted code's ymm7 intact. Prints "signal bad=M".
  * regtest badframe: a handler that marks its signal frame's XSAVE header
@@ -25,6 +26,7 @@
  */
 
 static volatile int *last; /* who ran last, shared by parent and child */
+static volatile int *arrived; /* how many of the two have started, in the same shared page */
 
 static int has(const char *kind)
 {
@@ -82,13 +84,19 @@ static int run_switch(const char *kind, long iter)
 	last = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (last == MAP_FAILED)
 		return 2;
+	arrived = last + 1;
 	child = fork();
 	if (child < 0)
 		return 2;
 	me = child == 0 ? 1 : 2;
 	for (size_t i = 0; i < n; i++)
 		pat[i] = (uint8_t)(me * 0x35 + i * 3 + 1);
-	for (long i = 0; i < iter; i++) {
+	/* Start together: on a fast KVM one process could otherwise run all its rounds alone. */
+	__atomic_add_fetch((int *)arrived, 1, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n((int *)arrived, __ATOMIC_SEQ_CST) < 2)
+		syscall(SYS_sched_yield);
+	/* At least iter rounds, and on until iter / 200 of them switched (at most 50 * iter). */
+	for (long i = 0; i < iter || (switches < iter / 200 && i < 50 * iter); i++) {
 		*last = me;
 		round_trip(kind, pat, out);
 		if (*last != me)
