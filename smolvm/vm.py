@@ -917,12 +917,9 @@ class SmolVM(AsyncMixin):
         if not isinstance(image, dict):
             self._state_dir.mkdir(parents=True, exist_ok=False)
             return argv
-        image_file = Path(str(image.get("path", "")))
-        try:
-            same = snapshots.file_ident(image_file).decode() == str(image.get("ident", ""))
-        except OSError:
-            same = False
-        if not same:
+        image_file = self._snapshot_image(image)
+        if image_file is None:
+            image_file = Path(str(image.get("path", "")))
             raise SnapshotError(
                 f"snapshot {snap.name!r} was taken with the image {image.get('name')!r} at "
                 f"{image_file}, which has since been rebuilt or removed; take the snapshot again"
@@ -931,6 +928,28 @@ class SmolVM(AsyncMixin):
         saved = snap / DISK_FILE  # a user snapshot's disk; a base snapshot has none
         target = self._make_disk(saved if saved.exists() else None, fresh=True)
         return argv + ["--disk", f"{image_file},ro", "--disk", str(target)]
+
+    @staticmethod
+    def _snapshot_image(image: dict[object, object]) -> Path | None:
+        """The image file a snapshot was taken with, if it is still there unchanged: at the
+        path recorded, or where the image of that name lives now (the same file reached
+        through another $SMOLVM_HOME path, e.g. a symlinked cache)."""
+        from .build.image import image_path
+
+        candidates = [Path(str(image.get("path", "")))]
+        name = image.get("name")
+        if isinstance(name, str):
+            try:
+                candidates.insert(0, image_path(name))
+            except (SmolVMError, ValueError, OSError):
+                pass  # no image of that name now: only the recorded path can still match
+        for cand in candidates:
+            try:
+                if snapshots.file_ident(cand).decode() == str(image.get("ident", "")):
+                    return cand
+            except OSError:
+                continue
+        return None
 
     def _make_disk(self, saved: Path | None, fresh: bool) -> Path:
         """The VM's disk in its state folder: a copy of a snapshot's, a new one of disk_size
@@ -992,7 +1011,7 @@ class SmolVM(AsyncMixin):
             from .build.image import image_path
 
             path = image_path(self._image)
-            meta["image"] = {"name": self._image, "path": str(path), "ident": snapshots.file_ident(path).decode()}
+            meta["image"] = {"name": self._image, "path": str(path.resolve()), "ident": snapshots.file_ident(path).decode()}
             meta["disk_size"] = self._disk_size
         return meta
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import secrets
 import zipfile
@@ -15,6 +16,7 @@ import pytest
 
 from smolvm import SmolVM
 from smolvm.build.image import ImageNotFoundError
+from smolvm.errors import SnapshotError
 
 pytestmark = pytest.mark.vm
 
@@ -211,6 +213,14 @@ def test_snapshot_carries_the_disk(vm: SmolVM) -> None:
         assert src.run("echo before > /root/state.txt", timeout=SLOW).ok
         src.snapshot(name)
         assert src.run("echo after > /root/state.txt", timeout=SLOW).ok
+        from smolvm import snapshots
+
+        meta_file = snapshots.user_dir(name) / snapshots.META
+        meta = json.loads(meta_file.read_text())
+        # As if taken through a $SMOLVM_HOME path that has since gone (a symlinked cache, as
+        # CI's nested test home once was): the image, found by name and unchanged, still serves.
+        meta["image"]["path"] = "/nonexistent/home/images/default/rootfs.ext4"
+        meta_file.write_text(json.dumps(meta))
         try:
             restored = SmolVM.from_snapshot(name)
             assert restored.image == "default" and restored.disk_size == 128
@@ -218,9 +228,11 @@ def test_snapshot_carries_the_disk(vm: SmolVM) -> None:
                 assert restored.run("cat /root/state.txt", timeout=SLOW).stdout == "before\n"
                 assert restored.run("echo mine > /root/state.txt", timeout=SLOW).ok
             assert src.run("cat /root/state.txt", timeout=SLOW).stdout == "after\n"
+            meta["image"]["ident"] += "-rebuilt"  # the image changed since: refused, clearly
+            meta_file.write_text(json.dumps(meta))
+            with pytest.raises(SnapshotError, match="rebuilt or removed; take the snapshot again"):
+                SmolVM.from_snapshot(name).start()
         finally:
-            from smolvm import snapshots
-
             snapshots.delete(name)
 
 
