@@ -1,4 +1,4 @@
-"""Builds smolvm: the _smolvm extension and the smolvm-vmm executable from csrc/, plus package data.
+"""Builds smolvm: the _smolvm extension and the programs from csrc/ (smolvm/_binaries.py says which file goes where), plus package data.
 
 SMOLVM_SANITIZE=1 builds both with ASan+UBSan; Python then needs
 LD_PRELOAD=$(gcc -print-file-name=libasan.so) (scripts/test.sh does this).
@@ -6,25 +6,34 @@ LD_PRELOAD=$(gcc -print-file-name=libasan.so) (scripts/test.sh does this).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-EXT_SOURCES = ["csrc/module.c", "csrc/exec_client.c", "csrc/file_client.c"]
-VMM_MAIN = "csrc/vmm_main.c"
-VMM_NAME = "smolvm-vmm"
-# The nested profile's two programs (csrc/nested/, not part of the VMM): name -> sources.
-NESTED_PROGRAMS = {
-    "smolvm-hostd": ["csrc/nested/hostd.c", "csrc/nested/wire.c"],
-    "smolvm-vmm-relay": ["csrc/nested/relay.c", "csrc/nested/wire.c"],
-}
+
+
+def _load_binaries() -> ModuleType:
+    """smolvm/_binaries.py by path: the package itself is not importable before it is built."""
+    spec = importlib.util.spec_from_file_location("_smolvm_binaries", ROOT / "smolvm" / "_binaries.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses looks the module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BIN = _load_binaries()
+EXTENSION = "_smolvm"
+PROGRAMS = [n for n, b in BIN.BINARIES.items() if not b.extension and not b.static]  # the agent: smolvm/build/agent.py
 DATA_DIRS = ("csrc", "guest", "kernel-config")  # shipped as smolvm/_data/<name>
 DATA_IGNORE = shutil.ignore_patterns("*.o", "*.a", "*.so", "__pycache__", "*.pyc", ".git*", "build")
 
@@ -49,20 +58,8 @@ def ldflags() -> list[str]:
     return SANITIZE_LDFLAGS if sanitize() else []
 
 
-def rel(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
-
-
-def vmm_sources() -> list[str]:
-    """Every csrc/**/*.c except the extension's own files and csrc/nested/."""
-    return sorted(
-        rel(p) for p in (ROOT / "csrc").rglob("*.c")
-        if rel(p) not in EXT_SOURCES and not rel(p).startswith("csrc/nested/")
-    )
-
-
-def headers() -> list[str]:
-    return sorted(rel(p) for p in (ROOT / "csrc").rglob("*.h"))
+def rel(paths: list[Path]) -> list[str]:
+    return [p.relative_to(ROOT).as_posix() for p in paths]
 
 
 class BuildExt(build_ext):
@@ -75,27 +72,25 @@ class BuildExt(build_ext):
 
     def run(self) -> None:
         super().run()
-        sources = vmm_sources()
-        if VMM_MAIN in sources:
-            self.build_program(VMM_NAME, sources, ["uring", "pthread"])
-        else:
-            print(f"warning: {VMM_MAIN} not found: {VMM_NAME} is not built", file=sys.stderr)
-        for name, nested_sources in NESTED_PROGRAMS.items():
-            self.build_program(name, nested_sources, [])
+        for name in PROGRAMS:
+            self.build_program(name)
 
     def get_outputs(self) -> list[str]:
-        programs = [os.path.join(self.build_lib, "smolvm", n) for n in (VMM_NAME, *NESTED_PROGRAMS)]
+        programs = [os.path.join(self.build_lib, "smolvm", n) for n in PROGRAMS]
         return [*super().get_outputs(), *programs]
 
-    def build_program(self, name: str, sources: list[str], libraries: list[str]) -> None:
+    def build_program(self, name: str) -> None:
         """Compile (in parallel) and link one executable into the package folder."""
         cc = self.compiler
         obj_dir = os.path.join(self.build_temp, name)
-        deps = headers()
+        deps = rel(BIN.headers(name, ROOT))
+        incs = rel(BIN.include_dirs(name, ROOT))
         args = cflags()
+        sources = rel(BIN.sources(name, ROOT))
+        libraries = list(BIN.BINARIES[name].libraries)
 
         def compile_one(src: str) -> list[str]:
-            return cc.compile([src], output_dir=obj_dir, include_dirs=["csrc"], extra_postargs=args, depends=deps)
+            return cc.compile([src], output_dir=obj_dir, include_dirs=incs, extra_postargs=args, depends=deps)
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             objects = [o for objs in pool.map(compile_one, sources) for o in objs]
@@ -125,11 +120,11 @@ class BuildPy(build_py):
 setup(
     ext_modules=[
         Extension(
-            "smolvm._smolvm",
-            sources=EXT_SOURCES,
-            include_dirs=["csrc"],
-            depends=headers(),
-            libraries=["uring"],
+            f"smolvm.{EXTENSION}",
+            sources=rel(BIN.sources(EXTENSION, ROOT)),
+            include_dirs=rel(BIN.include_dirs(EXTENSION, ROOT)),
+            depends=rel(BIN.headers(EXTENSION, ROOT)),
+            libraries=list(BIN.BINARIES[EXTENSION].libraries),
             extra_compile_args=cflags(),
             extra_link_args=ldflags(),
         )

@@ -143,7 +143,7 @@ struct smolvm_file {
 } __attribute__((packed));
 
 /*
- * Port forwards (the VMM's 127.0.0.1 listeners, csrc/portfwd.c). The VMM sends
+ * Port forwards (the VMM's 127.0.0.1 listeners, csrc/vmm/portfwd.c). The VMM sends
  * FORWARD as the first frame of a connection; the agent connects to the
  * guest's 127.0.0.1:port and from then on the vsock stream carries that TCP
  * connection's bytes both ways, with half-closes passed on. Nothing is

@@ -1,4 +1,4 @@
-"""Host ports into the guest: the VMM's 127.0.0.1 listeners (csrc/portfwd.c), driven over its control socket."""
+"""Host ports into the guest: the VMM's 127.0.0.1 listeners (csrc/vmm/portfwd.c), driven over its control socket."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ COMPAT_CLEARCPUID = (
     "rdrand,rdseed,rdpid,bmi1,bmi2"
 )
 COMPAT_ARGS: tuple[str, ...] = ("smolvm_compat", f"clearcpuid={COMPAT_CLEARCPUID}")
-# What the VMM must do for such a guest: serve the kernel's XSAVE/XRSTOR requests (csrc/xstate.h).
+# What the VMM must do for such a guest: serve the kernel's XSAVE/XRSTOR requests (csrc/vmm/xstate.h).
 COMPAT_VMM_ARGS: tuple[str, ...] = ("--xstate-port",)
 
 # CONFIG_HZ of our guest kernel (CONFIG_HZ_100 in kernel-config/smolvm.config).

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _binaries
 from ._paths import data_dir, home
 from .build._cache import digest
 from .errors import SnapshotError
@@ -21,7 +22,7 @@ META = "meta.json"
 STATE = "state.bin"
 MEMORY = "memory.bin"
 
-# state.bin starts with csrc/snapshot.c's struct snap_header (little-endian, 64 bytes):
+# state.bin starts with csrc/vmm/snapshot.c's struct snap_header (little-endian, 64 bytes):
 # magic, version, header_size, payload_len, checksum (FNV-1a 64 of the payload), mem_size,
 # nr_vcpus, 5 reserved u32.
 STATE_HEADER = struct.Struct("<8sIIQQQI20x")
@@ -65,10 +66,9 @@ def base_key(
     # the same code keeps hitting the cache (binaries differ by build path in debug info),
     # any change to the VMM (snapshot format, devices) misses it.
     h = hashlib.sha256()
-    src = data_dir("csrc")
-    for f in sorted(src.rglob("*")):
-        if f.is_file() and f.suffix in (".c", ".h"):
-            h.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
+    root = data_dir("csrc").parent
+    for f in sorted({*_binaries.sources("smolvm-vmm", root), *_binaries.headers("smolvm-vmm", root)}):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     h.update(b"asan" if b"__asan_init" in vmm.read_bytes() else b"plain")
     vmm_hash = h.digest()
     return digest(
@@ -134,7 +134,7 @@ def _fnv1a64(data: bytes | memoryview) -> int:
 def problem(path: Path) -> str | None:
     """Why the snapshot folder at path cannot be restored, or None if its files look whole.
 
-    Checks what the VMM checks before it restores (csrc/snapshot.c): state.bin's magic,
+    Checks what the VMM checks before it restores (csrc/vmm/snapshot.c): state.bin's magic,
     version, length and checksum, and that memory.bin is exactly the guest's memory size.
     """
     state, memory = path / STATE, path / MEMORY

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from smolvm import _binaries  # noqa: E402
 from smolvm.build import agent as agent_build  # noqa: E402
 
 WARN = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g"]
@@ -32,8 +33,9 @@ def cc(args: list[str]) -> None:
     assert res.returncode == 0, f"cc {' '.join(args)}\n{res.stderr}"
 
 
-def run_client_against_agent(variant: str, tmp_path: Path, test_c: str, sources: list[str]) -> None:
-    """Compile tests/c/<test_c> with csrc/<sources> and run it against the agent in --unix mode.
+def run_client_against_agent(variant: str, tmp_path: Path, test_c: str) -> None:
+    """Compile tests/c/<test_c> with the host side of the protocol (the _smolvm extension's C files
+    but module.c) and run it against the agent in --unix mode.
 
     plain: the agent exactly as it goes into the guest (static, stripped); sanitized: ASan+UBSan both sides.
     """
@@ -42,8 +44,9 @@ def run_client_against_agent(variant: str, tmp_path: Path, test_c: str, sources:
     agent = tmp_path / "agent"
     test = tmp_path / Path(test_c).stem
     agent_build.compile_agent(agent, None if variant == "plain" else [*WARN, *flags])
-    cc([*WARN, *flags, "-I", str(ROOT / "csrc"), "-o", str(test), str(ROOT / "tests/c" / test_c),
-        *(str(ROOT / "csrc" / s) for s in sources), "-luring", "-lpthread"])  # fmt: skip
+    incs = [f"-I{d}" for d in _binaries.include_dirs("_smolvm", ROOT)]
+    cc([*WARN, *flags, *incs, "-o", str(test), str(ROOT / "tests/c" / test_c),
+        *map(str, _binaries.library("_smolvm", ROOT)), "-luring", "-lpthread"])  # fmt: skip
     res = subprocess.run(
         [str(test), str(agent)], capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from smolvm import _binaries
+
 ROOT = Path(__file__).resolve().parent.parent
 CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer"]
 
@@ -28,7 +30,7 @@ def build(exe: Path, sources: list[str], sanitizer: str, libs: list[str]) -> sub
     cmd = [
         compiler(), *CFLAGS, f"-fsanitize={sanitizer}",
         *(["-fno-sanitize-recover=undefined"] if "undefined" in sanitizer else []),
-        "-I", str(ROOT / "csrc"), "-o", str(exe), *(str(ROOT / s) for s in sources), *libs,
+        *(f"-I{d}" for d in _binaries.include_dirs("smolvm-vmm", ROOT)), "-o", str(exe), *(str(ROOT / s) for s in sources), *libs,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 and sanitizer == "thread" and "fsanitize=thread" in done.stderr:

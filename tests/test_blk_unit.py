@@ -1,4 +1,4 @@
-"""Build tests/c/test_blk.c with csrc/virtio/blk.c and the real evloop under sanitizers and run it (no KVM needed)."""
+"""Build tests/c/test_blk.c with csrc/vmm/virtio/blk.c and the real evloop under sanitizers and run it (no KVM needed)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from ctest import build, run
 
 SOURCES = [
     "tests/c/test_blk.c",
-    "csrc/virtio/blk.c",
-    "csrc/virtio/queue.c",
-    "csrc/virtio/mmio.c",
-    "csrc/evloop.c",
+    "csrc/vmm/virtio/blk.c",
+    "csrc/vmm/virtio/queue.c",
+    "csrc/vmm/virtio/mmio.c",
+    "csrc/vmm/evloop.c",
 ]
 SKIP_RC = 77  # the test found no usable io_uring
 

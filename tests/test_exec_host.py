@@ -1,4 +1,4 @@
-"""Compile and run tests/c/test_exec.c: the guest agent in --unix mode against csrc/exec_client.c, no VM needed."""
+"""Compile and run tests/c/test_exec.c: the guest agent in --unix mode against csrc/client/exec_client.c, no VM needed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from smolvm.build.initramfs import _is_static_elf  # noqa: E402
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_exec_client_against_agent(variant: str, tmp_path: Path) -> None:
-    run_client_against_agent(variant, tmp_path, "test_exec.c", ["exec_client.c"])
+    run_client_against_agent(variant, tmp_path, "test_exec.c")
 
 
 def test_ensure_agent_is_static_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

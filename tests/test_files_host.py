@@ -20,7 +20,7 @@ from agent_host import VARIANTS, need_toolchain, run_client_against_agent  # noq
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_file_client_against_agent(variant: str, tmp_path: Path) -> None:
-    run_client_against_agent(variant, tmp_path, "test_files.c", ["file_client.c", "exec_client.c"])
+    run_client_against_agent(variant, tmp_path, "test_files.c")
 
 
 # ---- the Python binding ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Build tests/c/test_virtio.c with csrc/virtio/*.c under sanitizers and run it (no KVM needed)."""
+"""Build tests/c/test_virtio.c with csrc/vmm/virtio/*.c under sanitizers and run it (no KVM needed)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from ctest import build, run
 
 SOURCES = [
     "tests/c/test_virtio.c",
-    "csrc/virtio/queue.c",
-    "csrc/virtio/mmio.c",
-    "csrc/virtio/vsock.c",
-    "csrc/snapshot.c",
+    "csrc/vmm/virtio/queue.c",
+    "csrc/vmm/virtio/mmio.c",
+    "csrc/vmm/virtio/vsock.c",
+    "csrc/vmm/snapshot.c",
 ]
 
 

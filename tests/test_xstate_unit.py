@@ -1,4 +1,4 @@
-"""Build tests/c/test_xstate.c with csrc/xstate.c under ASan+UBSan and run it on a real KVM vCPU.
+"""Build tests/c/test_xstate.c with csrc/vmm/xstate.c under ASan+UBSan and run it on a real KVM vCPU.
 
 The compat guest kernel asks the VMM to XSAVE/XRSTOR for it; the area comes from guest
 memory, so hostile images (compacted form, reserved bits, unknown features, out-of-range
@@ -13,7 +13,7 @@ import pytest
 
 from ctest import build, run
 
-SOURCES = ["tests/c/test_xstate.c", "csrc/xstate.c"]
+SOURCES = ["tests/c/test_xstate.c", "csrc/vmm/xstate.c"]
 SKIP_RC = 77
 
 

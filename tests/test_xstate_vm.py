@@ -1,7 +1,7 @@
 """Guest processes keep their own AVX (and AVX-512/opmask) registers: context switches, signals, sigreturn.
 
 On hosts that emulate guest ring 0 (compat profile) the guest kernel cannot run XSAVE, yet its
-user space uses AVX natively; the VMM switches that state for the kernel (csrc/xstate.c). On
+user space uses AVX natively; the VMM switches that state for the kernel (csrc/vmm/xstate.c). On
 VT-x/AMD-V hosts the kernel's own XSAVE does it. The test is the same on both: two processes
 hold their own pattern across sched_yield(), a signal handler's AVX use does not leak into the
 interrupted code, and a signal frame with a malformed XSAVE header makes sigreturn fail.

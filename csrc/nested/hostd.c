@@ -1,6 +1,6 @@
 /* smolvm-hostd: runs inside the nested profile's host VM and starts VMMs and relays sockets for the host. */
 #define _GNU_SOURCE
-#include "nested/wire.h"
+#include "wire.h"
 
 #include <errno.h>
 #include <fcntl.h>

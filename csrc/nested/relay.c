@@ -1,6 +1,6 @@
 /* smolvm-vmm-relay: stands in for smolvm-vmm on the host when the VMM runs in the nested profile's host VM. */
 #define _GNU_SOURCE
-#include "nested/wire.h"
+#include "wire.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -29,7 +29,7 @@
  */
 
 #define RELAY_MAX_SOCKS 4
-#define RELAY_MAX_FWDS 64 /* as csrc/portfwd.h */
+#define RELAY_MAX_FWDS 64 /* as csrc/vmm/portfwd.h */
 #define RELAY_PASS_ENV 8
 
 extern char **environ;

@@ -1,5 +1,5 @@
 /* Framing, line reading, splicing and connecting for the nested profile's relay and host daemon. */
-#include "nested/wire.h"
+#include "wire.h"
 
 #include <arpa/inet.h>
 #include <errno.h>

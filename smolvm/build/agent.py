@@ -1,4 +1,4 @@
-"""Build the static guest agent (guest/agent/*.c, csrc/proto.h) with the host's gcc, cached by input hash."""
+"""Build the static guest agent (guest/agent/, csrc/proto.h) with the host's gcc, cached by input hash."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .. import _binaries
 from .._paths import data_dir
 from ._cache import cached, digest, progress
 
 CC = "gcc"
 CFLAGS = ["-static", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-s"]
 AGENT_NAME = "agent"
+AGENT_BINARY = "smolvm-agent"
 INSTALL_HINT = "apt-get install gcc libc6-dev"
 
 
@@ -19,14 +21,16 @@ class AgentBuildError(RuntimeError):
     pass
 
 
-def agent_sources() -> tuple[list[Path], Path]:
-    """The agent's C files and headers, and csrc/ (where proto.h lives)."""
-    agent_dir = data_dir("guest") / "agent"
-    csrc = data_dir("csrc")
-    files = sorted(p for p in agent_dir.iterdir() if p.suffix in (".c", ".h"))
-    if not any(p.suffix == ".c" for p in files):
-        raise AgentBuildError(f"no agent sources in {agent_dir}; reinstall smolvm")
-    return files, csrc
+def agent_sources() -> tuple[list[Path], list[Path], list[Path]]:
+    """The agent's C files, the headers it may include, and its include folders (smolvm/_binaries.py)."""
+    root = data_dir("csrc").parent
+    try:
+        files = _binaries.sources(AGENT_BINARY, root)
+    except FileNotFoundError:
+        files = []
+    if not files or not files[0].is_file():
+        raise AgentBuildError(f"no agent sources in {root / _binaries.BINARIES[AGENT_BINARY].folder}; reinstall smolvm")
+    return files, _binaries.headers(AGENT_BINARY, root), _binaries.include_dirs(AGENT_BINARY, root)
 
 
 def _compiler_version() -> str:
@@ -39,18 +43,17 @@ def _compiler_version() -> str:
 
 
 def agent_key() -> str:
-    files, csrc = agent_sources()
+    files, hdrs, _ = agent_sources()
     parts = [b"agent-v1", _compiler_version().encode(), " ".join(CFLAGS).encode()]
-    parts += [p.name.encode() + b"\0" + p.read_bytes() for p in files]
-    parts.append((csrc / "proto.h").read_bytes())
+    parts += [p.name.encode() + b"\0" + p.read_bytes() for p in (*files, *hdrs)]
     return digest(parts)
 
 
 def compile_agent(dest: Path, extra_flags: list[str] | None = None) -> None:
     """Compile the agent to dest; extra_flags replace -static/-s (tests build sanitized variants)."""
-    files, csrc = agent_sources()
+    files, _, incs = agent_sources()
     flags = CFLAGS if extra_flags is None else [f for f in CFLAGS if f not in ("-static", "-s")] + extra_flags
-    cmd = [CC, *flags, "-I", str(csrc), "-o", str(dest), *(str(p) for p in files if p.suffix == ".c")]
+    cmd = [CC, *flags, *(f"-I{d}" for d in incs), "-o", str(dest), *map(str, files)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:

@@ -1,4 +1,4 @@
-/* Unit tests for csrc/virtio/blk.c: a fake guest driver, the real evloop on a thread and a sparse temporary disk. */
+/* Unit tests for csrc/vmm/virtio/blk.c: a fake guest driver, the real evloop on a thread and a sparse temporary disk. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-/* Host-only test of guest/agent/agent.c (run with --unix) against csrc/exec_client.c: output, exit codes, timeouts, bad frames. */
+/* Host-only test of guest/agent/agent.c (run with --unix) against csrc/client/exec_client.c: output, exit codes, timeouts, bad frames. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>

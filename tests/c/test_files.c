@@ -1,4 +1,4 @@
-/* Host-only test of the agent's PUT/GET (guest/agent/agent.c with --unix, so "guest" paths are host paths) against csrc/file_client.c. */
+/* Host-only test of the agent's PUT/GET (guest/agent/agent.c with --unix, so "guest" paths are host paths) against csrc/client/file_client.c. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>

@@ -1,4 +1,4 @@
-/* Unit tests for csrc/virtio/net.c: a fake guest driver, the real evloop on a thread, a socketpair as the passt backend. */
+/* Unit tests for csrc/vmm/virtio/net.c: a fake guest driver, the real evloop on a thread, a socketpair as the passt backend. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>

@@ -1,4 +1,4 @@
-/* Unit test of csrc/xstate.c against a real KVM vCPU: XSAVE/XRSTOR semantics and hostile images from the guest. */
+/* Unit test of csrc/vmm/xstate.c against a real KVM vCPU: XSAVE/XRSTOR semantics and hostile images from the guest. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>

@@ -1,5 +1,5 @@
 /*
- * libFuzzer harness: virtio-blk requests (csrc/virtio/blk.c) from a hostile
+ * libFuzzer harness: virtio-blk requests (csrc/vmm/virtio/blk.c) from a hostile
  * driver, served by the real io_uring against a 1 MiB sparse image. The
  * harness sets the queue up as Linux does, then each input posts requests
  * whose header, segment layout, lengths, flags and addresses it chooses, kicks

@@ -1,6 +1,6 @@
 /*
  * libFuzzer harness: the host side of the agent protocol for commands
- * (csrc/exec_client.c), facing a hostile agent. The input's first byte picks
+ * (csrc/client/exec_client.c), facing a hostile agent. The input's first byte picks
  * the request (EXEC or SETUP, with or without env); the rest is everything the
  * "agent" sends back, starting with the VMM's "OK <n>\n" handshake line.
  */

@@ -1,5 +1,5 @@
 /*
- * libFuzzer harness: the host side of file transfers (csrc/file_client.c,
+ * libFuzzer harness: the host side of file transfers (csrc/client/file_client.c,
  * over exec_client.c's connection) facing a hostile agent. Input:
  * [mode][local size] then everything the "agent" sends, starting with the
  * VMM's "OK <n>\n" line. mode & 1: GET, else PUT of a local file of

@@ -1,5 +1,5 @@
 /*
- * libFuzzer harness: virtio-mmio register access (csrc/virtio/mmio.c) as a
+ * libFuzzer harness: virtio-mmio register access (csrc/vmm/virtio/mmio.c) as a
  * hostile guest driver makes it, on a device with two queues whose kick pops
  * and completes chains, so queue set-up through the registers is exercised
  * end to end. No loop: QueueNotify runs the device on the "vCPU".

@@ -1,5 +1,5 @@
 /*
- * libFuzzer harness: the split virtqueue (csrc/virtio/queue.c). The input is
+ * libFuzzer harness: the split virtqueue (csrc/vmm/virtio/queue.c). The input is
  * guest RAM as a hostile driver wrote it: descriptor table, avail ring and
  * buffers, plus the queue size, the ring addresses, the starting ring indices
  * (wrap-around) and what the device does with each chain it pops.

@@ -1,5 +1,5 @@
 /*
- * libFuzzer harness: the 16550A UART (csrc/serial.c), port by port as a guest
+ * libFuzzer harness: the 16550A UART (csrc/vmm/serial.c), port by port as a guest
  * driver pokes it. Input: 2-byte records [port offset | 0x80 = read][value];
  * output goes to /dev/null so line flushes are exercised.
  */

@@ -10,12 +10,17 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = ROOT / "tests" / "fuzz"
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # an installed smolvm comes first; either says the same
+
+from smolvm import _binaries  # noqa: E402
 CFLAGS = [
     "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer",
     "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
@@ -41,17 +46,17 @@ class Target:
 TARGETS = {
     t.name: t
     for t in (
-        Target("queue", ("tests/fuzz/fuzz_queue.c", "csrc/virtio/queue.c"), max_len=8192),
-        Target("mmio", ("tests/fuzz/fuzz_mmio.c", "csrc/virtio/queue.c", "csrc/virtio/mmio.c")),
-        Target("blk", ("tests/fuzz/fuzz_blk.c", "csrc/virtio/queue.c", "csrc/virtio/mmio.c", "csrc/virtio/blk.c"),
+        Target("queue", ("tests/fuzz/fuzz_queue.c", "csrc/vmm/virtio/queue.c"), max_len=8192),
+        Target("mmio", ("tests/fuzz/fuzz_mmio.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c")),
+        Target("blk", ("tests/fuzz/fuzz_blk.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c", "csrc/vmm/virtio/blk.c"),
                ("-luring",)),  # fmt: skip
-        Target("vsock", ("tests/fuzz/fuzz_vsock.c", "csrc/virtio/queue.c", "csrc/virtio/mmio.c",
-                         "csrc/virtio/vsock.c")),  # fmt: skip
-        Target("exec_client", ("tests/fuzz/fuzz_exec_client.c", "csrc/exec_client.c"), ("-luring", "-lpthread")),
-        Target("file_client", ("tests/fuzz/fuzz_file_client.c", "csrc/file_client.c", "csrc/exec_client.c"),
+        Target("vsock", ("tests/fuzz/fuzz_vsock.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c",
+                         "csrc/vmm/virtio/vsock.c")),  # fmt: skip
+        Target("exec_client", ("tests/fuzz/fuzz_exec_client.c", "csrc/client/exec_client.c"), ("-luring", "-lpthread")),
+        Target("file_client", ("tests/fuzz/fuzz_file_client.c", "csrc/client/file_client.c", "csrc/client/exec_client.c"),
                ("-luring", "-lpthread")),  # fmt: skip
         Target("agent", ("tests/fuzz/fuzz_agent.c",), max_len=8192),
-        Target("serial", ("tests/fuzz/fuzz_serial.c", "csrc/serial.c"), ("-lpthread",)),
+        Target("serial", ("tests/fuzz/fuzz_serial.c", "csrc/vmm/serial.c"), ("-lpthread",)),
     )
 }
 
@@ -76,7 +81,8 @@ def build(cc: str, target: Target, out_dir: Path) -> Path:
     """Compile target into out_dir/fuzz_<name>; raises CalledProcessError (with the compiler's output)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exe = out_dir / f"fuzz_{target.name}"
-    cmd = [cc, *CFLAGS, "-I", str(ROOT / "csrc"), "-o", str(exe), *(str(ROOT / s) for s in target.sources),
+    incs = {f"-I{d}" for b in ("smolvm-vmm", "_smolvm") for d in _binaries.include_dirs(b, ROOT)}
+    cmd = [cc, *CFLAGS, *sorted(incs), "-o", str(exe), *(str(ROOT / s) for s in target.sources),
            *target.libs]  # fmt: skip
     subprocess.run(cmd, capture_output=True, text=True, check=True)
     return exe

@@ -1,5 +1,5 @@
 /*
- * libFuzzer harness: virtio-vsock (csrc/virtio/vsock.c) driven by a hostile
+ * libFuzzer harness: virtio-vsock (csrc/vmm/virtio/vsock.c) driven by a hostile
  * guest driver and real host clients on the device's Unix socket. Packets the
  * guest sends (any header: op, flags, len, credit fields, addresses), RX
  * buffers of any shape, host clients that connect, write, read, shut down and

@@ -206,7 +206,7 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 
 /*
  * One control command: PING, PAUSE, RESUME, SNAPSHOT <dir>, DETACH (outlive
- * the owner), STOP, FWD ADD|DEL|LIST (csrc/portfwd.h). Answers OK [value] or
+ * the owner), STOP, FWD ADD|DEL|LIST (csrc/vmm/portfwd.h). Answers OK [value] or
  * ERR <why> on the asking connection.
  */
 static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
