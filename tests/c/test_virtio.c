@@ -24,211 +24,21 @@
 #include <linux/virtio_vsock.h>
 
 #include "evloop.h"
+#include "fake_driver.h"
+#include "fake_loop.h"
+#include "fake_test.h"
+#include "fake_vm.h"
 #include "proto.h"
 #include "virtio/mmio.h"
 #include "virtio/queue.h"
 #include "virtio/vsock.h"
 #include "vm.h"
 
-/* ------------------------------------------------------------------ harness */
-
-static const char *cur_test;
-
-#define CHECK(cond)                                                                              \
-	do {                                                                                     \
-		if (!(cond)) {                                                                   \
-			fprintf(stderr, "FAIL %s: %s:%d: %s\n", cur_test, __FILE__, __LINE__, #cond); \
-			exit(1);                                                                 \
-		}                                                                                \
-	} while (0)
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* ------------------------------------------------------------------ fakes: vm.h */
-
-static int irq_edges; /* vm_irq_line(gsi, 1) calls; atomic: the loop thread raises them */
-
-int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len, void (*access)(void *, uint64_t, void *, uint32_t, bool),
-		void *opaque)
-{
-	if (vm->nr_mmio >= VM_MAX_MMIO_DEVS)
-		return -ENOSPC;
-	vm->mmio[vm->nr_mmio++] = (struct vm_mmio_dev){ base, len, access, opaque };
-	return 0;
-}
-
-int vm_irq_line(struct vm *vm, uint32_t gsi, int level)
-{
-	(void)vm;
-	(void)gsi;
-	if (level)
-		__atomic_fetch_add(&irq_edges, 1, __ATOMIC_RELAXED);
-	return 0;
-}
-
-void vm_request_exit(struct vm *vm, int reason, const char *msg)
-{
-	vm->exit_reason = reason;
-	snprintf(vm->exit_msg, sizeof(vm->exit_msg), "%s", msg);
-}
-
 #define RAM_SIZE (16u << 20)
+#define G_QSIZE 256u
 
-static struct vm *fake_vm_new(struct evloop *loop)
-{
-	struct vm *vm = calloc(1, sizeof(*vm));
-
-	CHECK(vm);
-	vm->kvm_fd = vm->vm_fd = -1; /* no KVM: ioeventfd/irqfd fall back */
-	vm->mem = aligned_alloc(4096, RAM_SIZE);
-	CHECK(vm->mem);
-	memset(vm->mem, 0, RAM_SIZE);
-	vm->mem_size = RAM_SIZE;
-	vm->loop = loop;
-	vm->console_fd = -1;
-	return vm;
-}
-
-static void fake_vm_free(struct vm *vm)
-{
-	free(vm->mem);
-	free(vm);
-}
-
-/* ------------------------------------------------------------------ fakes: poll()-based evloop */
-
-#define EV_MAX 512
-
-struct evloop {
-	struct {
-		int fd;
-		uint32_t events;
-		evloop_cb cb;
-		void *opaque;
-		bool on;
-		unsigned gen;
-	} w[EV_MAX];
-	int stop;
-};
-
-int evloop_new(struct evloop **out)
-{
-	*out = calloc(1, sizeof(**out));
-	return *out ? 0 : -ENOMEM;
-}
-
-void evloop_free(struct evloop *l)
-{
-	free(l);
-}
-
-static int ev_find(struct evloop *l, int fd)
-{
-	int i;
-
-	for (i = 0; i < EV_MAX; i++)
-		if (l->w[i].on && l->w[i].fd == fd)
-			return i;
-	return -1;
-}
-
-int evloop_add(struct evloop *l, int fd, uint32_t events, evloop_cb cb, void *opaque)
-{
-	int i;
-
-	if (ev_find(l, fd) >= 0)
-		return -EEXIST;
-	for (i = 0; i < EV_MAX && l->w[i].on; i++)
-		;
-	if (i == EV_MAX)
-		return -ENOSPC;
-	l->w[i].fd = fd;
-	l->w[i].events = events;
-	l->w[i].cb = cb;
-	l->w[i].opaque = opaque;
-	l->w[i].on = true;
-	l->w[i].gen++;
-	return 0;
-}
-
-int evloop_mod(struct evloop *l, int fd, uint32_t events)
-{
-	int i = ev_find(l, fd);
-
-	if (i < 0)
-		return -ENOENT;
-	l->w[i].events = events;
-	return 0;
-}
-
-int evloop_del(struct evloop *l, int fd)
-{
-	int i = ev_find(l, fd);
-
-	if (i < 0)
-		return -ENOENT;
-	l->w[i].on = false;
-	l->w[i].gen++;
-	return 0;
-}
-
-static int ev_count(struct evloop *l)
-{
-	int i, n = 0;
-
-	for (i = 0; i < EV_MAX; i++)
-		n += l->w[i].on;
-	return n;
-}
-
-/* Tests run the loop inline (loop_once) unless `threaded`, where a thread runs evloop_run(). */
+/* Tests run the loop inline (fake_loop_once) unless `threaded`, where a thread runs evloop_run(). */
 static bool threaded;
-
-/* One poll() round; callbacks for watches deleted meanwhile are skipped. */
-static void loop_once(struct evloop *l, int timeout_ms)
-{
-	struct pollfd pfd[EV_MAX];
-	int idx[EV_MAX];
-	unsigned gen[EV_MAX];
-	int i, n = 0, r;
-
-	for (i = 0; i < EV_MAX; i++) {
-		if (!l->w[i].on || !l->w[i].events)
-			continue;
-		pfd[n] = (struct pollfd){ .fd = l->w[i].fd, .events = (short)l->w[i].events };
-		idx[n] = i;
-		gen[n] = l->w[i].gen;
-		n++;
-	}
-	r = poll(pfd, (nfds_t)n, timeout_ms);
-	if (r <= 0)
-		return;
-	for (i = 0; i < n; i++) {
-		int k = idx[i];
-
-		if (!pfd[i].revents || !l->w[k].on || l->w[k].gen != gen[i])
-			continue;
-		l->w[k].cb(l->w[k].opaque, pfd[i].fd, (uint32_t)pfd[i].revents);
-	}
-}
-
-int evloop_run(struct evloop *l)
-{
-	while (!__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE))
-		loop_once(l, 10);
-	return 0;
-}
-
-void evloop_stop(struct evloop *l)
-{
-	__atomic_store_n(&l->stop, 1, __ATOMIC_RELEASE);
-}
 
 /* Give the device time: run the loop here, or just wait for the loop thread. */
 static void idle(struct evloop *l, int ms)
@@ -236,139 +46,7 @@ static void idle(struct evloop *l, int ms)
 	if (threaded)
 		poll(NULL, 0, ms);
 	else
-		loop_once(l, ms);
-}
-
-/* ------------------------------------------------------------------ MMIO access as a vCPU would do it */
-
-static struct vm_mmio_dev *dev_of(struct vm *vm)
-{
-	CHECK(vm->nr_mmio > 0);
-	return &vm->mmio[vm->nr_mmio - 1];
-}
-
-static uint32_t mr(struct vm *vm, uint64_t off)
-{
-	struct vm_mmio_dev *d = dev_of(vm);
-	uint32_t v = 0xdeadbeef;
-
-	d->access(d->opaque, off, &v, 4, false);
-	return v;
-}
-
-static void mw(struct vm *vm, uint64_t off, uint32_t v)
-{
-	struct vm_mmio_dev *d = dev_of(vm);
-
-	d->access(d->opaque, off, &v, 4, true);
-}
-
-/* ------------------------------------------------------------------ fake guest: split rings */
-
-#define G_QSIZE 256u
-
-struct gseg {
-	uint64_t gpa;
-	uint32_t len;
-	bool write;
-};
-
-struct gq {
-	unsigned qi;
-	uint16_t size;
-	uint64_t base;
-	struct vring_desc *desc;
-	struct vring_avail *avail;
-	struct vring_used *used;
-	uint16_t avail_idx, last_used;
-	uint16_t free_stack[G_QSIZE];
-	int nfree;
-	int tag[G_QSIZE];
-};
-
-static uint64_t gq_base(unsigned qi)
-{
-	return 0x10000ull * (qi + 1);
-}
-
-static void gq_init(struct vm *vm, struct gq *q, unsigned qi, uint16_t size)
-{
-	int i;
-
-	memset(q, 0, sizeof(*q));
-	q->qi = qi;
-	q->size = size;
-	q->base = gq_base(qi);
-	memset(vm->mem + q->base, 0, 0x3000);
-	q->desc = (void *)(vm->mem + q->base);
-	q->avail = (void *)(vm->mem + q->base + 0x1000);
-	q->used = (void *)(vm->mem + q->base + 0x2000);
-	for (i = size - 1; i >= 0; i--)
-		q->free_stack[q->nfree++] = (uint16_t)i;
-}
-
-/* Like Linux's vm_setup_vq(). */
-static void gq_setup(struct vm *vm, struct gq *q)
-{
-	mw(vm, VIRTIO_MMIO_QUEUE_SEL, q->qi);
-	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
-	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) >= q->size);
-	mw(vm, VIRTIO_MMIO_QUEUE_NUM, q->size);
-	mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)q->base);
-	mw(vm, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
-	mw(vm, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (uint32_t)q->base + 0x1000);
-	mw(vm, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
-	mw(vm, VIRTIO_MMIO_QUEUE_USED_LOW, (uint32_t)q->base + 0x2000);
-	mw(vm, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
-	mw(vm, VIRTIO_MMIO_QUEUE_READY, 1);
-}
-
-/* Post a chain; returns its head, or -1 when descriptors ran out. */
-static int gq_add(struct gq *q, const struct gseg *s, int n, int tag)
-{
-	uint16_t idx[VIRTQ_MAX_SEGS];
-	int k;
-
-	if (n > q->nfree)
-		return -1;
-	for (k = 0; k < n; k++)
-		idx[k] = q->free_stack[--q->nfree];
-	for (k = 0; k < n; k++) {
-		struct vring_desc *d = &q->desc[idx[k]];
-
-		d->addr = s[k].gpa;
-		d->len = s[k].len;
-		d->flags = (uint16_t)((s[k].write ? VRING_DESC_F_WRITE : 0) | (k + 1 < n ? VRING_DESC_F_NEXT : 0));
-		d->next = k + 1 < n ? idx[k + 1] : 0;
-	}
-	q->tag[idx[0]] = tag;
-	q->avail->ring[q->avail_idx % q->size] = idx[0];
-	q->avail_idx++;
-	__atomic_store_n(&q->avail->idx, q->avail_idx, __ATOMIC_RELEASE);
-	return idx[0];
-}
-
-static bool gq_used(struct gq *q, int *tag, uint32_t *len)
-{
-	uint16_t idx = __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE);
-	struct vring_used_elem e;
-	uint16_t i;
-	unsigned n;
-
-	if (idx == q->last_used)
-		return false;
-	e = q->used->ring[q->last_used % q->size];
-	q->last_used++;
-	CHECK(e.id < q->size);
-	for (i = (uint16_t)e.id, n = 0; n < q->size; n++) {
-		q->free_stack[q->nfree++] = i;
-		if (!(q->desc[i].flags & VRING_DESC_F_NEXT))
-			break;
-		i = q->desc[i].next;
-	}
-	*tag = q->tag[e.id];
-	*len = e.len;
-	return true;
+		fake_loop_once(l, ms);
 }
 
 /* ------------------------------------------------------------------ fake guest: Linux virtio_vsock */
@@ -403,9 +81,9 @@ struct gconn {
 struct guest {
 	struct vm *vm;
 	struct evloop *loop;
-	struct gq q[3];
+	struct fake_ring q[3];
 	struct {
-		struct gseg seg[8];
+		struct fake_seg seg[8];
 		int n;
 	} rx[G_RX_BUFS];
 	enum rx_mode rx_mode;
@@ -427,7 +105,7 @@ struct guest {
 
 static void g_kick(struct guest *g, unsigned q)
 {
-	mw(g->vm, VIRTIO_MMIO_QUEUE_NOTIFY, q);
+	fake_vm_mw(g->vm, VIRTIO_MMIO_QUEUE_NOTIFY, q);
 }
 
 static void g_post_rx(struct guest *g, int slot)
@@ -436,23 +114,23 @@ static void g_post_rx(struct guest *g, int slot)
 	int n = 0;
 
 	if (g->rx_mode == RX_LINUX) {
-		g->rx[slot].seg[n++] = (struct gseg){ b, HDR, true };
-		g->rx[slot].seg[n++] = (struct gseg){ b + 0x100, G_RX_DATA, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b, HDR, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b + 0x100, G_RX_DATA, true };
 	} else if (g->rx_mode == RX_ONE) {
-		g->rx[slot].seg[n++] = (struct gseg){ b, HDR + G_RX_DATA, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b, HDR + G_RX_DATA, true };
 	} else { /* header cut in three, payload in three odd pieces */
-		g->rx[slot].seg[n++] = (struct gseg){ b, 3, true };
-		g->rx[slot].seg[n++] = (struct gseg){ b + 0x10, 30, true };
-		g->rx[slot].seg[n++] = (struct gseg){ b + 0x40, 20, true };
-		g->rx[slot].seg[n++] = (struct gseg){ b + 0x100, 1, true };
-		g->rx[slot].seg[n++] = (struct gseg){ b + 0x200, 1000, true };
-		g->rx[slot].seg[n++] = (struct gseg){ b + 0x800, 777, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b, 3, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b + 0x10, 30, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b + 0x40, 20, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b + 0x100, 1, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b + 0x200, 1000, true };
+		g->rx[slot].seg[n++] = (struct fake_seg){ b + 0x800, 777, true };
 	}
 	g->rx[slot].n = n;
-	CHECK(gq_add(&g->q[RXQ], g->rx[slot].seg, n, slot) >= 0);
+	CHECK(fake_ring_add(&g->q[RXQ], g->rx[slot].seg, n, slot) >= 0);
 }
 
-static void g_gather(struct guest *g, const struct gseg *s, int n, uint8_t *dst, uint32_t len)
+static void g_gather(struct guest *g, const struct fake_seg *s, int n, uint8_t *dst, uint32_t len)
 {
 	int k;
 
@@ -471,7 +149,7 @@ static int g_tx_slot(struct guest *g)
 	uint32_t len;
 
 	for (tries = 0; tries < 2000; tries++) {
-		while (gq_used(&g->q[TXQ], &tag, &len))
+		while (fake_ring_used(&g->q[TXQ], &tag, &len))
 			g->tx_busy[tag] = false;
 		for (i = 0; i < G_TX_SLOTS; i++)
 			if (!g->tx_busy[i] && g->q[TXQ].nfree >= 8)
@@ -488,34 +166,34 @@ static void g_send_split(struct guest *g, const struct virtio_vsock_hdr *h, cons
 {
 	int slot = g_tx_slot(g), n = 0;
 	uint64_t b = G_TX_BASE + (uint64_t)slot * G_TX_SLOT;
-	struct gseg s[8];
+	struct fake_seg s[8];
 
 	CHECK(len <= 0x10000);
 	memcpy(g->vm->mem + b, h, HDR);
 	if (len)
 		memcpy(g->vm->mem + b + HDR, payload, len);
 	if (split == TX_ONE || (split == TX_TWO && !len)) {
-		s[n++] = (struct gseg){ b, HDR + len, false };
+		s[n++] = (struct fake_seg){ b, HDR + len, false };
 	} else if (split == TX_TWO) {
-		s[n++] = (struct gseg){ b, HDR, false };
-		s[n++] = (struct gseg){ b + HDR, len, false };
+		s[n++] = (struct fake_seg){ b, HDR, false };
+		s[n++] = (struct fake_seg){ b + HDR, len, false };
 	} else { /* 1 + 7 + 30 + (6 + a bit of payload) + rest of payload in two */
 		uint32_t rest = HDR + len, cut[4] = { 1, 7, 30, 6 + (len > 5 ? 5 : len) };
 		uint64_t at = b;
 		int k;
 
 		for (k = 0; k < 4; k++) {
-			s[n++] = (struct gseg){ at, cut[k], false };
+			s[n++] = (struct fake_seg){ at, cut[k], false };
 			at += cut[k];
 			rest -= cut[k];
 		}
 		if (rest) {
-			s[n++] = (struct gseg){ at, rest / 2, false };
-			s[n++] = (struct gseg){ at + rest / 2, rest - rest / 2, false };
+			s[n++] = (struct fake_seg){ at, rest / 2, false };
+			s[n++] = (struct fake_seg){ at + rest / 2, rest - rest / 2, false };
 		}
 	}
 	g->tx_busy[slot] = true;
-	CHECK(gq_add(&g->q[TXQ], s, n, slot) >= 0);
+	CHECK(fake_ring_add(&g->q[TXQ], s, n, slot) >= 0);
 	g_kick(g, TXQ);
 }
 
@@ -665,7 +343,7 @@ static void g_poll(struct guest *g)
 	uint32_t len, isr;
 	int tag, i;
 
-	while (gq_used(&g->q[RXQ], &tag, &len)) {
+	while (fake_ring_used(&g->q[RXQ], &tag, &len)) {
 		if (tag < 0) { /* a tiny buffer: must come back empty */
 			CHECK(len == 0);
 			continue;
@@ -679,7 +357,7 @@ static void g_poll(struct guest *g)
 		g_post_rx(g, tag);
 		g_kick(g, RXQ);
 	}
-	while (gq_used(&g->q[EVQ], &tag, &len)) {
+	while (fake_ring_used(&g->q[EVQ], &tag, &len)) {
 		uint32_t id;
 
 		CHECK(len == 4);
@@ -687,16 +365,16 @@ static void g_poll(struct guest *g)
 		g->events++;
 		g->last_event = (int)id;
 	}
-	while (gq_used(&g->q[TXQ], &tag, &len))
+	while (fake_ring_used(&g->q[TXQ], &tag, &len))
 		g->tx_busy[tag] = false;
 	if (g->consume)
 		for (i = 0; i < G_MAX_CONNS; i++)
 			if (g->c[i].used && !g->c[i].closed)
 				g_consume(g, &g->c[i]);
 	/* an interrupt handler would do this */
-	isr = mr(g->vm, VIRTIO_MMIO_INTERRUPT_STATUS);
+	isr = fake_vm_mr(g->vm, VIRTIO_MMIO_INTERRUPT_STATUS);
 	g->isr_seen |= isr;
-	mw(g->vm, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+	fake_vm_mw(g->vm, VIRTIO_MMIO_INTERRUPT_ACK, isr);
 }
 
 /* Probe like drivers/virtio/virtio_mmio.c + net/vmw_vsock/virtio_transport.c. */
@@ -707,48 +385,29 @@ static void g_probe(struct guest *g)
 	uint32_t lo, hi;
 	int i;
 
-	CHECK(mr(vm, VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976);
-	CHECK(mr(vm, VIRTIO_MMIO_VERSION) == 2);
-	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_ID) == 19);
-	mw(vm, VIRTIO_MMIO_STATUS, 0);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0);
-	mw(vm, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-	mw(vm, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
-	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-	hi = mr(vm, VIRTIO_MMIO_DEVICE_FEATURES);
-	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-	lo = mr(vm, VIRTIO_MMIO_DEVICE_FEATURES);
-	CHECK(hi & 1); /* VERSION_1 */
-	CHECK(lo == 0);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
+	CHECK((uint32_t)fake_driver_negotiate(vm, 19) == 0); /* VERSION_1 (checked there) and nothing else */
 	for (i = 0; i < 3; i++) {
-		gq_init(vm, &g->q[i], (unsigned)i, G_QSIZE);
-		gq_setup(vm, &g->q[i]);
-		CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 1);
+		fake_ring_init(&g->q[i], vm, (unsigned)i, G_QSIZE, FAKE_RING_BASE((unsigned)i));
+		fake_ring_setup(&g->q[i]);
+		CHECK(fake_vm_mr(vm, VIRTIO_MMIO_QUEUE_READY) == 1);
 	}
-	lo = mr(vm, VIRTIO_MMIO_CONFIG);
-	hi = mr(vm, VIRTIO_MMIO_CONFIG + 4);
+	lo = fake_vm_mr(vm, VIRTIO_MMIO_CONFIG);
+	hi = fake_vm_mr(vm, VIRTIO_MMIO_CONFIG + 4);
 	cid = (uint64_t)hi << 32 | lo;
 	CHECK(cid == G_CID);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
+	fake_driver_ok(vm);
 	for (i = 0; g->tiny_first && i < 3; i++) {
-		struct gseg tiny = { G_SCRATCH + (uint64_t)i * 64, 10, true };
+		struct fake_seg tiny = { G_SCRATCH + (uint64_t)i * 64, 10, true };
 
-		CHECK(gq_add(&g->q[RXQ], &tiny, 1, -1) >= 0);
+		CHECK(fake_ring_add(&g->q[RXQ], &tiny, 1, -1) >= 0);
 	}
 	for (i = 0; i < G_RX_BUFS; i++)
 		g_post_rx(g, i);
 	g_kick(g, RXQ);
 	for (i = 0; i < 8; i++) {
-		struct gseg s = { G_EV_BASE + (uint64_t)i * 16, 4, true };
+		struct fake_seg s = { G_EV_BASE + (uint64_t)i * 16, 4, true };
 
-		CHECK(gq_add(&g->q[EVQ], &s, 1, i) >= 0);
+		CHECK(fake_ring_add(&g->q[EVQ], &s, 1, i) >= 0);
 	}
 	g_kick(g, EVQ);
 	memset(g->tx_busy, 0, sizeof(g->tx_busy));
@@ -795,7 +454,7 @@ static void world_init(struct world *w)
 
 	memset(w, 0, sizeof(*w));
 	CHECK(evloop_new(&w->loop) == 0);
-	w->vm = fake_vm_new(w->loop);
+	w->vm = fake_vm_new(RAM_SIZE, w->loop);
 	if (!tmp || strlen(tmp) > 60) /* sun_path holds 108 bytes */
 		tmp = "/tmp";
 	snprintf(w->path, sizeof(w->path), "%s/smolvm-test-vsock-%d.sock", tmp, (int)getpid());
@@ -825,7 +484,7 @@ static void world_fini(struct world *w)
 		CHECK(pthread_join(w->loop_thread, NULL) == 0);
 	}
 	vsock_free(w->vs);
-	CHECK(ev_count(w->loop) == 0); /* every watch was removed */
+	CHECK(fake_loop_watches(w->loop) == 0); /* every watch was removed */
 	CHECK(access(w->path, F_OK) != 0);
 	g_reset_state(&w->g);
 	fake_vm_free(w->vm);
@@ -840,20 +499,15 @@ static void step(struct world *w)
 
 #define WAIT(w, cond)                                                               \
 	do {                                                                        \
-		int64_t t0_ = now_ms();                                             \
+		int64_t t0_ = fake_test_now_ms();                                             \
 		while (!(cond)) {                                                   \
 			step(w);                                                    \
-			if (now_ms() - t0_ > 10000) {                               \
+			if (fake_test_now_ms() - t0_ > 10000) {                               \
 				fprintf(stderr, "timeout waiting for %s\n", #cond); \
 				CHECK(!"timeout");                                  \
 			}                                                           \
 		}                                                                   \
 	} while (0)
-
-static bool device_broken(struct world *w)
-{
-	return mr(w->vm, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET;
-}
 
 /* ------------------------------------------------------------------ host clients */
 
@@ -889,7 +543,7 @@ static void client_write_all(struct world *w, int fd, const char *s)
 static int client_read_line(struct world *w, int fd, char *buf, size_t cap)
 {
 	size_t len = 0;
-	int64_t t0 = now_ms();
+	int64_t t0 = fake_test_now_ms();
 
 	for (;;) {
 		char ch;
@@ -900,7 +554,7 @@ static int client_read_line(struct world *w, int fd, char *buf, size_t cap)
 		if (n < 0) {
 			CHECK(errno == EAGAIN);
 			step(w);
-			CHECK(now_ms() - t0 < 10000);
+			CHECK(fake_test_now_ms() - t0 < 10000);
 			continue;
 		}
 		if (ch == '\n') {
@@ -943,19 +597,6 @@ static bool client_eof(int fd)
 	while ((n = read(fd, b, sizeof(b))) > 0)
 		;
 	return n == 0 || (n < 0 && errno == ECONNRESET);
-}
-
-static void fill_pattern(uint8_t *p, size_t len, uint32_t seed)
-{
-	uint32_t x = seed * 2654435761u + 1;
-	size_t i;
-
-	for (i = 0; i < len; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (uint8_t)x;
-	}
 }
 
 /* ------------------------------------------------------------------ tests: queue */
@@ -1168,7 +809,7 @@ static void test_mmio(bool with_loop)
 	struct virtio_mmio m;
 	struct dummy d = { .config = "hello world" };
 	struct vm_mmio_dev *dev;
-	struct gq gq;
+	struct fake_ring gq;
 	uint64_t v64 = 0;
 	uint16_t v16 = 0;
 	uint8_t v8 = 0;
@@ -1178,14 +819,14 @@ static void test_mmio(bool with_loop)
 	cur_test = with_loop ? "mmio (notify via loop)" : "mmio (notify on vCPU)";
 	if (with_loop)
 		CHECK(evloop_new(&loop) == 0);
-	vm = fake_vm_new(loop);
+	vm = fake_vm_new(RAM_SIZE, loop);
 	CHECK(virtio_mmio_init(&m, vm, 0xd0000000, 5, &dummy_ops, &d) == 0);
-	dev = dev_of(vm);
+	dev = fake_vm_dev(vm);
 	CHECK(dev->base == 0xd0000000 && dev->len == 0x200 && !m.ioeventfd && m.irq_fd == -1);
 	CHECK(m.notify_watched == with_loop);
 
-	CHECK(mr(vm, VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976 && mr(vm, VIRTIO_MMIO_VERSION) == 2);
-	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_ID) == 42 && mr(vm, VIRTIO_MMIO_VENDOR_ID) != 0);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976 && fake_vm_mr(vm, VIRTIO_MMIO_VERSION) == 2);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_DEVICE_ID) == 42 && fake_vm_mr(vm, VIRTIO_MMIO_VENDOR_ID) != 0);
 	/* only aligned 32-bit register accesses count */
 	v = 0x1234;
 	dev->access(dev->opaque, VIRTIO_MMIO_MAGIC_VALUE, &v, 2, false);
@@ -1194,39 +835,39 @@ static void test_mmio(bool with_loop)
 	CHECK(v == 0);
 	v16 = 3;
 	dev->access(dev->opaque, VIRTIO_MMIO_STATUS, &v16, 2, true);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0);
 	v = 0xffffffff;
 	dev->access(dev->opaque, 0x1000, &v, 4, false); /* outside the window */
 	CHECK(v == 0xffffffff);
 
 	/* features: a subset of the offer plus VERSION_1, else FEATURES_OK is refused */
-	mw(vm, VIRTIO_MMIO_STATUS, 3);
-	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 8);
-	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 1);
-	mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
-	CHECK(mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 0);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 8 | 16);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 3); /* bit 4 was never offered */
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 8);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 3); /* legacy (no VERSION_1) */
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 3);
+	fake_vm_mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 8);
+	fake_vm_mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 1);
+	fake_vm_mw(vm, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_DEVICE_FEATURES) == 0);
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 8 | 16);
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 3); /* bit 4 was never offered */
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 8);
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 3); /* legacy (no VERSION_1) */
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0xb);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
 	CHECK(m.drv_features == ((1ull << 32) | 8));
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0); /* frozen after FEATURES_OK */
+	fake_vm_mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 0); /* frozen after FEATURES_OK */
 	CHECK(m.drv_features == ((1ull << 32) | 8));
-	mw(vm, VIRTIO_MMIO_STATUS, 0x1); /* clearing bits is ignored */
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0x1); /* clearing bits is ignored */
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0xb);
 
 	/* config space: 1/2/4/8-byte reads and writes, bounded */
 	dev->access(dev->opaque, 0x100, &v64, 8, false);
@@ -1245,74 +886,70 @@ static void test_mmio(bool with_loop)
 	CHECK(memcmp(d.config + 4, "ABCD", 4) == 0);
 
 	/* queues: bounds, bad sizes break the device, good ones go ready */
-	mw(vm, VIRTIO_MMIO_QUEUE_SEL, 2);
-	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) == 0);
-	mw(vm, VIRTIO_MMIO_QUEUE_READY, 1); /* no such queue: ignored */
-	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
-	CHECK(!(mr(vm, VIRTIO_MMIO_STATUS) & 0x40));
-	gq_init(vm, &gq, 0, 48);
-	mw(vm, VIRTIO_MMIO_QUEUE_SEL, 0);
-	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) == 64);
-	mw(vm, VIRTIO_MMIO_QUEUE_NUM, 48);
-	mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)gq.base);
-	mw(vm, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (uint32_t)gq.base + 0x1000);
-	mw(vm, VIRTIO_MMIO_QUEUE_USED_LOW, (uint32_t)gq.base + 0x2000);
-	mw(vm, VIRTIO_MMIO_QUEUE_READY, 1);
-	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) & 0x40); /* DEVICE_NEEDS_RESET */
-	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_SEL, 2);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) == 0);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_READY, 1); /* no such queue: ignored */
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
+	CHECK(!(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) & 0x40));
+	fake_ring_init(&gq, vm, 0, 48, FAKE_RING_BASE(0));
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_SEL, 0);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_QUEUE_NUM_MAX) == 64);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_NUM, 48);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)gq.base);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (uint32_t)gq.base + 0x1000);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_USED_LOW, (uint32_t)gq.base + 0x2000);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_READY, 1);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_QUEUE_READY) == 0);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) & 0x40); /* DEVICE_NEEDS_RESET */
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0xf);
 	CHECK(d.activates == 0); /* a broken device does not start */
 
 	/* reset, then a clean bring-up */
-	mw(vm, VIRTIO_MMIO_STATUS, 0);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0 && d.resets == 1);
-	mw(vm, VIRTIO_MMIO_STATUS, 3);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
-	gq_init(vm, &gq, 0, 64);
-	gq_setup(vm, &gq);
-	CHECK(mr(vm, VIRTIO_MMIO_QUEUE_READY) == 1);
-	mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x4000); /* ignored while ready */
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0 && d.resets == 1);
+	fake_driver_features_ok(vm);
+	fake_ring_init(&gq, vm, 0, 64, FAKE_RING_BASE(0));
+	fake_ring_setup(&gq);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_QUEUE_READY) == 1);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x4000); /* ignored while ready */
 	CHECK(m.vq[0].desc_gpa == gq.base);
-	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0); /* before DRIVER_OK: dropped */
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0); /* before DRIVER_OK: dropped */
 	if (loop)
-		loop_once(loop, 0);
+		fake_loop_once(loop, 0);
 	CHECK(d.notifies[0] == 0);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
-	CHECK(d.activates == 1 && mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
-	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 1); /* queue 1 not ready: dropped */
-	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 7); /* no such queue */
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0xf);
+	CHECK(d.activates == 1 && fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 1); /* queue 1 not ready: dropped */
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 7); /* no such queue */
 	if (loop) {
 		CHECK(d.notifies[0] == 0); /* delivered on the loop thread */
-		loop_once(loop, 0);
-		loop_once(loop, 0);
+		fake_loop_once(loop, 0);
+		fake_loop_once(loop, 0);
 	}
 	CHECK(d.notifies[0] == 1 && d.notifies[1] == 0);
 
 	/* interrupts: status bit, edge on the line, ACK */
-	irq_edges = 0;
 	virtio_mmio_lock(&m);
 	virtio_mmio_signal(&m);
 	virtio_mmio_unlock(&m);
-	CHECK(irq_edges == 1 && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 1);
-	mw(vm, VIRTIO_MMIO_INTERRUPT_ACK, 1);
-	CHECK(mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 0);
+	CHECK(fake_vm_irq_edges(vm) == 1 && fake_vm_mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 1);
+	fake_vm_mw(vm, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 0);
 	virtio_mmio_lock(&m);
 	virtio_mmio_fail(&m);
 	CHECK(!virtio_mmio_live(&m));
 	virtio_mmio_unlock(&m);
-	CHECK(irq_edges == 2 && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 2);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0x4f);
-	mw(vm, VIRTIO_MMIO_STATUS, 0x4f | 0x80); /* driver gives up: FAILED, NEEDS_RESET stays */
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xcf);
-	mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+	CHECK(fake_vm_irq_edges(vm) == 2 && fake_vm_mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 2);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0x4f);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0x4f | 0x80); /* driver gives up: FAILED, NEEDS_RESET stays */
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0xcf);
+	fake_vm_mw(vm, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
 	if (loop)
-		loop_once(loop, 0);
+		fake_loop_once(loop, 0);
 	CHECK(d.notifies[0] == 1); /* no more kicks for a broken device */
-	mw(vm, VIRTIO_MMIO_STATUS, 0);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0 && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 0);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0 && fake_vm_mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 0);
 	CHECK(!m.vq[0].ready && d.resets == 2);
 
 	CHECK(virtio_mmio_cmdline(line, sizeof(line), 0xd0000000, 5) == (int)strlen(line));
@@ -1321,7 +958,7 @@ static void test_mmio(bool with_loop)
 
 	virtio_mmio_destroy(&m);
 	if (loop) {
-		CHECK(ev_count(loop) == 0);
+		CHECK(fake_loop_watches(loop) == 0);
 		evloop_free(loop);
 	}
 	fake_vm_free(vm);
@@ -1353,7 +990,7 @@ static void test_mmio_kvm(void)
 	struct virtio_mmio m = { 0 };
 	struct dummy d = { 0 };
 	struct vm *vm = NULL;
-	struct gq gq;
+	struct fake_ring gq;
 	const char *skip = NULL;
 	int kvm, vcpu = -1, exits = 0, edges;
 	long run_size = 0;
@@ -1365,20 +1002,14 @@ static void test_mmio_kvm(void)
 		goto out;
 	}
 	CHECK(evloop_new(&loop) == 0);
-	vm = calloc(1, sizeof(*vm));
-	CHECK(vm);
+	vm = fake_vm_new(ram, loop);
 	vm->kvm_fd = kvm;
-	vm->loop = loop;
-	vm->mem = MAP_FAILED;
 	vm->vm_fd = ioctl(kvm, KVM_CREATE_VM, 0);
 	if (vm->vm_fd < 0 || ioctl(vm->vm_fd, KVM_SET_TSS_ADDR, 0xfffbd000ul) < 0 ||
 	    ioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, 0) < 0) {
 		skip = "cannot create a VM with an irqchip";
 		goto out;
 	}
-	vm->mem = mmap(NULL, ram, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	CHECK(vm->mem != MAP_FAILED);
-	vm->mem_size = ram;
 	region.memory_size = ram;
 	region.userspace_addr = (uintptr_t)vm->mem;
 	if (ioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
@@ -1389,14 +1020,11 @@ static void test_mmio_kvm(void)
 
 	CHECK(virtio_mmio_init(&m, vm, base, 5, &dummy_ops, &d) == 0);
 	CHECK(m.ioeventfd && m.irq_fd >= 0);
-	mw(vm, VIRTIO_MMIO_STATUS, 3);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xb);
-	gq_init(vm, &gq, 1, 64);
-	gq_setup(vm, &gq);
-	mw(vm, VIRTIO_MMIO_STATUS, 0xf);
-	CHECK(mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
+	fake_driver_features_ok(vm);
+	fake_ring_init(&gq, vm, 1, 64, FAKE_RING_BASE(1));
+	fake_ring_setup(&gq);
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0xf);
+	CHECK(fake_vm_mr(vm, VIRTIO_MMIO_STATUS) == 0xf);
 
 	vcpu = ioctl(vm->vm_fd, KVM_CREATE_VCPU, 0);
 	run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
@@ -1433,29 +1061,25 @@ static void test_mmio_kvm(void)
 	}
 	CHECK(exits == 1); /* QueueNotify(1) never left the kernel */
 	CHECK(d.notifies[1] == 0);
-	loop_once(loop, 100);
+	fake_loop_once(loop, 100);
 	CHECK(d.notifies[1] == 1 && d.notifies[0] == 0);
 
-	edges = irq_edges;
+	edges = fake_vm_irq_edges(vm);
 	virtio_mmio_lock(&m);
 	virtio_mmio_signal(&m); /* through the irqfd, not vm_irq_line() */
 	virtio_mmio_unlock(&m);
-	CHECK(irq_edges == edges && mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 1);
+	CHECK(fake_vm_irq_edges(vm) == edges && fake_vm_mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS) == 1);
 out:
 	virtio_mmio_destroy(&m);
 	if (loop)
-		CHECK(ev_count(loop) == 0);
+		CHECK(fake_loop_watches(loop) == 0);
 	if (run != MAP_FAILED)
 		munmap(run, (size_t)run_size);
 	if (vcpu >= 0)
 		close(vcpu);
-	if (vm) {
-		if (vm->vm_fd >= 0)
-			close(vm->vm_fd);
-		if (vm->mem != MAP_FAILED)
-			munmap(vm->mem, ram);
-		free(vm);
-	}
+	if (vm && vm->vm_fd >= 0)
+		close(vm->vm_fd);
+	fake_vm_free(vm);
 	if (kvm >= 0)
 		close(kvm);
 	evloop_free(loop);
@@ -1464,7 +1088,7 @@ out:
 
 static void test_mmio_bad_ops(void)
 {
-	struct vm *vm = fake_vm_new(NULL);
+	struct vm *vm = fake_vm_new(RAM_SIZE, NULL);
 	struct virtio_mmio m;
 	struct virtio_dev_ops ops = dummy_ops;
 
@@ -1499,8 +1123,8 @@ static void xfer_start(struct world *w, struct xfer *x, size_t len, uint32_t see
 	x->g2h = malloc(len);
 	x->g2h_got = malloc(len);
 	CHECK(x->h2g && x->g2h && x->g2h_got);
-	fill_pattern(x->h2g, len, seed);
-	fill_pattern(x->g2h, len, seed + 1000);
+	fake_test_pattern(x->h2g, len, seed);
+	fake_test_pattern(x->g2h, len, seed + 1000);
 }
 
 /* Guest sends what the host's credit allows, in packets of varying size. */
@@ -1570,16 +1194,16 @@ static void test_vsock_stream(void)
 
 	cur_test = "vsock stream";
 	world_init(&w);
-	edges = irq_edges;
+	edges = fake_vm_irq_edges(w.vm);
 	/* 1 MiB each way: 16x the guest's window, 4x ours; host reads in small bites */
 	xfer_start(&w, &x, 1u << 20, 1);
-	t0 = now_ms();
+	t0 = fake_test_now_ms();
 	while (!xfer_step(&w, &x, 1, 8192)) {
 		step(&w);
-		CHECK(now_ms() - t0 < 20000);
+		CHECK(fake_test_now_ms() - t0 < 20000);
 	}
 	xfer_check(&x);
-	CHECK(irq_edges > edges);
+	CHECK(fake_vm_irq_edges(w.vm) > edges);
 
 	/* client EOF -> guest sees SHUTDOWN(both), answers RST -> host forgets the connection */
 	close(x.fd);
@@ -1649,7 +1273,7 @@ static void test_vsock_credit_exhausted(void)
 	world_init(&w);
 	w.g.consume = false; /* the guest application never reads */
 	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
-	fill_pattern(big, sizeof(big), 9);
+	fake_test_pattern(big, sizeof(big), 9);
 	while (off < sizeof(big)) {
 		ssize_t n = send(fd, big + off, sizeof(big) - off, MSG_NOSIGNAL);
 
@@ -1731,11 +1355,11 @@ static void test_vsock_guest_overrun(void)
 		g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RW, &h);
 		h.len = sizeof(junk);
 		g_send(&w.g, &h, junk, sizeof(junk));
-		loop_once(w.loop, 0);
+		fake_loop_once(w.loop, 0);
 	}
 	WAIT(&w, gc->got_rst);
 	WAIT(&w, client_eof(fd));
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	close(fd);
 	world_fini(&w);
 	printf("ok %s\n", cur_test);
@@ -1754,13 +1378,13 @@ static void test_vsock_many(void)
 	w.g.tx_split = TX_ONE;
 	for (i = 0; i < N; i++)
 		xfer_start(&w, &x[i], i < BIG ? 300000 : 3000 + (size_t)i * 17, (uint32_t)i + 7);
-	t0 = now_ms();
+	t0 = fake_test_now_ms();
 	do {
 		done = 0;
 		for (i = 0; i < N; i++)
 			done += xfer_step(&w, &x[i], (uint32_t)i + 7, 65536);
 		step(&w);
-		CHECK(now_ms() - t0 < 30000);
+		CHECK(fake_test_now_ms() - t0 < 30000);
 	} while (done < N);
 	for (i = 0; i < N; i++) {
 		xfer_check(&x[i]);
@@ -1828,7 +1452,7 @@ static void test_vsock_refuse_and_ready(void)
 	for (i = 0; i < 20; i++)
 		step(&w);
 	CHECK(w.g.rst_unknown == 3 && w.ready_calls == 1);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	world_fini(&w);
 	printf("ok %s\n", cur_test);
 }
@@ -1843,7 +1467,7 @@ static void test_vsock_bad_packets(void)
 	char buf[64];
 	int fd, slot;
 	uint64_t b;
-	struct gseg s[2];
+	struct fake_seg s[2];
 
 	cur_test = "vsock bad packets";
 	world_init(&w);
@@ -1864,7 +1488,7 @@ static void test_vsock_bad_packets(void)
 	g_send(&w.g, &h, "abc", 3); /* shorter than the weird cut */
 	WAIT(&w, read(fd, buf, sizeof(buf)) == 3);
 	CHECK(memcmp(buf, "abc", 3) == 0);
-	fill_pattern(big, 3000, 3);
+	fake_test_pattern(big, 3000, 3);
 	CHECK(write(fd, big, 3000) == 3000);
 	WAIT(&w, gc->data_len == 3000); /* arrives spread over the odd RX pieces */
 	CHECK(memcmp(gc->data, big, 3000) == 0);
@@ -1877,15 +1501,15 @@ static void test_vsock_bad_packets(void)
 	slot = g_tx_slot(&w.g);
 	b = G_TX_BASE + (uint64_t)slot * G_TX_SLOT;
 	memcpy(w.vm->mem + b, &h, HDR);
-	s[0] = (struct gseg){ b, HDR, false };
-	s[1] = (struct gseg){ b + HDR, 0x10001, false };
+	s[0] = (struct fake_seg){ b, HDR, false };
+	s[1] = (struct fake_seg){ b + HDR, 0x10001, false };
 	w.g.tx_busy[slot] = true;
-	CHECK(gq_add(&w.g.q[TXQ], s, 2, slot) >= 0);
+	CHECK(fake_ring_add(&w.g.q[TXQ], s, 2, slot) >= 0);
 	g_kick(&w.g, TXQ);
 	WAIT(&w, gc->got_rst);
 	WAIT(&w, client_eof(fd));
 	close(fd);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 
 	/* len claims more than the chain holds */
 	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
@@ -1916,19 +1540,19 @@ static void test_vsock_bad_packets(void)
 	b = G_TX_BASE + (uint64_t)slot * G_TX_SLOT;
 	g_hdr(&w.g, gc, VIRTIO_VSOCK_OP_RST, &h);
 	memcpy(w.vm->mem + b, &h, HDR);
-	s[0] = (struct gseg){ b, 20, false };
+	s[0] = (struct fake_seg){ b, 20, false };
 	w.g.tx_busy[slot] = true;
-	CHECK(gq_add(&w.g.q[TXQ], s, 1, slot) >= 0);
+	CHECK(fake_ring_add(&w.g.q[TXQ], s, 1, slot) >= 0);
 	g_kick(&w.g, TXQ);
 	/* a TX chain that is device-writable only: no readable header either */
 	slot = g_tx_slot(&w.g);
-	s[0] = (struct gseg){ G_TX_BASE + (uint64_t)slot * G_TX_SLOT, 64, true };
+	s[0] = (struct fake_seg){ G_TX_BASE + (uint64_t)slot * G_TX_SLOT, 64, true };
 	w.g.tx_busy[slot] = true;
-	CHECK(gq_add(&w.g.q[TXQ], s, 1, slot) >= 0);
+	CHECK(fake_ring_add(&w.g.q[TXQ], s, 1, slot) >= 0);
 	g_kick(&w.g, TXQ);
 	CHECK(write(fd, "still alive", 11) == 11);
 	WAIT(&w, gc->data_len == 11);
-	CHECK(!gc->got_rst && !device_broken(&w));
+	CHECK(!gc->got_rst && !fake_driver_broken(w.vm));
 	close(fd);
 	WAIT(&w, gc->closed);
 	world_fini(&w);
@@ -1940,7 +1564,7 @@ static void hostile_case(int which)
 {
 	struct world w;
 	struct gconn *gc;
-	struct gq *tq;
+	struct fake_ring *tq;
 	struct vring_desc *d;
 	char line[64];
 	int fd, fd2;
@@ -1980,7 +1604,7 @@ static void hostile_case(int which)
 		tq->avail->ring[tq->avail_idx % tq->size] = 4000;
 		tq->avail->idx = ++tq->avail_idx;
 	} else if (which == 7) { /* the RX ring breaks instead: data from the host has nowhere valid to go */
-		struct gq *rq = &w.g.q[RXQ];
+		struct fake_ring *rq = &w.g.q[RXQ];
 
 		rq->desc[rq->free_stack[rq->nfree - 1]] = (struct vring_desc){ RAM_SIZE, 1, VRING_DESC_F_WRITE, 0 };
 		rq->avail->ring[rq->avail_idx % rq->size] = rq->free_stack[rq->nfree - 1];
@@ -1991,35 +1615,35 @@ static void hostile_case(int which)
 		static uint8_t blob[64 * 4096 + 100];
 
 		size_t off = 0;
-		int64_t t0 = now_ms();
+		int64_t t0 = fake_test_now_ms();
 
 		/* no g_poll() here: nothing is re-posted, so the bad buffer is reached */
-		while (!device_broken(&w)) {
+		while (!fake_driver_broken(w.vm)) {
 			ssize_t n = send(fd, blob + off % sizeof(blob), 4096, MSG_NOSIGNAL);
 
 			if (n > 0)
 				off += (size_t)n;
-			loop_once(w.loop, 2);
-			CHECK(now_ms() - t0 < 10000);
+			fake_loop_once(w.loop, 2);
+			CHECK(fake_test_now_ms() - t0 < 10000);
 		}
 	} else {
 		g_kick(&w.g, TXQ);
-		WAIT(&w, device_broken(&w));
+		WAIT(&w, fake_driver_broken(w.vm));
 	}
-	st = mr(w.vm, VIRTIO_MMIO_STATUS);
+	st = fake_vm_mr(w.vm, VIRTIO_MMIO_STATUS);
 	CHECK(st == (0xf | VIRTIO_CONFIG_S_NEEDS_RESET));
-	CHECK((w.g.isr_seen | mr(w.vm, VIRTIO_MMIO_INTERRUPT_STATUS)) & VIRTIO_MMIO_INT_CONFIG);
+	CHECK((w.g.isr_seen | fake_vm_mr(w.vm, VIRTIO_MMIO_INTERRUPT_STATUS)) & VIRTIO_MMIO_INT_CONFIG);
 	WAIT(&w, client_eof(fd)); /* connections are dropped */
 	close(fd);
 	/* the host side keeps working: a new client waits for the device */
 	fd2 = client_connect(&w);
 	client_write_all(&w, fd2, "CONNECT 52\n");
 	for (int i = 0; i < 10; i++)
-		loop_once(w.loop, 1);
+		fake_loop_once(w.loop, 1);
 	/* the driver resets and probes again; the waiting client gets through */
 	g_reset_state(&w.g);
 	g_probe(&w.g);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	CHECK(client_read_line(&w, fd2, line, sizeof(line)) > 0 && strncmp(line, "OK ", 3) == 0);
 	close(fd2);
 	for (int i = 0; i < G_MAX_CONNS; i++)
@@ -2041,42 +1665,33 @@ static void test_vsock_hostile_rings(void)
 static void test_vsock_bad_queue_setup(void)
 {
 	struct world w;
-	struct gq gq;
+	struct fake_ring gq;
 
 	cur_test = "vsock bad queue setup";
 	world_init(&w);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 3);
-	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0xb);
-	gq_init(w.vm, &gq, 0, 100); /* not a power of two */
-	gq_setup(w.vm, &gq);
-	CHECK(mr(w.vm, VIRTIO_MMIO_QUEUE_READY) == 0 && device_broken(&w));
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 3);
-	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0xb);
-	mw(w.vm, VIRTIO_MMIO_QUEUE_SEL, 1);
-	mw(w.vm, VIRTIO_MMIO_QUEUE_NUM, 256);
-	mw(w.vm, VIRTIO_MMIO_QUEUE_DESC_LOW, 0);
-	mw(w.vm, VIRTIO_MMIO_QUEUE_DESC_HIGH, 1); /* 4 GiB: no RAM there */
-	mw(w.vm, VIRTIO_MMIO_QUEUE_READY, 1);
-	CHECK(mr(w.vm, VIRTIO_MMIO_QUEUE_READY) == 0 && device_broken(&w));
+	fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	fake_driver_features_ok(w.vm);
+	fake_ring_init(&gq, w.vm, 0, 100, FAKE_RING_BASE(0)); /* not a power of two */
+	fake_ring_setup(&gq);
+	CHECK(fake_vm_mr(w.vm, VIRTIO_MMIO_QUEUE_READY) == 0 && fake_driver_broken(w.vm));
+	fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	fake_driver_features_ok(w.vm);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_QUEUE_SEL, 1);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_QUEUE_NUM, 256);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_QUEUE_DESC_LOW, 0);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_QUEUE_DESC_HIGH, 1); /* 4 GiB: no RAM there */
+	fake_vm_mw(w.vm, VIRTIO_MMIO_QUEUE_READY, 1);
+	CHECK(fake_vm_mr(w.vm, VIRTIO_MMIO_QUEUE_READY) == 0 && fake_driver_broken(w.vm));
 	/* DRIVER_OK with no queues set up: the device breaks rather than touch them */
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 3);
-	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(w.vm, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0xb);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0xf);
-	mw(w.vm, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	fake_driver_features_ok(w.vm);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0xf);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
 	for (int i = 0; i < 5; i++)
-		loop_once(w.loop, 1);
-	CHECK(device_broken(&w));
+		fake_loop_once(w.loop, 1);
+	CHECK(fake_driver_broken(w.vm));
 	g_probe(&w.g);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	world_fini(&w);
 	printf("ok %s\n", cur_test);
 }
@@ -2103,7 +1718,7 @@ static void test_vsock_resets(void)
 	for (int k = 0; k < 50; k++)
 		step(&w);
 	CHECK(!w.g.c[0].used);
-	(void)mr(w.vm, 0x100); /* config space: guest_cid */
+	(void)fake_vm_mr(w.vm, 0x100); /* config space: guest_cid */
 	close(fd);
 	fd = client_open(&w, SMOLVM_AGENT_PORT, &gc);
 	CHECK(write(fd, "x", 1) == 1);
@@ -2111,7 +1726,7 @@ static void test_vsock_resets(void)
 
 	/* device reset by the driver drops connections; a fresh probe works */
 	fd2 = client_open(&w, 1000, &gc);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0);
 	WAIT(&w, client_eof(fd) && client_eof(fd2));
 	close(fd);
 	close(fd2);
@@ -2139,13 +1754,13 @@ static void test_vsock_threaded(void)
 	world_init(&w);
 	for (i = 0; i < N; i++)
 		xfer_start(&w, &x[i], 700000, (uint32_t)i + 100);
-	t0 = now_ms();
+	t0 = fake_test_now_ms();
 	do {
 		done = 0;
 		for (i = 0; i < N; i++)
 			done += xfer_step(&w, &x[i], (uint32_t)i + 100, 16384);
 		step(&w);
-		CHECK(now_ms() - t0 < 30000);
+		CHECK(fake_test_now_ms() - t0 < 30000);
 	} while (done < N);
 	for (i = 0; i < N; i++) {
 		xfer_check(&x[i]);
@@ -2155,7 +1770,7 @@ static void test_vsock_threaded(void)
 		WAIT(&w, x[i].gc->closed);
 	/* a device reset from the vCPU while the loop runs */
 	x[0].fd = client_open(&w, SMOLVM_AGENT_PORT, &x[0].gc);
-	mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+	fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0);
 	WAIT(&w, client_eof(x[0].fd));
 	close(x[0].fd);
 	world_fini(&w);
@@ -2173,7 +1788,7 @@ static void test_vsock_new_errors(void)
 
 	cur_test = "vsock_new errors";
 	CHECK(evloop_new(&loop) == 0);
-	vm = fake_vm_new(NULL);
+	vm = fake_vm_new(RAM_SIZE, NULL);
 	CHECK(vsock_new(vm, &cfg, &vs) == -EINVAL && !vs); /* no loop */
 	vm->loop = loop;
 	memset(longp, 'a', sizeof(longp) - 1);
@@ -2185,7 +1800,7 @@ static void test_vsock_new_errors(void)
 	cfg.uds_path = "/tmp/smolvm-test-x.sock";
 	cfg.guest_cid = 2;
 	CHECK(vsock_new(vm, &cfg, &vs) == -EINVAL);
-	CHECK(ev_count(loop) == 0 && vm->nr_mmio == 0);
+	CHECK(fake_loop_watches(loop) == 0 && vm->nr_mmio == 0);
 	fake_vm_free(vm);
 	evloop_free(loop);
 	printf("ok %s\n", cur_test);
@@ -2252,7 +1867,7 @@ int main(void)
 	struct evloop *l = NULL;
 
 	setvbuf(stdout, NULL, _IONBF, 0);
-	qvm = fake_vm_new(l);
+	qvm = fake_vm_new(RAM_SIZE, l);
 	test_queue();
 	fake_vm_free(qvm);
 	test_mmio(false);
