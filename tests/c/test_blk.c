@@ -19,142 +19,19 @@
 #include <linux/virtio_ring.h>
 
 #include "evloop.h"
+#include "fake_driver.h"
+#include "fake_snap.h"
+#include "fake_test.h"
+#include "fake_vm.h"
 #include "snapshot.h"
 #include "virtio/blk.h"
 #include "virtio/mmio.h"
 #include "virtio/queue.h"
 #include "vm.h"
 
-/* ------------------------------------------------------------------ harness */
-
-static const char *cur_test;
-
-#define CHECK(cond)                                                                              \
-	do {                                                                                     \
-		if (!(cond)) {                                                                   \
-			fprintf(stderr, "FAIL %s: %s:%d: %s\n", cur_test, __FILE__, __LINE__, #cond); \
-			exit(1);                                                                 \
-		}                                                                                \
-	} while (0)
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void fill_pattern(uint8_t *p, size_t len, uint32_t seed)
-{
-	uint32_t x = seed * 2654435761u + 1;
-	size_t i;
-
-	for (i = 0; i < len; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (uint8_t)x;
-	}
-}
-
-static bool all_bytes(const uint8_t *p, size_t len, uint8_t v)
-{
-	size_t i;
-
-	for (i = 0; i < len; i++)
-		if (p[i] != v)
-			return false;
-	return true;
-}
-
-/* ------------------------------------------------------------------ fakes: vm.h */
-
-static int irq_edges; /* vm_irq_line(gsi, 1) calls, from the loop thread */
-
-int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len, void (*access)(void *, uint64_t, void *, uint32_t, bool),
-		void *opaque)
-{
-	if (vm->nr_mmio >= VM_MAX_MMIO_DEVS)
-		return -ENOSPC;
-	vm->mmio[vm->nr_mmio++] = (struct vm_mmio_dev){ base, len, access, opaque };
-	return 0;
-}
-
-int vm_irq_line(struct vm *vm, uint32_t gsi, int level)
-{
-	(void)vm;
-	(void)gsi;
-	if (level)
-		__atomic_fetch_add(&irq_edges, 1, __ATOMIC_RELAXED);
-	return 0;
-}
-
-void vm_request_exit(struct vm *vm, int reason, const char *msg)
-{
-	vm->exit_reason = reason;
-	snprintf(vm->exit_msg, sizeof(vm->exit_msg), "%s", msg);
-}
-
-/* ------------------------------------------------------------------ fakes: snapshot.h (sections kept in memory) */
-
-#define SNAPS_MAX 16
-
-static struct {
-	uint32_t type, index, len;
-	_Alignas(8) uint8_t data[4096]; /* the real reader hands out 8-aligned sections */
-} snaps[SNAPS_MAX];
-static int nsnaps;
-
-void snap_put(struct snap_writer *w, uint32_t type, uint32_t index, const void *data, uint32_t len)
-{
-	(void)w;
-	CHECK(nsnaps < SNAPS_MAX && len <= sizeof(snaps[0].data));
-	snaps[nsnaps].type = type;
-	snaps[nsnaps].index = index;
-	snaps[nsnaps].len = len;
-	memcpy(snaps[nsnaps].data, data, len);
-	nsnaps++;
-}
-
-const void *snap_get(const struct snap_reader *r, uint32_t type, uint32_t index, uint32_t *len)
-{
-	int i;
-
-	(void)r;
-	for (i = 0; i < nsnaps; i++) {
-		if (snaps[i].type == type && snaps[i].index == index) {
-			*len = snaps[i].len;
-			return snaps[i].data;
-		}
-	}
-	return NULL;
-}
-
 #define RAM_SIZE (16u << 20)
 #define DISK_SIZE (8u << 20)
 #define DISK_SECTORS (DISK_SIZE / 512u)
-
-static struct vm *fake_vm_new(struct evloop *loop)
-{
-	struct vm *vm = calloc(1, sizeof(*vm));
-
-	CHECK(vm);
-	vm->kvm_fd = vm->vm_fd = -1; /* no KVM: ioeventfd/irqfd fall back */
-	vm->mem = aligned_alloc(4096, RAM_SIZE);
-	CHECK(vm->mem);
-	memset(vm->mem, 0, RAM_SIZE);
-	vm->mem_size = RAM_SIZE;
-	vm->loop = loop;
-	vm->console_fd = -1;
-	return vm;
-}
-
-static void fake_vm_free(struct vm *vm)
-{
-	free(vm->mem);
-	free(vm);
-}
 
 /* A sparse temporary disk image of `size` bytes; returns its fd (read-write), path in `path`. */
 static int disk_new(char *path, size_t cap, off_t size)
@@ -172,16 +49,10 @@ static int disk_new(char *path, size_t cap, off_t size)
 /* ------------------------------------------------------------------ fake guest: Linux virtio_blk over virtio-mmio */
 
 #define G_QSIZE 256u
-#define G_QBASE 0x10000ull  /* desc; avail at +0x1000, used at +0x2000 */
+#define G_QBASE FAKE_RING_BASE(0) /* desc; avail at +0x1000, used at +0x2000 */
 #define G_HDR 0x20000ull    /* 16-byte request headers, one per slot */
 #define G_STATUS 0x30000ull /* status bytes, one per slot */
 #define G_DATA 0x100000ull  /* data buffers: [1 MiB, 16 MiB) */
-
-struct gseg {
-	uint64_t gpa;
-	uint32_t len;
-	bool write;
-};
 
 struct world {
 	struct evloop *loop;
@@ -191,14 +62,7 @@ struct world {
 	char path[256];
 	int fd; /* the host's view of the disk */
 	bool ro;
-	/* the guest's queue */
-	struct vring_desc *desc;
-	struct vring_avail *avail;
-	struct vring_used *used;
-	uint16_t avail_idx, last_used;
-	uint16_t free_stack[G_QSIZE];
-	int nfree;
-	int tag[G_QSIZE];
+	struct fake_ring q; /* the guest's queue */
 };
 
 static uint8_t *gmem(struct world *w, uint64_t gpa)
@@ -206,206 +70,78 @@ static uint8_t *gmem(struct world *w, uint64_t gpa)
 	return w->vm->mem + gpa;
 }
 
-static struct vm_mmio_dev *dev_of(struct vm *vm)
-{
-	CHECK(vm->nr_mmio > 0);
-	return &vm->mmio[vm->nr_mmio - 1];
-}
-
-/* MMIO as a vCPU does it (this thread plays the vCPU). */
-static uint32_t mr(struct world *w, uint64_t off)
-{
-	struct vm_mmio_dev *d = dev_of(w->vm);
-	uint32_t v = 0xdeadbeef;
-
-	d->access(d->opaque, off, &v, 4, false);
-	return v;
-}
-
-static void mw(struct world *w, uint64_t off, uint32_t v)
-{
-	struct vm_mmio_dev *d = dev_of(w->vm);
-
-	d->access(d->opaque, off, &v, 4, true);
-}
-
 static uint64_t config_read64(struct world *w, uint32_t off)
 {
-	struct vm_mmio_dev *d = dev_of(w->vm);
 	uint64_t v = 0;
 
-	d->access(d->opaque, VIRTIO_MMIO_CONFIG + off, &v, 8, false);
+	fake_vm_access(w->vm, VIRTIO_MMIO_CONFIG + off, &v, 8, false);
 	return v;
-}
-
-static bool device_broken(struct world *w)
-{
-	return mr(w, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET;
-}
-
-static void gq_reset(struct world *w)
-{
-	int i;
-
-	memset(gmem(w, G_QBASE), 0, 0x3000);
-	w->desc = (void *)gmem(w, G_QBASE);
-	w->avail = (void *)gmem(w, G_QBASE + 0x1000);
-	w->used = (void *)gmem(w, G_QBASE + 0x2000);
-	w->avail_idx = w->last_used = 0;
-	w->nfree = 0;
-	for (i = G_QSIZE - 1; i >= 0; i--)
-		w->free_stack[w->nfree++] = (uint16_t)i;
 }
 
 /* Probe like drivers/virtio/virtio_mmio.c + drivers/block/virtio_blk.c. */
 static void g_probe(struct world *w)
 {
-	uint32_t lo, hi, want;
+	uint64_t features = fake_driver_negotiate(w->vm, 2);
+	uint32_t want = (1u << VIRTIO_BLK_F_SEG_MAX) | (1u << VIRTIO_BLK_F_FLUSH) | (w->ro ? 1u << VIRTIO_BLK_F_RO : 0);
 
-	CHECK(mr(w, VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976);
-	CHECK(mr(w, VIRTIO_MMIO_VERSION) == 2);
-	CHECK(mr(w, VIRTIO_MMIO_DEVICE_ID) == 2);
-	mw(w, VIRTIO_MMIO_STATUS, 0);
-	CHECK(mr(w, VIRTIO_MMIO_STATUS) == 0);
-	mw(w, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-	mw(w, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
-	mw(w, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-	hi = mr(w, VIRTIO_MMIO_DEVICE_FEATURES);
-	mw(w, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-	lo = mr(w, VIRTIO_MMIO_DEVICE_FEATURES);
-	CHECK(hi == 1); /* VERSION_1 */
-	want = (1u << VIRTIO_BLK_F_SEG_MAX) | (1u << VIRTIO_BLK_F_FLUSH) | (w->ro ? 1u << VIRTIO_BLK_F_RO : 0);
-	CHECK(lo == want);
-	mw(w, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(w, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-	mw(w, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-	mw(w, VIRTIO_MMIO_DRIVER_FEATURES, lo);
-	mw(w, VIRTIO_MMIO_STATUS, 0xb);
-	CHECK(mr(w, VIRTIO_MMIO_STATUS) == 0xb);
+	CHECK(features >> 32 == 1); /* VERSION_1 */
+	CHECK((uint32_t)features == want);
 	CHECK(config_read64(w, 0) == DISK_SECTORS);
 	CHECK((uint32_t)config_read64(w, 12) == VIRTQ_MAX_SEGS - 2);
-	gq_reset(w);
-	mw(w, VIRTIO_MMIO_QUEUE_SEL, 0);
-	CHECK(mr(w, VIRTIO_MMIO_QUEUE_READY) == 0);
-	CHECK(mr(w, VIRTIO_MMIO_QUEUE_NUM_MAX) >= G_QSIZE);
-	mw(w, VIRTIO_MMIO_QUEUE_NUM, G_QSIZE);
-	mw(w, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)G_QBASE);
-	mw(w, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
-	mw(w, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (uint32_t)G_QBASE + 0x1000);
-	mw(w, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
-	mw(w, VIRTIO_MMIO_QUEUE_USED_LOW, (uint32_t)G_QBASE + 0x2000);
-	mw(w, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
-	mw(w, VIRTIO_MMIO_QUEUE_READY, 1);
-	CHECK(mr(w, VIRTIO_MMIO_QUEUE_READY) == 1);
-	mw(w, VIRTIO_MMIO_STATUS, 0xf);
-	CHECK(mr(w, VIRTIO_MMIO_STATUS) == 0xf);
+	fake_ring_init(&w->q, w->vm, 0, G_QSIZE, G_QBASE);
+	fake_ring_setup(&w->q);
+	CHECK(fake_vm_mr(w->vm, VIRTIO_MMIO_QUEUE_READY) == 1);
+	fake_driver_ok(w->vm);
 }
 
-/* Post a chain; returns its head. */
-static int gq_add(struct world *w, const struct gseg *s, int n, int tag)
+/* Post a chain (CHECKed to fit); returns its head. */
+static int gq_add(struct world *w, const struct fake_seg *s, int n, int tag)
 {
-	uint16_t idx[128];
-	int k;
+	int head = fake_ring_add(&w->q, s, n, tag);
 
-	CHECK(n > 0 && n <= 128 && n <= w->nfree);
-	for (k = 0; k < n; k++)
-		idx[k] = w->free_stack[--w->nfree];
-	for (k = 0; k < n; k++) {
-		struct vring_desc *d = &w->desc[idx[k]];
-
-		d->addr = s[k].gpa;
-		d->len = s[k].len;
-		d->flags = (uint16_t)((s[k].write ? VRING_DESC_F_WRITE : 0) | (k + 1 < n ? VRING_DESC_F_NEXT : 0));
-		d->next = k + 1 < n ? idx[k + 1] : 0;
-	}
-	w->tag[idx[0]] = tag;
-	w->avail->ring[w->avail_idx % G_QSIZE] = idx[0];
-	w->avail_idx++;
-	__atomic_store_n(&w->avail->idx, w->avail_idx, __ATOMIC_RELEASE);
-	return idx[0];
-}
-
-static bool gq_used(struct world *w, int *tag, uint32_t *len)
-{
-	uint16_t idx = __atomic_load_n(&w->used->idx, __ATOMIC_ACQUIRE);
-	struct vring_used_elem e;
-	uint16_t i;
-	unsigned n;
-
-	if (idx == w->last_used)
-		return false;
-	e = w->used->ring[w->last_used % G_QSIZE];
-	w->last_used++;
-	CHECK(e.id < G_QSIZE);
-	for (i = (uint16_t)e.id, n = 0; n < G_QSIZE; n++) {
-		w->free_stack[w->nfree++] = i;
-		if (!(w->desc[i].flags & VRING_DESC_F_NEXT))
-			break;
-		i = w->desc[i].next;
-	}
-	*tag = w->tag[e.id];
-	*len = e.len;
-	return true;
-}
-
-static void g_kick(struct world *w)
-{
-	mw(w, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-}
-
-/* Wait for the next used entry; false if the device broke instead. */
-static bool g_wait(struct world *w, int *tag, uint32_t *len)
-{
-	int64_t t0 = now_ms();
-
-	while (!gq_used(w, tag, len)) {
-		if (device_broken(w))
-			return false;
-		CHECK(now_ms() - t0 < 10000);
-		poll(NULL, 0, 1);
-	}
-	return true;
+	CHECK(head >= 0);
+	return head;
 }
 
 /* Wait until the device sets DEVICE_NEEDS_RESET, checking it completes nothing meanwhile. */
 static void g_wait_broken(struct world *w)
 {
-	int64_t t0 = now_ms();
+	int64_t t0 = fake_test_now_ms();
 	int tag;
 	uint32_t len;
 
-	while (!device_broken(w)) {
-		CHECK(!gq_used(w, &tag, &len));
-		CHECK(now_ms() - t0 < 10000);
+	while (!fake_driver_broken(w->vm)) {
+		CHECK(!fake_ring_used(&w->q, &tag, &len));
+		CHECK(fake_test_now_ms() - t0 < 10000);
 		poll(NULL, 0, 1);
 	}
 }
 
 /* Header at slot's place, then `data` as given, then the slot's status byte (set to 0xff). */
-static int g_post(struct world *w, int slot, uint32_t type, uint64_t sector, const struct gseg *data, int ndata)
+static int g_post(struct world *w, int slot, uint32_t type, uint64_t sector, const struct fake_seg *data, int ndata)
 {
 	struct virtio_blk_outhdr h = { .type = type, .ioprio = 0, .sector = sector };
-	struct gseg s[128];
+	struct fake_seg s[128];
 	int n = 0, i;
 
 	memcpy(gmem(w, G_HDR + (uint64_t)slot * 16), &h, sizeof(h));
 	*gmem(w, G_STATUS + (uint64_t)slot) = 0xff;
-	s[n++] = (struct gseg){ G_HDR + (uint64_t)slot * 16, 16, false };
+	s[n++] = (struct fake_seg){ G_HDR + (uint64_t)slot * 16, 16, false };
 	for (i = 0; i < ndata; i++)
 		s[n++] = data[i];
-	s[n++] = (struct gseg){ G_STATUS + (uint64_t)slot, 1, true };
+	s[n++] = (struct fake_seg){ G_STATUS + (uint64_t)slot, 1, true };
 	return gq_add(w, s, n, slot);
 }
 
 /* One request, start to end: returns the status byte, used length in *len. */
-static int g_do(struct world *w, uint32_t type, uint64_t sector, const struct gseg *data, int ndata, uint32_t *len)
+static int g_do(struct world *w, uint32_t type, uint64_t sector, const struct fake_seg *data, int ndata, uint32_t *len)
 {
 	uint32_t l;
 	int tag;
 
 	g_post(w, 0, type, sector, data, ndata);
-	g_kick(w);
-	CHECK(g_wait(w, &tag, &l));
+	fake_ring_kick(&w->q);
+	CHECK(fake_ring_wait(&w->q, &tag, &l));
 	CHECK(tag == 0);
 	if (len)
 		*len = l;
@@ -413,7 +149,7 @@ static int g_do(struct world *w, uint32_t type, uint64_t sector, const struct gs
 }
 
 /* Split [gpa, gpa+len) into n segments of uneven sizes (none a multiple of 512 but the total). */
-static int g_split(struct gseg *s, int n, uint64_t gpa, uint32_t len, bool write)
+static int g_split(struct fake_seg *s, int n, uint64_t gpa, uint32_t len, bool write)
 {
 	uint32_t left = len, i;
 
@@ -422,7 +158,7 @@ static int g_split(struct gseg *s, int n, uint64_t gpa, uint32_t len, bool write
 
 		if (i + 1 == (uint32_t)n || piece >= left)
 			piece = left;
-		s[i] = (struct gseg){ gpa + (len - left), piece, write };
+		s[i] = (struct fake_seg){ gpa + (len - left), piece, write };
 		left -= piece;
 		if (!left)
 			return (int)i + 1;
@@ -433,7 +169,7 @@ static int g_split(struct gseg *s, int n, uint64_t gpa, uint32_t len, bool write
 /* Read or write len bytes at sector through a chain of nseg data segments. */
 static int g_io(struct world *w, uint32_t type, uint64_t sector, uint64_t gpa, uint32_t len, int nseg)
 {
-	struct gseg s[64];
+	struct fake_seg s[64];
 	int n = g_split(s, nseg, gpa, len, type == VIRTIO_BLK_T_IN);
 	uint32_t used;
 	int st = g_do(w, type, sector, s, n, &used);
@@ -456,7 +192,7 @@ static void world_init(struct world *w, bool ro, const char *serial)
 	w->ro = ro;
 	w->fd = disk_new(w->path, sizeof(w->path), DISK_SIZE);
 	CHECK(evloop_new(&w->loop) == 0);
-	w->vm = fake_vm_new(w->loop);
+	w->vm = fake_vm_new(RAM_SIZE, w->loop);
 	cfg.path = w->path;
 	CHECK(blk_new(w->vm, &cfg, &w->blk) == 0);
 	CHECK(blk_capacity(w->blk) == DISK_SECTORS);
@@ -473,6 +209,31 @@ static void world_fini(struct world *w)
 	evloop_free(w->loop);
 	close(w->fd);
 	unlink(w->path);
+}
+
+/* A new VMM process: same guest memory, a fresh loop (not running yet), no device. */
+static void world_reload(struct world *w)
+{
+	evloop_stop(w->loop);
+	CHECK(pthread_join(w->thread, NULL) == 0);
+	blk_free(w->blk);
+	w->blk = NULL;
+	evloop_free(w->loop);
+	CHECK(evloop_new(&w->loop) == 0);
+	w->vm->loop = w->loop;
+}
+
+/* Start the loop of a restored device and wait for the interrupt it owes the guest. */
+static void world_resume(struct world *w)
+{
+	int e0 = fake_vm_irq_edges(w->vm);
+	int64_t t0 = fake_test_now_ms();
+
+	CHECK(pthread_create(&w->thread, NULL, loop_main, w->loop) == 0);
+	while (fake_vm_irq_edges(w->vm) == e0) {
+		CHECK(fake_test_now_ms() - t0 < 10000);
+		poll(NULL, 0, 1);
+	}
 }
 
 static void host_read(struct world *w, uint64_t off, void *buf, size_t len)
@@ -498,7 +259,7 @@ static void test_roundtrip(void)
 	for (nseg = 1; nseg <= 62; nseg += 7) {
 		uint64_t sector = 100 + (uint64_t)nseg * 200;
 
-		fill_pattern(want, len, (uint32_t)nseg);
+		fake_test_pattern(want, len, (uint32_t)nseg);
 		memcpy(src, want, len);
 		CHECK(g_io(&w, VIRTIO_BLK_T_OUT, sector, G_DATA, len, nseg) == VIRTIO_BLK_S_OK);
 		host_read(&w, sector * 512, got, len);
@@ -506,65 +267,65 @@ static void test_roundtrip(void)
 		memset(dst, 0xaa, len + 512);
 		CHECK(g_io(&w, VIRTIO_BLK_T_IN, sector, G_DATA + (2u << 20), len, 63 - nseg) == VIRTIO_BLK_S_OK);
 		CHECK(memcmp(dst, want, len) == 0);
-		CHECK(all_bytes(dst + len, 512, 0xaa)); /* nothing past the request */
+		CHECK(fake_test_all(dst + len, 512, 0xaa)); /* nothing past the request */
 	}
 
 	/* the host's bytes reach the guest; a hole of the sparse file reads as zeros */
-	fill_pattern(want, 4096, 77);
+	fake_test_pattern(want, 4096, 77);
 	CHECK(pwrite(w.fd, want, 4096, 7000 * 512) == 4096);
 	memset(dst, 0xaa, 8192);
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, 7000, G_DATA + (2u << 20), 8192, 3) == VIRTIO_BLK_S_OK);
 	CHECK(memcmp(dst, want, 4096) == 0);
-	CHECK(all_bytes(dst + 4096, 4096, 0));
+	CHECK(fake_test_all(dst + 4096, 4096, 0));
 
 	/* other layouts: header and data in one descriptor, data and status in one */
 	{
 		struct virtio_blk_outhdr h = { .type = VIRTIO_BLK_T_OUT, .sector = 9000 };
-		struct gseg s[2];
+		struct fake_seg s[2];
 		int tag;
 		uint32_t used;
 
 		memcpy(src, &h, 16);
-		fill_pattern(src + 16, 1024, 5);
+		fake_test_pattern(src + 16, 1024, 5);
 		memcpy(want, src + 16, 1024);
-		s[0] = (struct gseg){ G_DATA, 16 + 1024, false };
-		s[1] = (struct gseg){ G_DATA + 4096, 1, true };
+		s[0] = (struct fake_seg){ G_DATA, 16 + 1024, false };
+		s[1] = (struct fake_seg){ G_DATA + 4096, 1, true };
 		src[4096] = 0xff;
 		gq_add(&w, s, 2, 7);
-		g_kick(&w);
-		CHECK(g_wait(&w, &tag, &used) && tag == 7 && used == 1 && src[4096] == VIRTIO_BLK_S_OK);
+		fake_ring_kick(&w.q);
+		CHECK(fake_ring_wait(&w.q, &tag, &used) && tag == 7 && used == 1 && src[4096] == VIRTIO_BLK_S_OK);
 		host_read(&w, 9000 * 512, got, 1024);
 		CHECK(memcmp(got, want, 1024) == 0);
 
 		h.type = VIRTIO_BLK_T_IN;
 		memcpy(src, &h, 16);
 		memset(dst, 0xaa, 2048);
-		s[0] = (struct gseg){ G_DATA, 16, false };
-		s[1] = (struct gseg){ G_DATA + (2u << 20), 1024 + 1, true };
+		s[0] = (struct fake_seg){ G_DATA, 16, false };
+		s[1] = (struct fake_seg){ G_DATA + (2u << 20), 1024 + 1, true };
 		gq_add(&w, s, 2, 8);
-		g_kick(&w);
-		CHECK(g_wait(&w, &tag, &used) && tag == 8 && used == 1025 && dst[1024] == VIRTIO_BLK_S_OK);
+		fake_ring_kick(&w.q);
+		CHECK(fake_ring_wait(&w.q, &tag, &used) && tag == 8 && used == 1025 && dst[1024] == VIRTIO_BLK_S_OK);
 		CHECK(memcmp(dst, want, 1024) == 0);
 
 		/* the header itself split over two descriptors */
-		struct gseg t[4] = { { G_DATA, 8, false }, { G_DATA + 8, 8, false },
+		struct fake_seg t[4] = { { G_DATA, 8, false }, { G_DATA + 8, 8, false },
 				     { G_DATA + (2u << 20), 1024, true }, { G_DATA + 4096, 1, true } };
 
 		memset(dst, 0xaa, 1024);
 		src[4096] = 0xff;
 		gq_add(&w, t, 4, 9);
-		g_kick(&w);
-		CHECK(g_wait(&w, &tag, &used) && tag == 9 && used == 1025 && src[4096] == VIRTIO_BLK_S_OK);
+		fake_ring_kick(&w.q);
+		CHECK(fake_ring_wait(&w.q, &tag, &used) && tag == 9 && used == 1025 && src[4096] == VIRTIO_BLK_S_OK);
 		CHECK(memcmp(dst, want, 1024) == 0);
 	}
 
 	/* the last sector; zero-length transfers are fine anywhere up to the end */
-	fill_pattern(src, 512, 9);
+	fake_test_pattern(src, 512, 9);
 	CHECK(g_io(&w, VIRTIO_BLK_T_OUT, DISK_SECTORS - 1, G_DATA, 512, 2) == VIRTIO_BLK_S_OK);
 	host_read(&w, DISK_SIZE - 512, got, 512);
 	CHECK(memcmp(got, src, 512) == 0);
 	CHECK(g_do(&w, VIRTIO_BLK_T_IN, DISK_SECTORS, NULL, 0, NULL) == VIRTIO_BLK_S_OK);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	world_fini(&w);
 	free(want);
 	free(got);
@@ -583,43 +344,43 @@ static void test_many_in_flight(void)
 	world_init(&w, false, NULL);
 	/* writes to distinct places (5 descriptors each), all posted before one kick */
 	for (i = 0; i < N; i++) {
-		struct gseg s[3];
+		struct fake_seg s[3];
 		int n = g_split(s, 3, G_DATA + (uint64_t)i * SZ / 4, SZ / 4, false);
 
-		fill_pattern(gmem(&w, G_DATA + (uint64_t)i * SZ / 4), SZ / 4, (uint32_t)i + 1000);
+		fake_test_pattern(gmem(&w, G_DATA + (uint64_t)i * SZ / 4), SZ / 4, (uint32_t)i + 1000);
 		g_post(&w, i, VIRTIO_BLK_T_OUT, (uint64_t)i * (SZ / 512), s, n);
 	}
-	edges0 = __atomic_load_n(&irq_edges, __ATOMIC_RELAXED);
-	g_kick(&w);
+	edges0 = fake_vm_irq_edges(w.vm);
+	fake_ring_kick(&w.q);
 	for (i = 0; i < N; i++) {
 		int tag;
 		uint32_t len;
 
-		CHECK(g_wait(&w, &tag, &len));
+		CHECK(fake_ring_wait(&w.q, &tag, &len));
 		CHECK(tag >= 0 && tag < N && !seen[tag] && len == 1);
 		CHECK(*gmem(&w, G_STATUS + (uint64_t)tag) == VIRTIO_BLK_S_OK);
 		seen[tag] = true;
 	}
-	CHECK(__atomic_load_n(&irq_edges, __ATOMIC_RELAXED) > edges0);
+	CHECK(fake_vm_irq_edges(w.vm) > edges0);
 	/* and read them all back at once, larger than written: the rest is a hole */
 	memset(gmem(&w, G_DATA), 0xaa, (size_t)N * SZ);
 	for (i = 0; i < N; i++) {
-		struct gseg s = { G_DATA + (uint64_t)i * SZ, SZ, true };
+		struct fake_seg s = { G_DATA + (uint64_t)i * SZ, SZ, true };
 
 		g_post(&w, i, VIRTIO_BLK_T_IN, (uint64_t)i * (SZ / 512), &s, 1);
 	}
-	g_kick(&w);
+	fake_ring_kick(&w.q);
 	for (i = 0; i < N; i++) {
 		int tag;
 		uint32_t len;
 
-		CHECK(g_wait(&w, &tag, &len) && len == SZ + 1);
+		CHECK(fake_ring_wait(&w.q, &tag, &len) && len == SZ + 1);
 		CHECK(*gmem(&w, G_STATUS + (uint64_t)tag) == VIRTIO_BLK_S_OK);
 	}
 	for (i = 0; i < N; i++) {
-		fill_pattern(buf, SZ / 4, (uint32_t)i + 1000);
+		fake_test_pattern(buf, SZ / 4, (uint32_t)i + 1000);
 		CHECK(memcmp(gmem(&w, G_DATA + (uint64_t)i * SZ), buf, SZ / 4) == 0);
-		CHECK(all_bytes(gmem(&w, G_DATA + (uint64_t)i * SZ + SZ / 4), SZ - SZ / 4, 0));
+		CHECK(fake_test_all(gmem(&w, G_DATA + (uint64_t)i * SZ + SZ / 4), SZ - SZ / 4, 0));
 	}
 	world_fini(&w);
 	free(buf);
@@ -628,7 +389,7 @@ static void test_many_in_flight(void)
 static void test_flush_get_id_unsupp(void)
 {
 	struct world w;
-	struct gseg id = { G_DATA, 20, true };
+	struct fake_seg id = { G_DATA, 20, true };
 	uint32_t len;
 	uint32_t types[] = { VIRTIO_BLK_T_SCSI_CMD, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES,
 			     VIRTIO_BLK_T_SECURE_ERASE, 99, VIRTIO_BLK_T_BARRIER | VIRTIO_BLK_T_OUT };
@@ -647,7 +408,7 @@ static void test_flush_get_id_unsupp(void)
 	CHECK(g_do(&w, VIRTIO_BLK_T_GET_ID, 0, &id, 1, &len) == VIRTIO_BLK_S_OK && len == 6);
 	CHECK(memcmp(gmem(&w, G_DATA), "smolv\xaa", 6) == 0);
 	for (i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
-		struct gseg d = { G_DATA, 512, false };
+		struct fake_seg d = { G_DATA, 512, false };
 
 		CHECK(g_do(&w, types[i], 0, &d, 1, &len) == VIRTIO_BLK_S_UNSUPP && len == 1);
 	}
@@ -655,11 +416,11 @@ static void test_flush_get_id_unsupp(void)
 	id.write = false;
 	CHECK(g_do(&w, VIRTIO_BLK_T_FLUSH, 0, &id, 1, NULL) == VIRTIO_BLK_S_IOERR);
 	CHECK(g_do(&w, VIRTIO_BLK_T_GET_ID, 0, &id, 1, NULL) == VIRTIO_BLK_S_IOERR);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	world_fini(&w);
 
 	world_init(&w, false, "01234567890123456789"); /* exactly 20 bytes: no NUL */
-	id = (struct gseg){ G_DATA, 32, true };
+	id = (struct fake_seg){ G_DATA, 32, true };
 	memset(gmem(&w, G_DATA), 0xaa, 64);
 	CHECK(g_do(&w, VIRTIO_BLK_T_GET_ID, 0, &id, 1, &len) == VIRTIO_BLK_S_OK && len == 21);
 	CHECK(memcmp(gmem(&w, G_DATA), "01234567890123456789\xaa", 21) == 0);
@@ -671,16 +432,16 @@ static void test_bad_requests(void)
 {
 	struct world w;
 	uint8_t *before = malloc(DISK_SIZE), *after = malloc(DISK_SIZE);
-	struct gseg s[64];
+	struct fake_seg s[64];
 	uint32_t len;
 	int i;
 
 	cur_test = "bad_requests";
 	CHECK(before && after);
 	world_init(&w, false, NULL);
-	fill_pattern(before, DISK_SIZE, 3);
+	fake_test_pattern(before, DISK_SIZE, 3);
 	CHECK(pwrite(w.fd, before, DISK_SIZE, 0) == DISK_SIZE);
-	fill_pattern(gmem(&w, G_DATA), 1u << 20, 4);
+	fake_test_pattern(gmem(&w, G_DATA), 1u << 20, 4);
 
 	/* out of range: at the end, straddling it, far beyond, and sector * 512 or sector + n overflowing */
 	CHECK(g_io(&w, VIRTIO_BLK_T_OUT, DISK_SECTORS, G_DATA, 512, 1) == VIRTIO_BLK_S_IOERR);
@@ -698,18 +459,18 @@ static void test_bad_requests(void)
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, 10, G_DATA, 513, 2) == VIRTIO_BLK_S_IOERR);
 
 	/* data of the wrong direction */
-	s[0] = (struct gseg){ G_DATA, 512, false };
+	s[0] = (struct fake_seg){ G_DATA, 512, false };
 	CHECK(g_do(&w, VIRTIO_BLK_T_IN, 10, s, 1, NULL) == VIRTIO_BLK_S_IOERR);
 	s[0].write = true;
 	memset(gmem(&w, G_DATA), 0x11, 512);
 	CHECK(g_do(&w, VIRTIO_BLK_T_OUT, 10, s, 1, NULL) == VIRTIO_BLK_S_IOERR);
-	CHECK(all_bytes(gmem(&w, G_DATA), 512, 0x11));
+	CHECK(fake_test_all(gmem(&w, G_DATA), 512, 0x11));
 
 	/* more data than BLK_MAX_DATA: 62 segments of 4 MiB, all over the same guest pages */
 	for (i = 0; i < 62; i++)
-		s[i] = (struct gseg){ G_DATA, 4u << 20, true };
+		s[i] = (struct fake_seg){ G_DATA, 4u << 20, true };
 	CHECK(g_do(&w, VIRTIO_BLK_T_IN, 0, s, 62, NULL) == VIRTIO_BLK_S_IOERR);
-	CHECK(all_bytes(gmem(&w, G_DATA), 512, 0x11)); /* untouched */
+	CHECK(fake_test_all(gmem(&w, G_DATA), 512, 0x11)); /* untouched */
 	for (i = 0; i < 62; i++)
 		s[i].write = false;
 	CHECK(g_do(&w, VIRTIO_BLK_T_OUT, 0, s, 62, NULL) == VIRTIO_BLK_S_IOERR);
@@ -717,21 +478,21 @@ static void test_bad_requests(void)
 	/* header too short (8 bytes), or none at all */
 	{
 		int tag;
-		struct gseg c[2] = { { G_HDR, 8, false }, { G_STATUS, 1, true } };
+		struct fake_seg c[2] = { { G_HDR, 8, false }, { G_STATUS, 1, true } };
 
 		*gmem(&w, G_STATUS) = 0xff;
 		memset(gmem(&w, G_HDR), 0, 16); /* would be a valid IN of sector 0 if 16 bytes long */
 		gq_add(&w, c, 2, 1);
-		g_kick(&w);
-		CHECK(g_wait(&w, &tag, &len) && tag == 1 && len == 1);
+		fake_ring_kick(&w.q);
+		CHECK(fake_ring_wait(&w.q, &tag, &len) && tag == 1 && len == 1);
 		CHECK(*gmem(&w, G_STATUS) == VIRTIO_BLK_S_IOERR);
 		*gmem(&w, G_STATUS) = 0xff;
 		gq_add(&w, c + 1, 1, 2);
-		g_kick(&w);
-		CHECK(g_wait(&w, &tag, &len) && tag == 2 && len == 1);
+		fake_ring_kick(&w.q);
+		CHECK(fake_ring_wait(&w.q, &tag, &len) && tag == 2 && len == 1);
 		CHECK(*gmem(&w, G_STATUS) == VIRTIO_BLK_S_IOERR);
 	}
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	host_read(&w, 0, after, DISK_SIZE);
 	CHECK(memcmp(before, after, DISK_SIZE) == 0);
 	world_fini(&w);
@@ -743,7 +504,7 @@ static void test_bad_requests(void)
 static void test_device_errors(void)
 {
 	struct world w;
-	struct gseg s[80];
+	struct fake_seg s[80];
 	int i, round;
 
 	cur_test = "device_errors";
@@ -754,58 +515,58 @@ static void test_device_errors(void)
 
 		switch (round) {
 		case 0: /* status not writable */
-			s[0] = (struct gseg){ G_HDR, 16, false };
-			s[1] = (struct gseg){ G_STATUS, 1, false };
+			s[0] = (struct fake_seg){ G_HDR, 16, false };
+			s[1] = (struct fake_seg){ G_STATUS, 1, false };
 			n = 2;
 			break;
 		case 1: /* writable status of length 0 */
-			s[0] = (struct gseg){ G_HDR, 16, false };
-			s[1] = (struct gseg){ G_DATA, 512, true };
-			s[2] = (struct gseg){ G_STATUS, 0, true };
+			s[0] = (struct fake_seg){ G_HDR, 16, false };
+			s[1] = (struct fake_seg){ G_DATA, 512, true };
+			s[2] = (struct fake_seg){ G_STATUS, 0, true };
 			n = 3;
 			break;
 		case 2: /* readable after writable (status not last) */
-			s[0] = (struct gseg){ G_HDR, 16, false };
-			s[1] = (struct gseg){ G_STATUS, 1, true };
-			s[2] = (struct gseg){ G_DATA, 512, false };
+			s[0] = (struct fake_seg){ G_HDR, 16, false };
+			s[1] = (struct fake_seg){ G_STATUS, 1, true };
+			s[2] = (struct fake_seg){ G_DATA, 512, false };
 			n = 3;
 			break;
 		case 3: /* chain too long: header, 70 data segments, status */
-			s[0] = (struct gseg){ G_HDR, 16, false };
+			s[0] = (struct fake_seg){ G_HDR, 16, false };
 			for (i = 1; i <= 70; i++)
-				s[i] = (struct gseg){ G_DATA + (uint64_t)i * 512, 512, true };
-			s[71] = (struct gseg){ G_STATUS, 1, true };
+				s[i] = (struct fake_seg){ G_DATA + (uint64_t)i * 512, 512, true };
+			s[71] = (struct fake_seg){ G_STATUS, 1, true };
 			n = 72;
 			break;
 		case 4: /* data descriptor running off the end of RAM */
-			s[0] = (struct gseg){ G_HDR, 16, false };
-			s[1] = (struct gseg){ RAM_SIZE - 100, 512, true };
-			s[2] = (struct gseg){ G_STATUS, 1, true };
+			s[0] = (struct fake_seg){ G_HDR, 16, false };
+			s[1] = (struct fake_seg){ RAM_SIZE - 100, 512, true };
+			s[2] = (struct fake_seg){ G_STATUS, 1, true };
 			n = 3;
 			break;
 		case 5: /* data descriptor in the MMIO gap / far above RAM */
-			s[0] = (struct gseg){ G_HDR, 16, false };
-			s[1] = (struct gseg){ VM_GAP_START, 512, true };
-			s[2] = (struct gseg){ UINT64_MAX - 100, 512, true };
-			s[3] = (struct gseg){ G_STATUS, 1, true };
+			s[0] = (struct fake_seg){ G_HDR, 16, false };
+			s[1] = (struct fake_seg){ VM_GAP_START, 512, true };
+			s[2] = (struct fake_seg){ UINT64_MAX - 100, 512, true };
+			s[3] = (struct fake_seg){ G_STATUS, 1, true };
 			n = 4;
 			break;
 		default: /* status byte outside RAM */
-			s[0] = (struct gseg){ G_HDR, 16, false };
-			s[1] = (struct gseg){ RAM_SIZE, 1, true };
+			s[0] = (struct fake_seg){ G_HDR, 16, false };
+			s[1] = (struct fake_seg){ RAM_SIZE, 1, true };
 			n = 2;
 			break;
 		}
 		memset(gmem(&w, G_HDR), 0, 16); /* VIRTIO_BLK_T_IN, sector 0 */
 		*gmem(&w, G_STATUS) = 0xff;
 		gq_add(&w, s, n, round);
-		g_kick(&w);
+		fake_ring_kick(&w.q);
 		g_wait_broken(&w);
 		CHECK(*gmem(&w, G_STATUS) == 0xff);
 		/* a reset brings it back */
 		g_probe(&w);
-		CHECK(!device_broken(&w));
-		s[0] = (struct gseg){ G_DATA, 1024, true };
+		CHECK(!fake_driver_broken(w.vm));
+		s[0] = (struct fake_seg){ G_DATA, 1024, true };
 		CHECK(g_do(&w, VIRTIO_BLK_T_IN, 0, s, 1, &len) == VIRTIO_BLK_S_OK && len == 1025);
 	}
 	world_fini(&w);
@@ -821,18 +582,18 @@ static void test_read_only(void)
 	cur_test = "read_only";
 	CHECK(before && after);
 	world_init(&w, true, NULL);
-	fill_pattern(before, DISK_SIZE, 11);
+	fake_test_pattern(before, DISK_SIZE, 11);
 	CHECK(pwrite(w.fd, before, DISK_SIZE, 0) == DISK_SIZE);
 	CHECK(fstat(w.fd, &st0) == 0);
 	poll(NULL, 0, 20); /* so a write would move the mtime */
-	fill_pattern(gmem(&w, G_DATA), 8192, 12);
+	fake_test_pattern(gmem(&w, G_DATA), 8192, 12);
 	CHECK(g_io(&w, VIRTIO_BLK_T_OUT, 0, G_DATA, 4096, 3) == VIRTIO_BLK_S_IOERR);
 	CHECK(g_io(&w, VIRTIO_BLK_T_OUT, 100, G_DATA, 512, 1) == VIRTIO_BLK_S_IOERR);
 	CHECK(g_io(&w, VIRTIO_BLK_T_OUT, DISK_SECTORS, G_DATA, 512, 1) == VIRTIO_BLK_S_IOERR);
 	CHECK(g_do(&w, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, &len) == VIRTIO_BLK_S_OK && len == 1);
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, 8, G_DATA, 8192, 4) == VIRTIO_BLK_S_OK);
 	CHECK(memcmp(gmem(&w, G_DATA), before + 8 * 512, 8192) == 0);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	host_read(&w, 0, after, DISK_SIZE);
 	CHECK(memcmp(before, after, DISK_SIZE) == 0);
 	CHECK(fstat(w.fd, &st1) == 0);
@@ -850,17 +611,17 @@ static void test_eof_zero_fill(void)
 
 	cur_test = "eof_zero_fill";
 	world_init(&w, false, NULL);
-	fill_pattern(buf, sizeof(buf), 21);
+	fake_test_pattern(buf, sizeof(buf), 21);
 	CHECK(pwrite(w.fd, buf, sizeof(buf), (4u << 20) - 1024) == 1024);
 	CHECK(ftruncate(w.fd, 4u << 20) == 0);
 	memset(gmem(&w, G_DATA), 0xaa, 16384);
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, ((4u << 20) - 1024) / 512, G_DATA, 8192, 5) == VIRTIO_BLK_S_OK);
 	CHECK(memcmp(gmem(&w, G_DATA), buf, 1024) == 0);
-	CHECK(all_bytes(gmem(&w, G_DATA + 1024), 8192 - 1024, 0));
-	CHECK(all_bytes(gmem(&w, G_DATA + 8192), 8192, 0xaa));
+	CHECK(fake_test_all(gmem(&w, G_DATA + 1024), 8192 - 1024, 0));
+	CHECK(fake_test_all(gmem(&w, G_DATA + 8192), 8192, 0xaa));
 	memset(gmem(&w, G_DATA), 0xaa, 16384);
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, (6u << 20) / 512, G_DATA, 4096, 2) == VIRTIO_BLK_S_OK);
-	CHECK(all_bytes(gmem(&w, G_DATA), 4096, 0));
+	CHECK(fake_test_all(gmem(&w, G_DATA), 4096, 0));
 	world_fini(&w);
 }
 
@@ -880,7 +641,7 @@ static void test_reset_in_flight(void)
 		uint8_t *pat = malloc(DISK_SIZE);
 
 		CHECK(pat);
-		fill_pattern(pat, DISK_SIZE, 31);
+		fake_test_pattern(pat, DISK_SIZE, 31);
 		CHECK(pwrite(w.fd, pat, DISK_SIZE, 0) == DISK_SIZE);
 		free(pat);
 	}
@@ -889,24 +650,24 @@ static void test_reset_in_flight(void)
 		CHECK(fdatasync(w.fd) == 0);
 		posix_fadvise(w.fd, 0, 0, POSIX_FADV_DONTNEED);
 		for (i = 0; i < N; i++) {
-			struct gseg s[3];
+			struct fake_seg s[3];
 			int n = g_split(s, 3, G_DATA + (uint64_t)i * SZ, SZ, true);
 
 			g_post(&w, i, VIRTIO_BLK_T_IN, (uint64_t)((i * 7 + round) % 32) * (SZ / 512), s, n);
 		}
-		g_kick(&w);
+		fake_ring_kick(&w.q);
 		if (round % 4)
 			poll(NULL, 0, round % 4 - 1); /* catch some of them done, some not */
-		mw(&w, VIRTIO_MMIO_STATUS, 0);
-		CHECK(mr(&w, VIRTIO_MMIO_STATUS) == 0);
+		fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0);
+		CHECK(fake_vm_mr(w.vm, VIRTIO_MMIO_STATUS) == 0);
 		/* the reset is done: the guest owns all of this again */
 		memset(gmem(&w, G_DATA), 0x5a, (size_t)N * SZ);
 		memset(gmem(&w, G_STATUS), 0xee, N);
 		memset(gmem(&w, G_QBASE + 0x2000), 0, 0x1000);
 		poll(NULL, 0, 30);
-		CHECK(all_bytes(gmem(&w, G_DATA), (size_t)N * SZ, 0x5a));
-		CHECK(all_bytes(gmem(&w, G_STATUS), N, 0xee));
-		CHECK(all_bytes(gmem(&w, G_QBASE + 0x2000), 0x1000, 0));
+		CHECK(fake_test_all(gmem(&w, G_DATA), (size_t)N * SZ, 0x5a));
+		CHECK(fake_test_all(gmem(&w, G_STATUS), N, 0xee));
+		CHECK(fake_test_all(gmem(&w, G_QBASE + 0x2000), 0x1000, 0));
 		g_probe(&w);
 	}
 	/* and the device still works */
@@ -917,11 +678,11 @@ static void test_reset_in_flight(void)
 
 	/* free with requests in flight: blk_free waits for them */
 	for (i = 0; i < N; i++) {
-		struct gseg s = { G_DATA + (uint64_t)i * SZ, SZ, true };
+		struct fake_seg s = { G_DATA + (uint64_t)i * SZ, SZ, true };
 
 		g_post(&w, i, VIRTIO_BLK_T_IN, (uint64_t)(i % 32) * (SZ / 512), &s, 1);
 	}
-	g_kick(&w);
+	fake_ring_kick(&w.q);
 	world_fini(&w);
 }
 
@@ -929,24 +690,24 @@ static void test_reset_in_flight(void)
 static void test_no_interrupt(void)
 {
 	struct world w;
-	struct gseg s = { G_DATA, 4096, true };
+	struct fake_seg s = { G_DATA, 4096, true };
 	int tag, e0;
 	uint32_t len;
 
 	cur_test = "no_interrupt";
 	world_init(&w, false, NULL);
-	__atomic_store_n(&w.avail->flags, VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_SEQ_CST);
-	e0 = __atomic_load_n(&irq_edges, __ATOMIC_RELAXED);
+	__atomic_store_n(&w.q.avail->flags, VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_SEQ_CST);
+	e0 = fake_vm_irq_edges(w.vm);
 	g_post(&w, 0, VIRTIO_BLK_T_IN, 0, &s, 1);
-	g_kick(&w);
-	CHECK(g_wait(&w, &tag, &len) && len == 4097);
-	CHECK(__atomic_load_n(&irq_edges, __ATOMIC_RELAXED) == e0);
-	__atomic_store_n(&w.avail->flags, 0, __ATOMIC_SEQ_CST);
+	fake_ring_kick(&w.q);
+	CHECK(fake_ring_wait(&w.q, &tag, &len) && len == 4097);
+	CHECK(fake_vm_irq_edges(w.vm) == e0);
+	__atomic_store_n(&w.q.avail->flags, 0, __ATOMIC_SEQ_CST);
 	g_post(&w, 0, VIRTIO_BLK_T_IN, 0, &s, 1);
-	g_kick(&w);
-	CHECK(g_wait(&w, &tag, &len) && len == 4097);
-	CHECK(__atomic_load_n(&irq_edges, __ATOMIC_RELAXED) > e0);
-	CHECK(mr(&w, VIRTIO_MMIO_INTERRUPT_STATUS) & 1);
+	fake_ring_kick(&w.q);
+	CHECK(fake_ring_wait(&w.q, &tag, &len) && len == 4097);
+	CHECK(fake_vm_irq_edges(w.vm) > e0);
+	CHECK(fake_vm_mr(w.vm, VIRTIO_MMIO_INTERRUPT_STATUS) & 1);
 	world_fini(&w);
 }
 
@@ -964,41 +725,35 @@ static void test_save_restore(void)
 	struct world w;
 	struct blk *other = NULL;
 	uint8_t *pat = malloc(DISK_SIZE);
-	int i, e0;
+	int i;
 
 	cur_test = "save_restore";
 	CHECK(pat);
-	nsnaps = 0;
+	fake_snap_clear();
 	world_init(&w, false, NULL);
-	fill_pattern(pat, DISK_SIZE, 41);
+	fake_test_pattern(pat, DISK_SIZE, 41);
 	CHECK(pwrite(w.fd, pat, DISK_SIZE, 0) == DISK_SIZE);
 	memset(gmem(&w, G_DATA), 0xaa, (size_t)N * SZ);
 	for (i = 0; i < N; i++) {
-		struct gseg s = { G_DATA + (uint64_t)i * SZ, SZ, true };
+		struct fake_seg s = { G_DATA + (uint64_t)i * SZ, SZ, true };
 
 		g_post(&w, i, VIRTIO_BLK_T_IN, (uint64_t)i * (SZ / 512), &s, 1);
 		if (i == N / 2)
-			g_kick(&w); /* the second half is posted but never kicked */
+			fake_ring_kick(&w.q); /* the second half is posted but never kicked */
 	}
 	blk_save(w.blk, &wr, 1);
-	CHECK(__atomic_load_n(&w.used->idx, __ATOMIC_ACQUIRE) == N); /* all done, no waiting */
+	CHECK(__atomic_load_n(&w.q.used->idx, __ATOMIC_ACQUIRE) == N); /* all done, no waiting */
 	for (i = 0; i < N; i++) {
 		int tag;
 		uint32_t len;
 
-		CHECK(gq_used(&w, &tag, &len) && len == SZ + 1);
+		CHECK(fake_ring_used(&w.q, &tag, &len) && len == SZ + 1);
 		CHECK(*gmem(&w, G_STATUS + (uint64_t)tag) == VIRTIO_BLK_S_OK);
 		CHECK(memcmp(gmem(&w, G_DATA + (uint64_t)tag * SZ), pat + (size_t)tag * SZ, SZ) == 0);
 	}
 	CHECK(snap_get(&rd, SNAP_DEV_MMIO, 1, &(uint32_t){ 0 }) && snap_get(&rd, SNAP_DEV_BLK, 1, &(uint32_t){ 0 }));
 
-	/* a new VMM process: same guest memory, fresh loop and device */
-	evloop_stop(w.loop);
-	CHECK(pthread_join(w.thread, NULL) == 0);
-	blk_free(w.blk);
-	evloop_free(w.loop);
-	CHECK(evloop_new(&w.loop) == 0);
-	w.vm->loop = w.loop;
+	world_reload(&w);
 	cfg.path = w.path;
 	CHECK(ftruncate(w.fd, DISK_SIZE * 2) == 0); /* another disk: refused */
 	CHECK(blk_new(w.vm, &cfg, &other) == 0);
@@ -1013,22 +768,13 @@ static void test_save_restore(void)
 	CHECK(blk_new(w.vm, &cfg, &w.blk) == 0);
 	CHECK(blk_restore(w.blk, &rd, 2) == -EINVAL); /* no such slot */
 	CHECK(blk_restore(w.blk, &rd, 1) == 0);
-	CHECK(mr(&w, VIRTIO_MMIO_STATUS) == 0xf);
-	e0 = __atomic_load_n(&irq_edges, __ATOMIC_RELAXED);
-	CHECK(pthread_create(&w.thread, NULL, loop_main, w.loop) == 0);
-	{
-		int64_t t0 = now_ms();
-
-		while (__atomic_load_n(&irq_edges, __ATOMIC_RELAXED) == e0) {
-			CHECK(now_ms() - t0 < 10000);
-			poll(NULL, 0, 1);
-		}
-	}
-	fill_pattern(gmem(&w, G_DATA), 4096, 42);
+	CHECK(fake_vm_mr(w.vm, VIRTIO_MMIO_STATUS) == 0xf);
+	world_resume(&w);
+	fake_test_pattern(gmem(&w, G_DATA), 4096, 42);
 	CHECK(g_io(&w, VIRTIO_BLK_T_OUT, 5, G_DATA, 4096, 3) == VIRTIO_BLK_S_OK);
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, 5, G_DATA + SZ, 4096, 2) == VIRTIO_BLK_S_OK);
 	CHECK(memcmp(gmem(&w, G_DATA), gmem(&w, G_DATA + SZ), 4096) == 0);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	world_fini(&w);
 	free(pat);
 }
@@ -1043,21 +789,15 @@ static void test_restore_resized(void)
 	struct blk *other = NULL;
 	uint64_t *cap;
 	uint32_t len = 0, gen0;
-	int e0;
 
 	cur_test = "restore_resized";
-	nsnaps = 0;
+	fake_snap_clear();
 	world_init(&w, false, NULL);
 	blk_save(w.blk, &wr, 1);
 	cap = (uint64_t *)snap_get(&rd, SNAP_DEV_BLK, 1, &len); /* first field: capacity */
 	CHECK(cap && len >= sizeof(*cap) && *cap == DISK_SECTORS);
 	*cap = 0; /* as if the disk had been a 0-byte placeholder */
-	evloop_stop(w.loop);
-	CHECK(pthread_join(w.thread, NULL) == 0);
-	blk_free(w.blk);
-	evloop_free(w.loop);
-	CHECK(evloop_new(&w.loop) == 0);
-	w.vm->loop = w.loop;
+	world_reload(&w);
 	cfg.path = w.path;
 	cfg.read_only = true; /* a read-only disk must keep its size */
 	CHECK(blk_new(w.vm, &cfg, &other) == 0);
@@ -1066,23 +806,14 @@ static void test_restore_resized(void)
 	cfg.read_only = false;
 	CHECK(blk_new(w.vm, &cfg, &w.blk) == 0);
 	CHECK(blk_restore(w.blk, &rd, 1) == 0);
-	gen0 = mr(&w, VIRTIO_MMIO_CONFIG_GENERATION);
-	CHECK(!(mr(&w, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG));
-	e0 = __atomic_load_n(&irq_edges, __ATOMIC_RELAXED);
-	CHECK(pthread_create(&w.thread, NULL, loop_main, w.loop) == 0);
-	{
-		int64_t t0 = now_ms();
-
-		while (__atomic_load_n(&irq_edges, __ATOMIC_RELAXED) == e0) {
-			CHECK(now_ms() - t0 < 10000);
-			poll(NULL, 0, 1);
-		}
-	}
-	CHECK(mr(&w, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG);
-	CHECK(mr(&w, VIRTIO_MMIO_CONFIG_GENERATION) == gen0 + 1);
+	gen0 = fake_vm_mr(w.vm, VIRTIO_MMIO_CONFIG_GENERATION);
+	CHECK(!(fake_vm_mr(w.vm, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG));
+	world_resume(&w);
+	CHECK(fake_vm_mr(w.vm, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG);
+	CHECK(fake_vm_mr(w.vm, VIRTIO_MMIO_CONFIG_GENERATION) == gen0 + 1);
 	CHECK(config_read64(&w, 0) == DISK_SECTORS);
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, DISK_SECTORS - 8, G_DATA, 4096, 2) == VIRTIO_BLK_S_OK);
-	CHECK(!device_broken(&w));
+	CHECK(!fake_driver_broken(w.vm));
 	world_fini(&w);
 }
 
@@ -1097,7 +828,7 @@ static void test_new_errors(void)
 
 	cur_test = "new_errors";
 	CHECK(evloop_new(&loop) == 0);
-	vm = fake_vm_new(loop);
+	vm = fake_vm_new(RAM_SIZE, loop);
 	fd = disk_new(path, sizeof(path), DISK_SIZE + 100);
 	cfg.path = path;
 	CHECK(blk_new(vm, &cfg, &b) == -EINVAL && b == NULL); /* size not a multiple of 512 */
