@@ -1,4 +1,4 @@
-"""Build and run a C unit test of csrc/ under a sanitizer (shared by the virtio and blk tests)."""
+"""Build and run a C unit test of csrc/ under a sanitizer (shared by the device, xstate and other C tests)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from smolvm import _binaries
 
 ROOT = Path(__file__).resolve().parent.parent
 CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer"]
+SANITIZERS = ["address,undefined", "thread"]  # every device test runs under both
+# What every device test links (tests/c/fake_*.h): CHECK, the fake VM and the fake guest driver. Tests add
+# fake_loop.c (instead of the real evloop) or fake_snap.c (instead of csrc/vmm/snapshot.c) as they need.
+DEVICE_FAKES = ["tests/c/fake_test.c", "tests/c/fake_vm.c", "tests/c/fake_driver.c"]
 
 
 def compiler() -> str:
@@ -55,3 +59,18 @@ def run(exe: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
     if done.returncode != 0 and "unexpected memory mapping" in done.stderr:
         pytest.skip("ThreadSanitizer cannot run in this environment")
     return done
+
+
+def device_test(tmp_path: Path, name: str, sources: list[str], sanitizer: str, libs: list[str],
+                skip_rc: int | None = None, **extra_env: str) -> None:  # fmt: skip
+    """Build sources into tmp_path/test_<name> under sanitizer and run it: it must print "all <name> tests passed".
+
+    An exit status of skip_rc (if given) skips the test with what it printed.
+    """
+    exe = tmp_path / f"test_{name}"
+    build(exe, sources, sanitizer, libs)
+    done = run(exe, **extra_env)
+    if skip_rc is not None and done.returncode == skip_rc:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"all {name} tests passed" in done.stdout

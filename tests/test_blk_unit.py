@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ctest import build, run
+from ctest import DEVICE_FAKES, SANITIZERS, device_test
 
 SOURCES = [
     "tests/c/test_blk.c",
+    *DEVICE_FAKES,
+    "tests/c/fake_snap.c",
     "csrc/vmm/virtio/blk.c",
     "csrc/vmm/virtio/queue.c",
     "csrc/vmm/virtio/mmio.c",
@@ -18,12 +20,6 @@ SOURCES = [
 SKIP_RC = 77  # the test found no usable io_uring
 
 
-@pytest.mark.parametrize("sanitizer", ["address,undefined", "thread"])
+@pytest.mark.parametrize("sanitizer", SANITIZERS)
 def test_blk(tmp_path: Path, sanitizer: str) -> None:
-    exe = tmp_path / "test_blk"
-    build(exe, SOURCES, sanitizer, ["-luring", "-lpthread"])
-    done = run(exe, TMPDIR=str(tmp_path))  # the sparse disk images go in TMPDIR
-    if done.returncode == SKIP_RC:
-        pytest.skip(done.stdout.strip())
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "all blk tests passed" in done.stdout
+    device_test(tmp_path, "blk", SOURCES, sanitizer, ["-luring", "-lpthread"], SKIP_RC, TMPDIR=str(tmp_path))  # disk images in TMPDIR

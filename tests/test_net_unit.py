@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ctest import build, run
+from ctest import DEVICE_FAKES, SANITIZERS, device_test
 
 SOURCES = [
     "tests/c/test_net.c",
+    *DEVICE_FAKES,
+    "tests/c/fake_snap.c",
     "csrc/vmm/virtio/net.c",
     "csrc/vmm/virtio/queue.c",
     "csrc/vmm/virtio/mmio.c",
@@ -17,10 +19,6 @@ SOURCES = [
 ]
 
 
-@pytest.mark.parametrize("sanitizer", ["address,undefined", "thread"])
+@pytest.mark.parametrize("sanitizer", SANITIZERS)
 def test_net(tmp_path: Path, sanitizer: str) -> None:
-    exe = tmp_path / "test_net"
-    build(exe, SOURCES, sanitizer, ["-luring", "-lpthread"])
-    done = run(exe)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "all net tests passed" in done.stdout
+    device_test(tmp_path, "net", SOURCES, sanitizer, ["-luring", "-lpthread"])

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ctest import build, run
+from ctest import DEVICE_FAKES, SANITIZERS, device_test
 
 SOURCES = [
     "tests/c/test_virtio.c",
+    *DEVICE_FAKES,
+    "tests/c/fake_loop.c",
     "csrc/vmm/virtio/queue.c",
     "csrc/vmm/virtio/mmio.c",
     "csrc/vmm/virtio/vsock.c",
@@ -17,10 +19,6 @@ SOURCES = [
 ]
 
 
-@pytest.mark.parametrize("sanitizer", ["address,undefined", "thread"])
+@pytest.mark.parametrize("sanitizer", SANITIZERS)
 def test_virtio(tmp_path: Path, sanitizer: str) -> None:
-    exe = tmp_path / "test_virtio"
-    build(exe, SOURCES, sanitizer, ["-lpthread"])
-    done = run(exe)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "all virtio tests passed" in done.stdout
+    device_test(tmp_path, "virtio", SOURCES, sanitizer, ["-lpthread"])

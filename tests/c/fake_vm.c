@@ -3,21 +3,33 @@
 #include "fake_vm.h"
 
 #include <errno.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fake_test.h"
 
+#define FAKE_VM_MAX 8 /* fake VMs alive at once */
+
 struct fake_vm {
-	struct vm vm; /* first: vm_irq_line() finds the rest from it */
+	struct vm vm;
 	int irq_edges;
 };
 
-static struct fake_vm *fake_vm_of(struct vm *vm)
+/* The live fake VMs: vm_irq_line() counts edges of these only (a harness may pass a struct vm of its own). */
+static struct fake_vm *fake_vms[FAKE_VM_MAX];
+
+static struct fake_vm *fake_vm_find(struct vm *vm)
 {
-	return (struct fake_vm *)((char *)vm - offsetof(struct fake_vm, vm));
+	int i;
+
+	for (i = 0; i < FAKE_VM_MAX; i++) {
+		struct fake_vm *f = __atomic_load_n(&fake_vms[i], __ATOMIC_ACQUIRE);
+
+		if (f && &f->vm == vm)
+			return f;
+	}
+	return NULL;
 }
 
 int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len, void (*access)(void *, uint64_t, void *, uint32_t, bool),
@@ -31,9 +43,11 @@ int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len, void (*access)(void 
 
 int vm_irq_line(struct vm *vm, uint32_t gsi, int level)
 {
+	struct fake_vm *f = fake_vm_find(vm);
+
 	(void)gsi;
-	if (level)
-		__atomic_fetch_add(&fake_vm_of(vm)->irq_edges, 1, __ATOMIC_RELAXED);
+	if (f && level)
+		__atomic_fetch_add(&f->irq_edges, 1, __ATOMIC_RELAXED);
 	return 0;
 }
 
@@ -47,8 +61,13 @@ struct vm *fake_vm_new(uint64_t ram, struct evloop *loop)
 {
 	struct fake_vm *f = calloc(1, sizeof(*f));
 	struct vm *vm;
+	int i;
 
 	CHECK(f);
+	for (i = 0; i < FAKE_VM_MAX && !__atomic_compare_exchange_n(&fake_vms[i], &(struct fake_vm *){ NULL }, f, false,
+								     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE); i++)
+		;
+	CHECK(i < FAKE_VM_MAX);
 	vm = &f->vm;
 	vm->kvm_fd = vm->vm_fd = -1; /* no KVM: ioeventfd/irqfd fall back */
 	vm->mem = aligned_alloc(4096, ram);
@@ -62,15 +81,26 @@ struct vm *fake_vm_new(uint64_t ram, struct evloop *loop)
 
 void fake_vm_free(struct vm *vm)
 {
+	struct fake_vm *f;
+	int i;
+
 	if (!vm)
 		return;
+	f = fake_vm_find(vm);
+	CHECK(f);
+	for (i = 0; i < FAKE_VM_MAX; i++)
+		__atomic_compare_exchange_n(&fake_vms[i], &(struct fake_vm *){ f }, NULL, false, __ATOMIC_ACQ_REL,
+					    __ATOMIC_ACQUIRE);
 	free(vm->mem);
-	free(fake_vm_of(vm));
+	free(f);
 }
 
 int fake_vm_irq_edges(struct vm *vm)
 {
-	return __atomic_load_n(&fake_vm_of(vm)->irq_edges, __ATOMIC_RELAXED);
+	struct fake_vm *f = fake_vm_find(vm);
+
+	CHECK(f);
+	return __atomic_load_n(&f->irq_edges, __ATOMIC_RELAXED);
 }
 
 struct vm_mmio_dev *fake_vm_dev(struct vm *vm)

@@ -9,18 +9,20 @@
 
 /*
  * fake_vm.c defines vm_add_mmio() (a table of up to VM_MAX_MMIO_DEVS devices),
- * vm_irq_line() (counts rising edges per VM, any thread) and vm_request_exit()
- * (records reason and message), so a device links without vm.c or KVM.
+ * vm_irq_line() (counts rising edges of each fake VM, any thread; ignores a
+ * struct vm that fake_vm_new() did not make) and vm_request_exit() (records
+ * reason and message), so a device links without vm.c or KVM.
  */
 
 /*
  * A VM with ram bytes of zeroed, page-aligned guest RAM at GPA 0 and no KVM
  * (kvm_fd and vm_fd -1, so devices fall back from ioeventfd/irqfd); loop may be
  * NULL. A test that wants real KVM sets kvm_fd and vm_fd itself. Never NULL.
+ * Up to 8 live at once; make and free them on one thread (devices use them on any).
  */
 struct vm *fake_vm_new(uint64_t ram, struct evloop *loop);
 
-/* Free RAM and the VM (after every device on it). Closes no fd. */
+/* Free RAM and the VM (after every device on it; NULL is fine). Closes no fd. */
 void fake_vm_free(struct vm *vm);
 
 /* vm_irq_line(vm, gsi, 1) calls so far. Any thread. */

@@ -96,7 +96,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	if (!vm) {
 		FUZZ_CHECK(evloop_new(&loop) == 0);
-		vm = fuzz_vm_new(RAM, loop);
+		vm = fake_vm_new(RAM, loop);
 		FUZZ_CHECK(fuzz_disk(false, &disks[0]) == 0);
 		FUZZ_CHECK(fuzz_disk(true, &disks[1]) == 0);
 		desc = (void *)(vm->mem + QBASE);
@@ -140,7 +140,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			uint32_t q = kick >> 4;
 
 			md->access(md->opaque, VIRTIO_MMIO_QUEUE_NOTIFY, &q, 4, true);
-			fuzz_loop_settle(loop, 8);
+			fake_loop_settle(loop, 8);
 		}
 		if (kick & 8) { /* a register write mid-flight: QueueReady = 0, status changes, a new ring... */
 			static const uint16_t regs[] = { VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_QUEUE_NUM,
@@ -158,8 +158,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 	}
 	md->access(md->opaque, VIRTIO_MMIO_QUEUE_NOTIFY, &zero, 4, true);
-	fuzz_loop_settle(loop, 16);
+	fake_loop_settle(loop, 16);
 	md->access(md->opaque, VIRTIO_MMIO_STATUS, &zero, 4, true); /* reset: drains what is in flight */
-	fuzz_loop_settle(loop, 4);
+	fake_loop_settle(loop, 4);
 	return 0;
 }

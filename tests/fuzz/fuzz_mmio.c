@@ -95,14 +95,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct vm_mmio_dev *md;
 
 	if (!vm) {
-		vm = fuzz_vm_new(RAM, NULL);
+		vm = fake_vm_new(RAM, NULL);
 		dev = calloc(1, sizeof(*dev));
 		FUZZ_CHECK(dev && virtio_mmio_init(&dev->m, vm, 0xd0000000ull, 5, &fdev_ops, dev) == 0);
 	}
 	md = &vm->mmio[0];
 	memset(vm->mem, 0, RAM);
 	memset(dev->config, 0, sizeof(dev->config));
-	fuzz_mw(vm, VIRTIO_MMIO_STATUS, 0); /* device reset between inputs */
+	fake_vm_mw(vm, VIRTIO_MMIO_STATUS, 0); /* device reset between inputs */
 	while (fuzz_more(&in)) {
 		uint8_t op = fuzz_u8(&in), len = fuzz_u8(&in);
 		uint16_t off = fuzz_u16(&in);
@@ -125,7 +125,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 				buf[0] = 0;
 				md->access(md->opaque, regs[off % (sizeof(regs) / sizeof(regs[0]))], &v, 4, false);
 			} else {
-				fuzz_mw(vm, regs[off % (sizeof(regs) / sizeof(regs[0]))], (uint32_t)v);
+				fake_vm_mw(vm, regs[off % (sizeof(regs) / sizeof(regs[0]))], (uint32_t)v);
 			}
 			break;
 		}

@@ -56,7 +56,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	unsigned i;
 
 	if (!vm)
-		vm = fuzz_vm_new(RAM, NULL);
+		vm = fake_vm_new(RAM, NULL);
 	memset(vm->mem, 0, RAM);
 	memset(&q, 0, sizeof(q));
 	q.vm = vm;

@@ -43,20 +43,23 @@ class Target:
         return FUZZ / "regress" / self.name
 
 
+# The fake VM, evloop and snapshot sections of the C device tests, for the harnesses that include fuzz_common.h.
+FAKES = ("tests/c/fake_test.c", "tests/c/fake_vm.c", "tests/c/fake_loop.c", "tests/c/fake_snap.c")
+
 TARGETS = {
     t.name: t
     for t in (
-        Target("queue", ("tests/fuzz/fuzz_queue.c", "csrc/vmm/virtio/queue.c"), max_len=8192),
-        Target("mmio", ("tests/fuzz/fuzz_mmio.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c")),
-        Target("blk", ("tests/fuzz/fuzz_blk.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c", "csrc/vmm/virtio/blk.c"),
-               ("-luring",)),  # fmt: skip
+        Target("queue", ("tests/fuzz/fuzz_queue.c", "csrc/vmm/virtio/queue.c", *FAKES), max_len=8192),
+        Target("mmio", ("tests/fuzz/fuzz_mmio.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c", *FAKES)),
+        Target("blk", ("tests/fuzz/fuzz_blk.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c", "csrc/vmm/virtio/blk.c",
+                       *FAKES), ("-luring",)),  # fmt: skip
         Target("vsock", ("tests/fuzz/fuzz_vsock.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c",
-                         "csrc/vmm/virtio/vsock.c")),  # fmt: skip
+                         "csrc/vmm/virtio/vsock.c", *FAKES)),  # fmt: skip
         Target("exec_client", ("tests/fuzz/fuzz_exec_client.c", "csrc/client/exec_client.c"), ("-luring", "-lpthread")),
         Target("file_client", ("tests/fuzz/fuzz_file_client.c", "csrc/client/file_client.c", "csrc/client/exec_client.c"),
                ("-luring", "-lpthread")),  # fmt: skip
         Target("agent", ("tests/fuzz/fuzz_agent.c",), max_len=8192),
-        Target("serial", ("tests/fuzz/fuzz_serial.c", "csrc/vmm/serial.c"), ("-lpthread",)),
+        Target("serial", ("tests/fuzz/fuzz_serial.c", "csrc/vmm/serial.c", *FAKES), ("-lpthread",)),
     )
 }
 

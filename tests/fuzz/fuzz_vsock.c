@@ -73,7 +73,7 @@ static void unlink_path(void)
 
 static void mw(uint64_t off, uint32_t v)
 {
-	fuzz_mw(vm, off, v);
+	fake_vm_mw(vm, off, v);
 }
 
 /* Post a chain of n segments; false when the guest would overrun its own ring. */
@@ -193,7 +193,7 @@ static void consume(void)
 	}
 	gq[TXQ].last_used = __atomic_load_n(&gq[TXQ].used->idx, __ATOMIC_ACQUIRE);
 	gq[EVQ].last_used = __atomic_load_n(&gq[EVQ].used->idx, __ATOMIC_ACQUIRE);
-	mw(VIRTIO_MMIO_INTERRUPT_ACK, fuzz_mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS));
+	mw(VIRTIO_MMIO_INTERRUPT_ACK, fake_vm_mr(vm, VIRTIO_MMIO_INTERRUPT_STATUS));
 }
 
 static void send_tx(struct fuzz_in *in)
@@ -300,7 +300,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		snprintf(path, sizeof(path), "%s/smolvm-fuzz-vsock-%d.sock", tmp && *tmp ? tmp : "/tmp", (int)getpid());
 		cfg.uds_path = path;
 		FUZZ_CHECK(evloop_new(&loop) == 0);
-		vm = fuzz_vm_new(RAM, loop);
+		vm = fake_vm_new(RAM, loop);
 		FUZZ_CHECK(vsock_new(vm, &cfg, &vs) == 0);
 		atexit(unlink_path);
 		for (i = 0; i < MAX_CLIENTS; i++)
@@ -314,11 +314,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		clients[i] = -1;
 	}
 	mw(VIRTIO_MMIO_STATUS, 0);
-	fuzz_loop_settle(loop, 8);
+	fake_loop_settle(loop, 8);
 	nreqs = rx_slot = tx_slot = 0;
 	driver_up();
 	post_rx(8, 0, 0);
-	fuzz_loop_settle(loop, 8);
+	fake_loop_settle(loop, 8);
 
 	while (fuzz_more(&in) && steps++ < 200) {
 		uint8_t op = fuzz_u8(&in), arg = fuzz_u8(&in);
@@ -358,7 +358,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			}
 			break;
 		case 7:
-			fuzz_loop_settle(loop, 1 + arg % 16);
+			fake_loop_settle(loop, 1 + arg % 16);
 			break;
 		case 8:
 			vsock_reset_transport(vs);
@@ -380,7 +380,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		}
 	}
-	fuzz_loop_settle(loop, 16);
+	fake_loop_settle(loop, 16);
 	consume();
 	return 0;
 }
