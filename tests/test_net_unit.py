@@ -8,15 +8,8 @@ import pytest
 
 from ctest import DEVICE_FAKES, SANITIZERS, device_test
 
-SOURCES = [
-    "tests/c/test_net.c",
-    *DEVICE_FAKES,
-    "tests/c/fake_snap.c",
-    "csrc/vmm/virtio/net.c",
-    "csrc/vmm/virtio/queue.c",
-    "csrc/vmm/virtio/mmio.c",
-    "csrc/vmm/evloop.c",
-]
+SOURCES = ["tests/c/test_net.c", *DEVICE_FAKES, "tests/c/fake_snap.c", "csrc/vmm/virtio/net.c", "csrc/vmm/virtio/queue.c",
+           "csrc/vmm/virtio/mmio.c", "csrc/vmm/evloop.c"]  # fmt: skip
 
 
 @pytest.mark.parametrize("sanitizer", SANITIZERS)

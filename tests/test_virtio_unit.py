@@ -8,15 +8,8 @@ import pytest
 
 from ctest import DEVICE_FAKES, SANITIZERS, device_test
 
-SOURCES = [
-    "tests/c/test_virtio.c",
-    *DEVICE_FAKES,
-    "tests/c/fake_loop.c",
-    "csrc/vmm/virtio/queue.c",
-    "csrc/vmm/virtio/mmio.c",
-    "csrc/vmm/virtio/vsock.c",
-    "csrc/vmm/snapshot.c",
-]
+SOURCES = ["tests/c/test_virtio.c", *DEVICE_FAKES, "tests/c/fake_loop.c", "csrc/vmm/virtio/queue.c",
+           "csrc/vmm/virtio/mmio.c", "csrc/vmm/virtio/vsock.c", "csrc/vmm/snapshot.c"]  # fmt: skip
 
 
 @pytest.mark.parametrize("sanitizer", SANITIZERS)

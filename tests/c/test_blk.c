@@ -241,6 +241,29 @@ static void host_read(struct world *w, uint64_t off, void *buf, size_t len)
 	CHECK(pread(w->fd, buf, len, (off_t)off) == (ssize_t)len);
 }
 
+/* Fill the whole disk with the pattern of seed; returns a copy of it (free it). */
+static uint8_t *disk_fill(struct world *w, uint32_t seed)
+{
+	uint8_t *pat = malloc(DISK_SIZE);
+
+	CHECK(pat);
+	fake_test_pattern(pat, DISK_SIZE, seed);
+	CHECK(pwrite(w->fd, pat, DISK_SIZE, 0) == DISK_SIZE);
+	return pat;
+}
+
+/* CHECK the disk still holds what disk_fill() wrote (then free that copy). */
+static void disk_unchanged(struct world *w, uint8_t *pat)
+{
+	uint8_t *now = malloc(DISK_SIZE);
+
+	CHECK(now);
+	host_read(w, 0, now, DISK_SIZE);
+	CHECK(memcmp(pat, now, DISK_SIZE) == 0);
+	free(now);
+	free(pat);
+}
+
 /* ------------------------------------------------------------------ tests */
 
 static void test_roundtrip(void)
@@ -431,16 +454,14 @@ static void test_flush_get_id_unsupp(void)
 static void test_bad_requests(void)
 {
 	struct world w;
-	uint8_t *before = malloc(DISK_SIZE), *after = malloc(DISK_SIZE);
+	uint8_t *before;
 	struct fake_seg s[64];
 	uint32_t len;
 	int i;
 
 	cur_test = "bad_requests";
-	CHECK(before && after);
 	world_init(&w, false, NULL);
-	fake_test_pattern(before, DISK_SIZE, 3);
-	CHECK(pwrite(w.fd, before, DISK_SIZE, 0) == DISK_SIZE);
+	before = disk_fill(&w, 3);
 	fake_test_pattern(gmem(&w, G_DATA), 1u << 20, 4);
 
 	/* out of range: at the end, straddling it, far beyond, and sector * 512 or sector + n overflowing */
@@ -493,11 +514,8 @@ static void test_bad_requests(void)
 		CHECK(*gmem(&w, G_STATUS) == VIRTIO_BLK_S_IOERR);
 	}
 	CHECK(!fake_driver_broken(w.vm));
-	host_read(&w, 0, after, DISK_SIZE);
-	CHECK(memcmp(before, after, DISK_SIZE) == 0);
+	disk_unchanged(&w, before);
 	world_fini(&w);
-	free(before);
-	free(after);
 }
 
 /* Chains that break the protocol: the device must stop (NEEDS_RESET) and work again after a reset. */
@@ -575,15 +593,13 @@ static void test_device_errors(void)
 static void test_read_only(void)
 {
 	struct world w;
-	uint8_t *before = malloc(DISK_SIZE), *after = malloc(DISK_SIZE);
+	uint8_t *before;
 	struct stat st0, st1;
 	uint32_t len;
 
 	cur_test = "read_only";
-	CHECK(before && after);
 	world_init(&w, true, NULL);
-	fake_test_pattern(before, DISK_SIZE, 11);
-	CHECK(pwrite(w.fd, before, DISK_SIZE, 0) == DISK_SIZE);
+	before = disk_fill(&w, 11);
 	CHECK(fstat(w.fd, &st0) == 0);
 	poll(NULL, 0, 20); /* so a write would move the mtime */
 	fake_test_pattern(gmem(&w, G_DATA), 8192, 12);
@@ -594,13 +610,10 @@ static void test_read_only(void)
 	CHECK(g_io(&w, VIRTIO_BLK_T_IN, 8, G_DATA, 8192, 4) == VIRTIO_BLK_S_OK);
 	CHECK(memcmp(gmem(&w, G_DATA), before + 8 * 512, 8192) == 0);
 	CHECK(!fake_driver_broken(w.vm));
-	host_read(&w, 0, after, DISK_SIZE);
-	CHECK(memcmp(before, after, DISK_SIZE) == 0);
+	disk_unchanged(&w, before);
 	CHECK(fstat(w.fd, &st1) == 0);
 	CHECK(st0.st_mtim.tv_sec == st1.st_mtim.tv_sec && st0.st_mtim.tv_nsec == st1.st_mtim.tv_nsec);
 	world_fini(&w);
-	free(before);
-	free(after);
 }
 
 /* The image shrinks under the device: reads past the new end of file are zero-filled. */
@@ -637,14 +650,7 @@ static void test_reset_in_flight(void)
 
 	cur_test = "reset_in_flight";
 	world_init(&w, false, NULL);
-	{
-		uint8_t *pat = malloc(DISK_SIZE);
-
-		CHECK(pat);
-		fake_test_pattern(pat, DISK_SIZE, 31);
-		CHECK(pwrite(w.fd, pat, DISK_SIZE, 0) == DISK_SIZE);
-		free(pat);
-	}
+	free(disk_fill(&w, 31));
 	for (round = 0; round < 20; round++) {
 		/* out of the page cache, so the reads really are in flight (where the file system allows) */
 		CHECK(fdatasync(w.fd) == 0);
@@ -724,15 +730,13 @@ static void test_save_restore(void)
 	struct snap_reader rd = { 0 };
 	struct world w;
 	struct blk *other = NULL;
-	uint8_t *pat = malloc(DISK_SIZE);
+	uint8_t *pat;
 	int i;
 
 	cur_test = "save_restore";
-	CHECK(pat);
 	fake_snap_clear();
 	world_init(&w, false, NULL);
-	fake_test_pattern(pat, DISK_SIZE, 41);
-	CHECK(pwrite(w.fd, pat, DISK_SIZE, 0) == DISK_SIZE);
+	pat = disk_fill(&w, 41);
 	memset(gmem(&w, G_DATA), 0xaa, (size_t)N * SZ);
 	for (i = 0; i < N; i++) {
 		struct fake_seg s = { G_DATA + (uint64_t)i * SZ, SZ, true };
