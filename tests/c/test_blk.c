@@ -241,6 +241,16 @@ static void host_read(struct world *w, uint64_t off, void *buf, size_t len)
 	CHECK(pread(w->fd, buf, len, (off_t)off) == (ssize_t)len);
 }
 
+/* A device made with cfg on w's VM must refuse the saved sections. */
+static void restore_refused(struct world *w, const struct blk_config *cfg, const struct snap_reader *rd)
+{
+	struct blk *other = NULL;
+
+	CHECK(blk_new(w->vm, cfg, &other) == 0);
+	CHECK(blk_restore(other, rd, 1) == -EINVAL);
+	blk_free(other);
+}
+
 /* Fill the whole disk with the pattern of seed; returns a copy of it (free it). */
 static uint8_t *disk_fill(struct world *w, uint32_t seed)
 {
@@ -729,7 +739,6 @@ static void test_save_restore(void)
 	struct snap_writer wr = { 0 };
 	struct snap_reader rd = { 0 };
 	struct world w;
-	struct blk *other = NULL;
 	uint8_t *pat;
 	int i;
 
@@ -760,14 +769,10 @@ static void test_save_restore(void)
 	world_reload(&w);
 	cfg.path = w.path;
 	CHECK(ftruncate(w.fd, DISK_SIZE * 2) == 0); /* another disk: refused */
-	CHECK(blk_new(w.vm, &cfg, &other) == 0);
-	CHECK(blk_restore(other, &rd, 1) == -EINVAL);
-	blk_free(other);
+	restore_refused(&w, &cfg, &rd);
 	CHECK(ftruncate(w.fd, DISK_SIZE) == 0);
 	cfg.read_only = true;
-	CHECK(blk_new(w.vm, &cfg, &other) == 0);
-	CHECK(blk_restore(other, &rd, 1) == -EINVAL);
-	blk_free(other);
+	restore_refused(&w, &cfg, &rd);
 	cfg.read_only = false;
 	CHECK(blk_new(w.vm, &cfg, &w.blk) == 0);
 	CHECK(blk_restore(w.blk, &rd, 2) == -EINVAL); /* no such slot */
@@ -790,7 +795,6 @@ static void test_restore_resized(void)
 	struct snap_writer wr = { 0 };
 	struct snap_reader rd = { 0 };
 	struct world w;
-	struct blk *other = NULL;
 	uint64_t *cap;
 	uint32_t len = 0, gen0;
 
@@ -804,9 +808,7 @@ static void test_restore_resized(void)
 	world_reload(&w);
 	cfg.path = w.path;
 	cfg.read_only = true; /* a read-only disk must keep its size */
-	CHECK(blk_new(w.vm, &cfg, &other) == 0);
-	CHECK(blk_restore(other, &rd, 1) == -EINVAL);
-	blk_free(other);
+	restore_refused(&w, &cfg, &rd);
 	cfg.read_only = false;
 	CHECK(blk_new(w.vm, &cfg, &w.blk) == 0);
 	CHECK(blk_restore(w.blk, &rd, 1) == 0);

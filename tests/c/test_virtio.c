@@ -1171,6 +1171,27 @@ static void xfer_check(struct xfer *x)
 	free(x->g2h_got);
 }
 
+/* Move n transfers (seeds seed + i, host reads of read_chunk) until all are through; check them, close every client. */
+static void xfer_all(struct world *w, struct xfer *x, int n, uint32_t seed, size_t read_chunk)
+{
+	int64_t t0 = fake_test_now_ms();
+	int i, done;
+
+	do {
+		done = 0;
+		for (i = 0; i < n; i++)
+			done += xfer_step(w, &x[i], seed + (uint32_t)i, read_chunk);
+		step(w);
+		CHECK(fake_test_now_ms() - t0 < 30000);
+	} while (done < n);
+	for (i = 0; i < n; i++) {
+		xfer_check(&x[i]);
+		close(x[i].fd);
+	}
+	for (i = 0; i < n; i++)
+		WAIT(w, x[i].gc->closed);
+}
+
 static void test_vsock_stream(void)
 {
 	struct world w;
@@ -1356,28 +1377,14 @@ static void test_vsock_many(void)
 	enum { N = 64, BIG = 6 };
 	struct world w;
 	static struct xfer x[N];
-	int64_t t0;
-	int i, done;
+	int i;
 
 	cur_test = "vsock many connections";
 	world_init(&w);
 	w.g.tx_split = TX_ONE;
 	for (i = 0; i < N; i++)
 		xfer_start(&w, &x[i], i < BIG ? 300000 : 3000 + (size_t)i * 17, (uint32_t)i + 7);
-	t0 = fake_test_now_ms();
-	do {
-		done = 0;
-		for (i = 0; i < N; i++)
-			done += xfer_step(&w, &x[i], (uint32_t)i + 7, 65536);
-		step(&w);
-		CHECK(fake_test_now_ms() - t0 < 30000);
-	} while (done < N);
-	for (i = 0; i < N; i++) {
-		xfer_check(&x[i]);
-		close(x[i].fd);
-	}
-	for (i = 0; i < N; i++)
-		WAIT(&w, x[i].gc->closed);
+	xfer_all(&w, x, N, 7, 65536);
 	world_fini(&w);
 	printf("ok %s\n", cur_test);
 }
@@ -1732,28 +1739,14 @@ static void test_vsock_threaded(void)
 	enum { N = 4 };
 	struct world w;
 	static struct xfer x[N];
-	int64_t t0;
-	int i, done;
+	int i;
 
 	cur_test = "vsock threaded";
 	threaded = true;
 	world_init(&w);
 	for (i = 0; i < N; i++)
 		xfer_start(&w, &x[i], 700000, (uint32_t)i + 100);
-	t0 = fake_test_now_ms();
-	do {
-		done = 0;
-		for (i = 0; i < N; i++)
-			done += xfer_step(&w, &x[i], (uint32_t)i + 100, 16384);
-		step(&w);
-		CHECK(fake_test_now_ms() - t0 < 30000);
-	} while (done < N);
-	for (i = 0; i < N; i++) {
-		xfer_check(&x[i]);
-		close(x[i].fd);
-	}
-	for (i = 0; i < N; i++)
-		WAIT(&w, x[i].gc->closed);
+	xfer_all(&w, x, N, 100, 16384);
 	/* a device reset from the vCPU while the loop runs */
 	x[0].fd = client_open(&w, SMOLVM_AGENT_PORT, &x[0].gc);
 	fake_vm_mw(w.vm, VIRTIO_MMIO_STATUS, 0);
