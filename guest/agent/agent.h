@@ -14,7 +14,7 @@
  * Files: main.c (the loop, the dispatch, logging: prefix agent_), init.c (PID 1: mounts, reaping,
  * readiness: init_), conn.c (connections, the output queue, request frames: conn_), exec.c (EXEC:
  * exec_), files.c (PUT/GET: files_), setup.c (SETUP: setup_). Everything runs on one thread, in
- * the epoll loop of agent_run(); a handler never blocks.
+ * the epoll loop of agent_run(); no handler waits for the host or for a command.
  *
  * A handler's return value: 0 when the connection goes on (an ERROR or EXIT may be queued, and
  * state is then AGENT_C_CLOSING) or -errno to close it at once (conn_close).
@@ -126,11 +126,9 @@ struct agent {
 };
 
 /* A struct agent before agent_run(): no fds. */
-#define AGENT_INIT                                                                                         \
-	{                                                                                                  \
-		.epfd = -1, .devnull = -1, .listen = { AGENT_W_LISTEN, -1, 0, NULL },                     \
-		.sig = { AGENT_W_SIGNAL, -1, 0, NULL }, .ready = { AGENT_W_READY, -1, 0, NULL },           \
-	}
+#define AGENT_INIT \
+	{ .epfd = -1, .devnull = -1, .listen = { AGENT_W_LISTEN, -1, 0, NULL }, \
+	  .sig = { AGENT_W_SIGNAL, -1, 0, NULL }, .ready = { AGENT_W_READY, -1, 0, NULL } }
 
 /* ---- main.c ---- */
 
