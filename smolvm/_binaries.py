@@ -28,7 +28,7 @@ BINARIES: dict[str, Binary] = {
     "_smolvm": Binary("csrc/client", "module.c", ("uring",), extension=True),
     "smolvm-hostd": Binary("csrc/nested", "hostd.c"),
     "smolvm-vmm-relay": Binary("csrc/nested", "relay.c"),
-    "smolvm-agent": Binary("guest/agent", "agent.c", static=True),
+    "smolvm-agent": Binary("guest/agent", "main.c", static=True),
 }
 
 

@@ -50,29 +50,23 @@ fail:
 static int relay_dir_pump(struct relay_dir *d, int src, int dst)
 {
 	for (;;) {
+		bool sending = d->off < d->len;
 		ssize_t n;
 
-		if (d->off < d->len) {
+		if (!sending) {
+			d->off = d->len = 0;
+			if (d->eof) {
+				if (!d->shut) {
+					shutdown(dst, SHUT_WR);
+					d->shut = true;
+				}
+				return 0;
+			}
+		}
+		if (sending)
 			n = send(dst, d->buf + d->off, d->len - d->off, MSG_NOSIGNAL | MSG_DONTWAIT);
-			if (n < 0) {
-				if (errno == EINTR)
-					continue;
-				if (errno == EAGAIN || errno == EWOULDBLOCK)
-					return 0;
-				return -errno;
-			}
-			d->off += (uint32_t)n;
-			continue;
-		}
-		d->off = d->len = 0;
-		if (d->eof) {
-			if (!d->shut) {
-				shutdown(dst, SHUT_WR);
-				d->shut = true;
-			}
-			return 0;
-		}
-		n = recv(src, d->buf, RELAY_BUF, MSG_DONTWAIT);
+		else
+			n = recv(src, d->buf, RELAY_BUF, MSG_DONTWAIT);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -80,9 +74,13 @@ static int relay_dir_pump(struct relay_dir *d, int src, int dst)
 				return 0;
 			return -errno;
 		}
-		if (n == 0)
-			d->eof = true;
-		d->len = (uint32_t)n;
+		if (sending) {
+			d->off += (uint32_t)n;
+		} else {
+			if (n == 0)
+				d->eof = true;
+			d->len = (uint32_t)n;
+		}
 	}
 }
 

@@ -1,10 +1,10 @@
 /*
- * libFuzzer harness: the guest agent's frame parser (guest/agent/agent.c)
- * facing a hostile host. agent.c is compiled into this file unchanged (its
+ * libFuzzer harness: the guest agent's frame parser (guest/agent/) facing a
+ * hostile host. The agent's files are compiled into this file unchanged (its
  * main() renamed), and each input is one connection: a socketpair whose far
  * end carries the input's bytes (after a first byte choosing --unix mode,
- * where a "CONNECT <port>\n" line comes first), run through the agent's own
- * epoll dispatch until the connection closes. The far end is drained, so
+ * where a "CONNECT <port>\n" line comes first), made by the agent's own
+ * conn_new() and run through its epoll dispatch until the connection closes. The far end is drained, so
  * replies (ERROR, READY, DATA, EXIT) flow as they would.
  *
  * Side effects are stubbed so that fuzzing runs nothing and writes nothing on
@@ -12,11 +12,12 @@
  * memfd and its rename/unlink/fchmod do nothing, GET opens a memfd whose size
  * depends on the path, and log lines are dropped; kill, mount, mkdir, chroot,
  * ioctl, fork and execve fail with EPERM, connect with ECONNREFUSED. stat() of the host's own paths (cwd,
- * PUT target) stays real and read-only. A change to how agent.c starts
+ * PUT target) stays real and read-only. A change to how the agent starts
  * commands or touches the system must be stubbed here too.
  */
 #define _GNU_SOURCE
-/* every header agent.c includes, before the macros below rename its calls */
+/* every header the agent's files include, before the macros below rename their calls */
+#include <arpa/inet.h>
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -24,6 +25,9 @@
 #include <linux/random.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -40,6 +44,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -113,7 +118,7 @@ static __attribute__((unused)) ssize_t fuzz_write(int fd, const void *buf, size_
 }
 
 /*
- * A safety net for code that agent.c does not reach from these frames today (boot set-up, the
+ * A safety net for code that the agent does not reach from these frames today (boot set-up, the
  * overlay root) or may grow (other ways to start or limit commands): whatever would touch the
  * host's processes, mounts or file system fails with EPERM instead of happening.
  */
@@ -221,25 +226,20 @@ static __attribute__((unused)) int fuzz_connect(int fd, const struct sockaddr *s
 #define write(...) fuzz_write(__VA_ARGS__)
 #define main agent_main
 
-#include "../../guest/agent/agent.c"
-/* the agent's other files, where the tree has them: one translation unit, so the stubs apply */
-#if __has_include("../../guest/agent/relay.c")
-#include "../../guest/agent/relay.c"
-#endif
-#if __has_include("../../guest/agent/netcfg.c")
+/* the agent's files (smolvm/_binaries.py: every .c in guest/agent/): one translation unit, so the stubs apply */
+#include "../../guest/agent/main.c"
+#include "../../guest/agent/conn.c"
+#include "../../guest/agent/exec.c"
+#include "../../guest/agent/files.c"
+#include "../../guest/agent/init.c"
 #include "../../guest/agent/netcfg.c"
-#endif
+#include "../../guest/agent/relay.c"
+#include "../../guest/agent/setup.c"
 
 #undef write
 #undef open
 
-static struct agent fa = {
-	.epfd = -1,
-	.devnull = -1,
-	.listen = { AGENT_W_LISTEN, -1, 0, NULL },
-	.sig = { AGENT_W_SIGNAL, -1, 0, NULL },
-	.ready = { AGENT_W_READY, -1, 0, NULL },
-};
+static struct agent fa = AGENT_INIT;
 
 static void fuzz_free_graveyard(void)
 {
@@ -247,7 +247,7 @@ static void fuzz_free_graveyard(void)
 		struct agent_conn *c = fa.graveyard;
 
 		fa.graveyard = c->next;
-		agent_conn_free(c);
+		conn_free(c);
 	}
 }
 
@@ -271,19 +271,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fa.unix_mode = data[0] & 1;
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
 		abort();
-	/* as agent_accept() does */
-	c = calloc(1, sizeof(*c));
+	c = conn_new(&fa, sv[0]); /* as conn_accept() does */
 	if (!c)
 		abort();
-	c->sock = (struct agent_watch){ AGENT_W_SOCK, sv[0], 0, c };
-	c->out = (struct agent_watch){ AGENT_W_STDOUT, -1, 0, c };
-	c->err = (struct agent_watch){ AGENT_W_STDERR, -1, 0, c };
-	c->xfd = -1;
-	c->state = fa.unix_mode ? AGENT_C_HANDSHAKE : AGENT_C_HEADER;
-	c->next = fa.conns;
-	fa.conns = c;
-	fa.nconns++;
-	agent_conn_settle(&fa, c);
+	conn_settle(&fa, c);
 
 	data++;
 	size--;
@@ -305,7 +296,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fuzz_free_graveyard();
 	}
 	while (fa.conns)
-		agent_conn_close(&fa, fa.conns); /* stuck (e.g. waiting for more input): close as on host EOF */
+		conn_close(&fa, fa.conns); /* stuck (e.g. waiting for more input): close as on host EOF */
 	fuzz_free_graveyard();
 	close(sv[1]);
 	return 0;
