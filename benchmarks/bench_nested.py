@@ -78,7 +78,9 @@ def child(runs: int, chromium: bool, pip: bool) -> dict[str, Any]:
         pys += timed(python_pass, 2, warmup=False)
         loops.append(float(vm.run(LOOP).stdout))
         if out["profile"] == "nested":
-            out["host_vm_qemu_rss_kib_one_sandbox"] = rss_kib(hostvm.current().pid)
+            host_now = hostvm.current()
+            assert host_now is not None, "the host VM is gone"
+            out["host_vm_qemu_rss_kib_one_sandbox"] = rss_kib(host_now.pid)
             out["relay_rss_kib"] = rss_kib(vm.pid or 0)
         vm.delete()
     out["restore_to_ready_s"] = statistics.median(restores)

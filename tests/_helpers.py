@@ -100,7 +100,7 @@ def ray_cluster(nodes: int, per_node: int) -> tuple[Any, list[Any], list[Path]]:
     for the nodes."""
     from ray.cluster_utils import Cluster
 
-    small = {"num_cpus": 1, "object_store_memory": 80 << 20}
+    small: dict[str, Any] = {"num_cpus": 1, "object_store_memory": 80 << 20}
     homes = [ray_node_home(i) for i in range(nodes)]
     c = Cluster(
         initialize_head=True,
