@@ -9,10 +9,7 @@ On hosts whose KVM emulates guest ring 0 absolute times say little about real ha
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -21,32 +18,24 @@ from typing import Any
 
 from smolvm import BrowserSession, BrowserSessionConfig
 from smolvm.browser import snapshot_dir, snapshot_key
-from smolvm.profile import detect
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_browser.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import arguments, host_facts, median, pss_kib, timed, write_result  # noqa: E402
+
 PAGE = "<!doctype html><title>bench</title><h1>bench</h1><p id=n></p><script>n.textContent=6*7</script>"
 
 
-def pss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__, "bench_browser")
     ap.add_argument("--sessions", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     cfg = BrowserSessionConfig(viewport={"width": 1280, "height": 720})
     had_snapshot = (snapshot_dir(snapshot_key(cfg)) / "meta.json").exists()
-    result: dict[str, Any] = {"host": platform.node(), "profile": detect().name, "had_snapshot": had_snapshot}
+    result: dict[str, Any] = {"host": platform.node(), **host_facts("profile"), "had_snapshot": had_snapshot}
     sessions: list[BrowserSession] = []
-    starts, gotos, shots = [], [], []
+    starts: list[float] = []
+    gotos: list[float] = []
+    shots: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         page_file = Path(tmp) / "bench.html"
         page_file.write_text(PAGE)
@@ -60,14 +49,8 @@ def main() -> int:
                 if i == 0:
                     s.push_file(page_file, "/opt/pages/bench.html")
                     page = s.page()
-                    for _ in range(3):
-                        t = time.monotonic()
-                        page.goto("file:///opt/pages/bench.html")
-                        gotos.append(time.monotonic() - t)
-                    for _ in range(3):
-                        t = time.monotonic()
-                        s.screenshot(full_page=False)
-                        shots.append(time.monotonic() - t)
+                    gotos = timed(lambda: page.goto("file:///opt/pages/bench.html"), 3, warmup=False)
+                    shots = timed(lambda: s.screenshot(full_page=False), 3, warmup=False)
             time.sleep(2)
             pss = [pss_kib(s.vm.pid or 0) for s in sessions]
         finally:
@@ -76,14 +59,11 @@ def main() -> int:
     result.update({
         "first_start_s": round(starts[0], 2),
         "restored_start_s": [round(x, 2) for x in starts[1:]],
-        "restored_start_median_s": round(statistics.median(starts[1:]), 2) if len(starts) > 1 else None,
+        "restored_start_median_s": median(starts[1:], 2),
         "goto_s": [round(x, 3) for x in gotos], "screenshot_s": [round(x, 3) for x in shots],
         "pss_kib_per_session": pss,
     })  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    json.dump(result, sys.stdout, indent=1)
-    print()
+    write_result(args.out, result, indent=1)
     return 0
 
 

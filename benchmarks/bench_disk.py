@@ -9,7 +9,6 @@ little about real hardware; host-side figures (disk creation, host disk used) do
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from smolvm import SmolVM, disk
-from smolvm.profile import detect
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_disk.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import arguments, host_facts, median, timed, write_result  # noqa: E402
+
 MIB = 1 << 20
 
 METHODOLOGY = (
@@ -36,10 +36,6 @@ METHODOLOGY = (
     "through its page cache). image_build_s: the default image's recorded build time, or a fresh "
     "build into a temporary SMOLVM_HOME with --rebuild-image."
 )
-
-
-def median(xs: list[float]) -> float:
-    return round(statistics.median(xs), 4)
 
 
 def bench_create(disk_mib: int, runs: int) -> dict[str, Any]:
@@ -66,18 +62,13 @@ def bench_create(disk_mib: int, runs: int) -> dict[str, Any]:
 
 
 def bench_python(vm: SmolVM, runs: int) -> dict[str, Any]:
-    vm.run("python3 -c pass", timeout=600)
-    times = []
-    for _ in range(runs):
-        t0 = time.monotonic()
+    def python_pass() -> None:
         r = vm.run("python3 -c pass", timeout=600)
-        times.append(time.monotonic() - t0)
         assert r.ok, r.stderr
-    sh = []
-    for _ in range(runs):
-        t0 = time.monotonic()
-        vm.run("true", timeout=600)
-        sh.append(time.monotonic() - t0)
+
+    vm.run("python3 -c pass", timeout=600)  # warm-up
+    times = timed(python_pass, runs, warmup=False)
+    sh = timed(lambda: vm.run("true", timeout=600), runs, warmup=False)
     return {"python3_c_pass_s": median(times), "sh_true_s": median(sh)}
 
 
@@ -121,16 +112,14 @@ def bench_image(rebuild: bool) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__doc__, "bench_disk")
     ap.add_argument("--disk-size", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--big-mib", type=int, default=50)
     ap.add_argument("--rebuild-image", action="store_true")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
-    prof = detect()
     out: dict[str, Any] = {
-        "host": platform.node(), "profile": prof.name, "profile_reason": prof.reason,
+        "host": platform.node(), **host_facts("profile", "profile_reason"),
         "methodology": METHODOLOGY, "image": bench_image(args.rebuild_image),
     }
     print("image:", out["image"], file=sys.stderr)
@@ -141,9 +130,7 @@ def main() -> int:
         print("python3:", out["python3"], file=sys.stderr)
         out["transfer"] = [bench_transfer(vm, 1), bench_transfer(vm, args.big_mib)]
         print("transfer:", out["transfer"], file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    write_result(args.out, out, indent=1)
     return 0
 
 

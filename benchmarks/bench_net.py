@@ -14,12 +14,10 @@ below real hardware: the guest's TCP stack runs at ~1.5 M instructions/s.
 
 from __future__ import annotations
 
-import argparse
 import http.server
-import json
 import os
 import platform
-import statistics
+import sys
 import threading
 import time
 import urllib.request
@@ -28,9 +26,9 @@ from typing import Any
 
 from smolvm import SmolVM
 from smolvm.network import HOST_ALIAS
-from smolvm.profile import detect
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_net.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import arguments, host_facts, median, timed, write_result  # noqa: E402
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -44,10 +42,9 @@ def cpu_s(pid: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__, "bench_net")
     ap.add_argument("--mib", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     root = Path(os.environ.get("TMPDIR", "/tmp")) / f"smolvm-bench-net-{os.getpid()}"
     root.mkdir()
@@ -56,7 +53,7 @@ def main() -> None:
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: _Quiet(*a, directory=str(root), **k))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     port = srv.server_address[1]
-    out: dict[str, Any] = {"host": platform.node(), "profile": detect().name, "mib": args.mib}
+    out: dict[str, Any] = {"host": platform.node(), **host_facts("profile"), "mib": args.mib}
     with SmolVM() as vm:
         assert vm.pid is not None
         url = f"http://{HOST_ALIAS}:{port}"
@@ -72,7 +69,7 @@ def main() -> None:
         for _ in range(args.runs):
             r = vm.run(f"curl -fsS -o /dev/null -w '%{{time_total}}' {url}/empty", timeout=300)
             times.append(float(r.stdout))
-        out["connect_request_s_median"] = round(statistics.median(times), 4)
+        out["connect_request_s_median"] = median(times)
         vm.run("mkdir -p /tmp/w && echo ok > /tmp/w/x && cd /tmp/w && "
                "setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null &",
                timeout=300)  # fmt: skip
@@ -86,21 +83,14 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        rt = []
-        for _ in range(args.runs):
-            t0 = time.monotonic()
-            urllib.request.urlopen(f"http://127.0.0.1:{hp}/x", timeout=60).read()
-            rt.append(time.monotonic() - t0)
-        out["expose_local_get_s_median"] = round(statistics.median(rt), 4)
+        rt = timed(lambda: urllib.request.urlopen(f"http://127.0.0.1:{hp}/x", timeout=60).read(), args.runs, warmup=False)
+        out["expose_local_get_s_median"] = median(rt)
     srv.shutdown()
     for f in root.iterdir():
         f.unlink()
     root.rmdir()
     out["methodology"] = __doc__
-    text = json.dumps(out, indent=1)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(args.out, out, indent=1)
 
 
 if __name__ == "__main__":

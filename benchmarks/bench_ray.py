@@ -9,10 +9,7 @@ base snapshots (so no node boots a guest if this home has the base snapshot alre
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,17 +19,17 @@ from typing import Any
 # Ray clusters on this host talk over loopback only (Ray picks the LAN address otherwise).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray
-from ray.cluster_utils import Cluster
 
 import smolvm.ray
 from smolvm import SmolVM
-from smolvm._paths import home
-from smolvm.profile import detect
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_ray.json"
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # _common; the tests' ray_cluster (_helpers)
+from _common import arguments, host_facts, ratio, write_result  # noqa: E402
+from _helpers import ray_cluster  # noqa: E402
+
 COMMAND = "echo {i}"
 TIMEOUT = 300.0  # per command: generous for busy shared hosts; the figures are wall times
-SHARED = ("kernel", "images", "agent", "initramfs")
 
 METHODOLOGY = (
     "The same N sandboxes (memory=--memory) run the same M commands ('echo i'), command i in "
@@ -45,27 +42,6 @@ METHODOLOGY = (
     "commands/s figures. All nodes share one host here, so the Ray figures include its "
     "processes competing for the same cores as the guests."
 )
-
-
-def node_home(i: int) -> Path:
-    main = home()
-    h = main / "ray-nodes" / f"n{i}"
-    (h / "snapshots").mkdir(parents=True, exist_ok=True)
-    for kind in SHARED:
-        link = h / kind
-        if (main / kind).exists() and not link.is_symlink():
-            link.symlink_to((main / kind).resolve())
-    base = main / "snapshots" / ".base"
-    base.mkdir(parents=True, exist_ok=True)
-    if not (h / "snapshots" / ".base").is_symlink():
-        (h / "snapshots" / ".base").symlink_to(base)
-    return h
-
-
-def node_env(h: Path) -> dict[str, str]:
-    """A node's environment: its SMOLVM_HOME, and Ray workers (so the VMMs they start) at the
-    normal priority instead of Ray's default niceness 15, which starves the guests on a busy host."""
-    return {"SMOLVM_HOME": str(h), "RAY_worker_niceness": "0"}
 
 
 def direct(n: int, m: int, memory: int) -> dict[str, Any]:
@@ -90,15 +66,7 @@ def direct(n: int, m: int, memory: int) -> dict[str, Any]:
 
 
 def through_pool(n: int, m: int, memory: int, nodes: int) -> dict[str, Any]:
-    small = {"num_cpus": 1, "object_store_memory": 80 << 20}
-    per_node = -(-n // nodes)
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={**small, "resources": {"smolvm": per_node}, "include_dashboard": False,
-                        "env_vars": node_env(node_home(0))},
-    )  # fmt: skip
-    for i in range(1, nodes):
-        c.add_node(**small, resources={"smolvm": per_node}, env_vars=node_env(node_home(i)))
+    c, _workers, _homes = ray_cluster(nodes, -(-n // nodes))
     c.wait_for_nodes()
     # Ray puts the driver's working directory first on its workers' sys.path: use the folder
     # smolvm is imported from, so a checkout's smolvm/ does not shadow the built one.
@@ -147,30 +115,26 @@ def through_pool(n: int, m: int, memory: int, nodes: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__doc__, "bench_ray")
     ap.add_argument("--sandboxes", type=int, default=2)
     ap.add_argument("--commands", type=int, default=12)
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--memory", type=int, default=256)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     with SmolVM(memory=args.memory) as warm:  # the base snapshot exists before anything is timed
         warm.run("true", timeout=TIMEOUT)
     result = {
         "benchmark": "bench_ray",
-        "host": {"machine": platform.machine(), "profile": detect().name, "ray": ray.__version__},
+        "host": {**host_facts("machine", "profile"), "ray": ray.__version__},
         "sandboxes": args.sandboxes, "nodes": args.nodes, "memory_mib": args.memory,
         "methodology": METHODOLOGY,
         "direct": direct(args.sandboxes, args.commands, args.memory),
         "pool": through_pool(args.sandboxes, args.commands, args.memory, args.nodes),
     }  # fmt: skip
     d, p = result["direct"], result["pool"]
-    result["pool_map_vs_direct"] = round(p["map_commands_per_s"] / d["commands_per_s"], 3)
-    result["pool_run_vs_direct"] = round(p["run_commands_per_s"] / d["commands_per_s"], 3)
-    text = json.dumps(result, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    result["pool_map_vs_direct"] = ratio(p["map_commands_per_s"], d["commands_per_s"])
+    result["pool_run_vs_direct"] = ratio(p["run_commands_per_s"], d["commands_per_s"])
+    write_result(args.out, result)
     return 0
 
 

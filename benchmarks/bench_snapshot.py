@@ -8,22 +8,22 @@ KVM emulates guest ring 0 absolute times say little about real hardware.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from smolvm import SmolVM
-from smolvm.profile import detect
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_snapshot.json"
-VMM_LINE = re.compile(r"^smolvm-vmm: ([A-Za-z0-9_]+)=(\d+)\s*$")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import arguments, host_facts, median, pss_kib, ratio, vmm_lines, write_result  # noqa: E402
 
+# The report's cold-boot / restore ratios: (report key, summary field); left out where either is 0.
+RATIOS = (
+    ("ratio_boot_over_restore_to_ready", "to_ready_s_median"),
+    ("ratio_boot_over_restore_to_first_run", "to_first_run_s_median"),
+    ("ratio_pss_booted_over_restored", "pss_kib_median"),
+)
 METHODOLOGY = (
     "cold_boot: SmolVM(cold_boot=True).start() = spawn, kernel boot, agent ready, setup frame. "
     "restore: SmolVM().start() restoring the configuration's base snapshot (made first if missing) = "
@@ -36,26 +36,8 @@ METHODOLOGY = (
 )
 
 
-def pss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def vmm_timings(console: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        for line in console.read_text(errors="replace").splitlines():
-            m = VMM_LINE.match(line)
-            if m:
-                out[m.group(1)] = int(m.group(2))
-    except OSError:
-        pass
-    return out
+    return {k: int(v) for k, v in vmm_lines(console).items() if v.isdigit()}
 
 
 def start(vm: SmolVM) -> tuple[float, float, dict[str, int]]:
@@ -68,22 +50,16 @@ def start(vm: SmolVM) -> tuple[float, float, dict[str, int]]:
     return t_ready, time.monotonic() - t0, vmm_timings(vm.console_log)
 
 
-def median(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 4) if xs else None
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__doc__, "bench_snapshot")
     ap.add_argument("--sandboxes", type=int, default=10, help="restored sandboxes (default 10)")
     ap.add_argument("--booted", type=int, default=2, help="cold-booted sandboxes (default 2)")
     ap.add_argument("--memory", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
 
     report: dict[str, Any] = {
         "benchmark": "smolvm snapshot restore vs cold boot",
-        "host": {"machine": platform.machine(), "kernel": platform.release(),
-                 "profile": detect().name},
+        "host": host_facts("machine", "kernel", "profile"),
         "methodology": METHODOLOGY,
     }  # fmt: skip
     vms: list[SmolVM] = []
@@ -93,20 +69,13 @@ def main() -> int:
         warm.start()
         vms.append(warm)
 
-        booted: list[dict[str, Any]] = []
-        for _ in range(args.booted):
-            vm = SmolVM(memory=args.memory, cold_boot=True)
-            vms.append(vm)
+        def measure(vm: SmolVM) -> dict[str, Any]:
+            vms.append(vm)  # deleted below even if its start fails
             ready, first, t = start(vm)
-            booted.append({"to_ready_s": ready, "to_first_run_s": first,
-                           "pss_kib": pss_kib(vm.pid or 0), "vmm": t})  # fmt: skip
-        restored: list[dict[str, Any]] = []
-        for _ in range(args.sandboxes):
-            vm = SmolVM(memory=args.memory)
-            vms.append(vm)
-            ready, first, t = start(vm)
-            restored.append({"to_ready_s": ready, "to_first_run_s": first,
-                             "pss_kib": pss_kib(vm.pid or 0), "vmm": t})  # fmt: skip
+            return {"to_ready_s": ready, "to_first_run_s": first, "pss_kib": pss_kib(vm.pid or 0), "vmm": t}
+
+        booted = [measure(SmolVM(memory=args.memory, cold_boot=True)) for _ in range(args.booted)]
+        restored = [measure(SmolVM(memory=args.memory)) for _ in range(args.sandboxes)]
 
         def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             pss = [r["pss_kib"] for r in rows if r["pss_kib"] is not None]
@@ -124,15 +93,9 @@ def main() -> int:
         b, r = summary(booted), summary(restored)
         report["cold_boot"] = b
         report["restore"] = r
-        if b["to_ready_s_median"] and r["to_ready_s_median"]:
-            report["ratio_boot_over_restore_to_ready"] = round(
-                b["to_ready_s_median"] / r["to_ready_s_median"], 1)
-        if b["to_first_run_s_median"] and r["to_first_run_s_median"]:
-            report["ratio_boot_over_restore_to_first_run"] = round(
-                b["to_first_run_s_median"] / r["to_first_run_s_median"], 1)
-        if b["pss_kib_median"] and r["pss_kib_median"]:
-            report["ratio_pss_booted_over_restored"] = round(
-                b["pss_kib_median"] / r["pss_kib_median"], 1)
+        for name, key in RATIOS:
+            if (x := ratio(b[key], r[key], 1)) is not None:
+                report[name] = x
         report["qemu"] = (
             "not measured: restoring this guest in QEMU needs a migration stream made by QEMU itself "
             "(-incoming after a QMP migrate); not wired up yet"
@@ -140,10 +103,7 @@ def main() -> int:
     finally:
         for vm in vms:
             vm.delete()
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(args.out, report)
     return 0
 
 

@@ -9,20 +9,18 @@ three paths (host-side overhead) and the thread count do.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import platform
-import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from smolvm import RunResult, SmolVM
-from smolvm.profile import detect
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_stream.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import arguments, host_facts, median, timed, write_result  # noqa: E402
 
 METHODOLOGY = (
     "sync/async/stream: median wall time of run('true'), await async_run('true') and a full "
@@ -31,16 +29,6 @@ METHODOLOGY = (
     "wall time, and the peak of threading.active_count() sampled every 10 ms while they ran "
     "(baseline = before)."
 )
-
-
-def _median(f: Any, runs: int) -> float:
-    f()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _stream_true(vm: SmolVM) -> None:
@@ -64,32 +52,26 @@ async def _concurrent(vms: list[SmolVM], n: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__doc__, "bench_stream")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--concurrent", type=int, default=100)
     ap.add_argument("--vms", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
 
-    out: dict[str, Any] = {"host": platform.node(), "profile": detect().name, "methodology": METHODOLOGY}
+    out: dict[str, Any] = {"host": platform.node(), **host_facts("profile"), "methodology": METHODOLOGY}
     vms = [SmolVM() for _ in range(args.vms)]
     try:
         for vm in vms:
             vm.__enter__()
         vm = vms[0]
-        out["sync_true_s"] = round(_median(lambda: vm.run("true", timeout=600), args.runs), 4)
-        out["async_true_s"] = round(
-            _median(lambda: asyncio.run(vm.async_run("true", timeout=600)), args.runs), 4
-        )
-        out["stream_true_s"] = round(_median(lambda: _stream_true(vm), args.runs), 4)
+        out["sync_true_s"] = median(timed(lambda: vm.run("true", timeout=600), args.runs))
+        out["async_true_s"] = median(timed(lambda: asyncio.run(vm.async_run("true", timeout=600)), args.runs))
+        out["stream_true_s"] = median(timed(lambda: _stream_true(vm), args.runs))
         out["concurrent"] = asyncio.run(_concurrent(vms, args.concurrent))
     finally:
         for vm in vms:
             vm.delete()
-    text = json.dumps(out, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,8 @@ common yardstick is the time from starting the VMM process until the kernel's
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,11 +24,12 @@ from smolvm.build.initramfs import ensure_initramfs
 from smolvm.build.kernel import ensure_kernel
 from smolvm.profile import detect, host_info, kernel_cmdline
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_vm.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import arguments, host_facts, median, pss_kib, ratio, rss_kib, vmm_lines, write_result  # noqa: E402
+
 INIT_MARKER = "Run /init as init process"
 AGENT_MARKER = "smolvm-agent:"
 POLL_S = 0.01
-VMM_LINE = re.compile(r"^smolvm-vmm: ([A-Za-z0-9_]+)=(\S+)\s*$")
 PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]")
 
 METHODOLOGY = (
@@ -53,17 +49,7 @@ METHODOLOGY = (
 
 
 def mem_kib(pid: int) -> dict[str, int | None]:
-    out: dict[str, int | None] = {"rss_kib": None, "pss_kib": None}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out["rss_kib"] = int(line.split()[1])
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                out["pss_kib"] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
+    return {"rss_kib": rss_kib(pid), "pss_kib": pss_kib(pid)}
 
 
 class ConsoleWatch:
@@ -118,18 +104,6 @@ def printk_time(line: str | None) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def vmm_timings(console: Path) -> dict[str, str]:
-    found: dict[str, str] = {}
-    try:
-        for line in console.read_text(errors="replace").splitlines():
-            m = VMM_LINE.match(line.strip())
-            if m:
-                found[m.group(1)] = m.group(2)
-    except OSError:
-        pass
-    return found
-
-
 def bench_smolvm(kernel: Path, initrd: Path, runs: int, boot_timeout: float) -> dict[str, Any]:
     vm = SmolVM(kernel=kernel, initrd=initrd, boot_timeout=boot_timeout, cold_boot=True)
     watch = ConsoleWatch(vm.console_log, [INIT_MARKER])
@@ -138,7 +112,7 @@ def bench_smolvm(kernel: Path, initrd: Path, runs: int, boot_timeout: float) -> 
         vm.start()
         t_ready = time.monotonic()
         watch.stop()
-        timings = vmm_timings(vm.console_log)
+        timings = vmm_lines(vm.console_log)
         samples = []
         for _ in range(runs):
             r = vm.run("true")
@@ -161,7 +135,7 @@ def bench_smolvm(kernel: Path, initrd: Path, runs: int, boot_timeout: float) -> 
         "init_marker_to_ready_s": round(t_ready - t_init, 4) if t_init else None,
         "warm_run_true_s": {
             "n": len(samples),
-            "median": round(statistics.median(samples), 6) if samples else None,
+            "median": median(samples, 6),
             "min": round(min(samples), 6) if samples else None,
             "max": round(max(samples), 6) if samples else None,
         },
@@ -218,20 +192,13 @@ def bench_qemu(kernel: Path, initrd: Path, cmdline: str, memory: int, boot_timeo
     return result
 
 
-def ratio(a: float | int | None, b: float | int | None) -> float | None:
-    if not a or not b:
-        return None
-    return round(a / b, 3)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__, "bench_vm")
     ap.add_argument("--runs", type=int, default=10, help="warm run('true') samples (default 10)")
     ap.add_argument("--memory", type=int, default=512, help="guest RAM in MiB for both VMMs (default 512)")
     ap.add_argument("--boot-timeout", type=float, default=900.0, help="seconds per boot (default 900)")
     ap.add_argument("--agent-wait", type=float, default=60.0, help="seconds to wait for QEMU's agent output")
     ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU baseline")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON file to write (default {DEFAULT_OUT})")
     args = ap.parse_args()
 
     kernel = ensure_kernel() / "vmlinux"
@@ -244,11 +211,7 @@ def main() -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {
             "kind": host.kind,
-            "profile": profile.name,
-            "profile_reason": profile.reason,
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            **host_facts("profile", "profile_reason", "kernel", "cpus", "python", profile=profile),
         },
         "guest": {"kernel": str(kernel), "initrd": str(initrd), "cmdline": cmdline, "memory_mib": args.memory},
         "methodology": METHODOLOGY,
@@ -271,10 +234,7 @@ def main() -> int:
         "vmm_rss": ratio(q.get("vmm_rss_kib"), s.get("vmm_rss_kib")),
         "vmm_pss": ratio(q.get("vmm_pss_kib"), s.get("vmm_pss_kib")),
     }
-    text = json.dumps(report, indent=2)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(text)
+    write_result(args.out, report)
     return 0
 
 

@@ -11,20 +11,17 @@ in the JSON; turn it into a regression input in tests/fuzz/regress/<target>/.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fuzz"))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "fuzz")]
 
 import fuzz_targets as ft  # noqa: E402
-
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fuzz.json"
+from _common import arguments, host_facts, write_result  # noqa: E402
 
 METHODOLOGY = (
     "Each target is built with clang -O1 -fsanitize=fuzzer,address,undefined and run single-"
@@ -62,12 +59,11 @@ def bench(target: ft.Target, cc: str, work: Path, runs: int, max_time: int, nice
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__, "fuzz")
     p.add_argument("--runs", type=int, default=10_000_000, help="executions per target (default 10 M)")
     p.add_argument("--max-time", type=int, default=0, help="stop a target after this many seconds (0 = no limit)")
     p.add_argument("--target", action="append", choices=sorted(ft.TARGETS), help="only these (repeatable)")
     p.add_argument("--nice", type=int, default=0, help="run the fuzzers under nice -n N")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work", type=Path, help="keep builds, corpora and artifacts here (default: a temp dir)")
     a = p.parse_args()
     cc = ft.find_clang()
@@ -87,13 +83,11 @@ def main() -> int:
                   f"{', CRASHED' if r['crashed'] else ''}", file=sys.stderr, flush=True)  # fmt: skip
     report = {
         "benchmark": "fuzz",
-        "host": {"machine": platform.machine(), "kernel": platform.release(), "clang": cc},
+        "host": {**host_facts("machine", "kernel"), "clang": cc},
         "methodology": METHODOLOGY,
         "targets": results,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_result(a.out, report)
     return 1 if any(r["crashed"] for r in results.values()) else 0
 
 

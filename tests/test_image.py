@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _helpers import processes_naming  # noqa: E402
 from smolvm.build import image  # noqa: E402
 from smolvm.build.image import ImageNotFoundError, ensure_image, image_path, list_images  # noqa: E402
 
@@ -152,15 +153,9 @@ def dead_pid() -> int:
 def builders_of(marker: str) -> list[str]:
     """Processes whose command line mentions marker (our interrupted mmdebstrap or tar)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            found.append(f"{entry.name}: {cmdline[:200]}")
+    for pid, cmdline in processes_naming(marker):
+        shown = cmdline.replace(b"\0", b" ").decode(errors="replace")
+        found.append(f"{pid}: {shown[:200]}")
     return found
 
 

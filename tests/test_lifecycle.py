@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import processes_naming
 from smolvm import SmolVM, SmolVMError, VMStartError, registry, snapshots
 from smolvm.errors import SnapshotError, VMNotFoundError
 
@@ -44,17 +45,7 @@ def _vmm_alive(rec: registry.VMRecord) -> bool:
 
 def _processes_naming(text: str) -> list[int]:
     """Live processes whose command line contains text (a VMM's carries its vm_id in paths)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in cmdline and _alive(int(d.name)):
-            found.append(int(d.name))
-    return found
+    return [pid for pid, _ in processes_naming(text) if _alive(pid)]
 
 
 def _unix_sockets_naming(text: str) -> list[str]:

@@ -14,6 +14,7 @@ from types import ModuleType
 
 import pytest
 
+from _helpers import run_threads, serve_in_background
 from smolvm._native import native
 
 MAGIC = 0x33564D53  # "SMV3"
@@ -35,6 +36,17 @@ def spawn_sh(nat: ModuleType, script: str, **kw: object) -> tuple[int, int]:
 
 def reap(pid: int) -> int:
     return os.waitpid(pid, 0)[1]
+
+
+def sigint_main_soon(delay: float = 0.3) -> None:
+    """Send SIGINT to this (the main) thread after delay seconds, from a thread of its own."""
+    main = threading.get_ident()
+
+    def poke() -> None:
+        time.sleep(delay)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=poke).start()
 
 
 def test_spawn_gives_ctl_on_fd3_in_new_group(nat: ModuleType) -> None:
@@ -116,13 +128,7 @@ def test_wait_line_timeout_eof_and_exit_line(nat: ModuleType) -> None:
 
 def test_wait_line_interrupted_by_signal(nat: ModuleType) -> None:
     pid, fd = spawn_sh(nat, "sleep 30")
-    main = threading.get_ident()
-
-    def poke() -> None:
-        time.sleep(0.3)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    threading.Thread(target=poke).start()
+    sigint_main_soon()
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -195,16 +201,7 @@ class FakeAgent:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(16)
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.one, args=(conn,), daemon=True).start()
+        self.thread = serve_in_background(self.sock, self.one)
 
     def one(self, conn: socket.socket) -> None:
         with conn:
@@ -322,13 +319,7 @@ def test_exec_host_timeout(nat: ModuleType, agent_factory) -> None:
 
 def test_exec_ctrl_c(nat: ModuleType, agent_factory) -> None:
     agent = agent_factory(lambda conn, req: time.sleep(10))
-    main = threading.get_ident()
-
-    def poke() -> None:
-        time.sleep(0.3)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    threading.Thread(target=poke).start()
+    sigint_main_soon()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         call(nat, agent, host_timeout_ms=20000)
@@ -349,11 +340,7 @@ def test_exec_concurrent(nat: ModuleType, agent_factory) -> None:
     def worker(n: int) -> None:
         results[n] = call(nat, agent, str(n))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, range(8))
     for n in range(8):
         assert results[n][0] == n
         assert results[n][2] == "".join(f"{n}:{i}\n" for i in range(50)).encode()

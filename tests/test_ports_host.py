@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import serve_in_background
 from agent_host import WARN, VARIANTS, need_toolchain
 from smolvm.build import agent as agent_build
 
@@ -69,15 +70,7 @@ class Echo:
     def __init__(self) -> None:
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
+        serve_in_background(self.srv, self._echo)
 
     @staticmethod
     def _echo(c: socket.socket) -> None:

@@ -17,8 +17,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="smolvm.ray needs Ray: pip install 'smolvm[ray]'")
 
 import smolvm  # noqa: E402
+from _helpers import ray_cluster  # noqa: E402
 from smolvm import SmolVM  # noqa: E402
-from smolvm._paths import home  # noqa: E402
 from smolvm.errors import SandboxLostError, SmolVMError  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.own_vm, pytest.mark.guest_only]
@@ -26,39 +26,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.own_vm, pytest.mark.guest_only]
 POOL_VM = {"memory": 256}  # small guests keep the host's memory low
 PER_NODE = 6  # each node's `smolvm` resource: a pool of 6 spreads 3 + 3, and 3 more fit after a loss
 T = 180  # command timeout: generous, the guests share 2 emulating cores with other work here
-SHARED = ("kernel", "images", "agent", "initramfs")
 SMOLVM_ROOT = Path(smolvm.__file__).resolve().parent.parent  # the folder smolvm is imported from
-
-
-def _node_home(i: int) -> Path:
-    """A SMOLVM_HOME of its own for cluster node i, sharing this home's caches and base snapshots.
-
-    The base snapshots are shared too (snapshots/.base is a symlink): their keys name the
-    resolved kernel, initramfs and image files and the VMM sources, which are the same for
-    every node here, a snapshot is published by an atomic rename, and restores map its
-    memory file copy-on-write. So the whole cluster boots one guest, once, instead of one
-    per node; the nodes' VMs and registries (vms/) stay apart.
-    """
-    main = home()
-    h = main / "ray-nodes" / f"n{i}"
-    (h / "snapshots").mkdir(parents=True, exist_ok=True)
-    for kind in SHARED:
-        if (main / kind).exists():
-            link = h / kind
-            if not link.is_symlink():
-                link.unlink(missing_ok=True)
-                link.symlink_to((main / kind).resolve())
-    base = main / "snapshots" / ".base"
-    base.mkdir(parents=True, exist_ok=True)
-    if not (h / "snapshots" / ".base").is_symlink():
-        (h / "snapshots" / ".base").symlink_to(base)
-    return h
-
-
-def node_env(h: Path) -> dict[str, str]:
-    """A node's environment: its SMOLVM_HOME, and Ray workers (so the VMMs they start) at the
-    normal priority instead of Ray's default niceness 15, which starves the guests on a busy host."""
-    return {"SMOLVM_HOME": str(h), "RAY_worker_niceness": "0"}
 
 
 def _vmm_pids() -> set[int]:
@@ -81,8 +49,6 @@ def cluster() -> Iterator[tuple[object, object, list[Path]]]:
     # compat host (2026-12-01); until they have passed in CI time they run when asked for.
     if os.environ.get("SMOLVM_RAY_TESTS") != "1":
         pytest.skip("the two-node Ray cluster tests run with SMOLVM_RAY_TESTS=1")
-    from ray.cluster_utils import Cluster
-
     from smolvm.build.image import ensure_image
     from smolvm.build.initramfs import ensure_initramfs
     from smolvm.build.kernel import ensure_kernel
@@ -93,14 +59,7 @@ def cluster() -> Iterator[tuple[object, object, list[Path]]]:
 
     with SmolVM(**POOL_VM) as warm:  # make (or find) the pool VMs' base snapshot once
         assert warm.run("true").ok
-    homes = [_node_home(0), _node_home(1)]
-    small = {"num_cpus": 1, "object_store_memory": 80 << 20}
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={**small, "resources": {"smolvm": PER_NODE}, "include_dashboard": False,
-                        "env_vars": node_env(homes[0])},
-    )  # fmt: skip
-    worker = c.add_node(**small, resources={"smolvm": PER_NODE}, env_vars=node_env(homes[1]))
+    c, (worker,), homes = ray_cluster(2, PER_NODE)
     # Ray puts the driver's working directory first on its workers' sys.path: make that the
     # folder this smolvm is imported from, so a checkout's smolvm/ does not shadow it.
     old_cwd = os.getcwd()

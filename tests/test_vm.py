@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import run_threads
 from smolvm import RunResult, SmolVM, VMGoneError, VMStartError
 
 pytestmark = pytest.mark.vm
@@ -144,11 +145,7 @@ def test_4_concurrent_runs_do_not_cross(vm: SmolVM) -> None:
         except BaseException as e:
             results[n] = e
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, range(4))
     for n in range(4):
         r = results[n]
         assert isinstance(r, RunResult), r
