@@ -76,7 +76,7 @@ def child(runs: int, chromium: bool, pip: bool) -> dict[str, Any]:
 
         trues += timed(lambda: vm.run("true"), 3, warmup=False)
         pys += timed(python_pass, 2, warmup=False)
-        loops.append(float(vm.run(LOOP).stdout))
+        loops.append(float(vm.run(LOOP, timeout=600).stdout))
         if out["profile"] == "nested":
             host_now = hostvm.current()
             assert host_now is not None, "the host VM is gone"
