@@ -399,7 +399,7 @@ def _builder(name: str, packages: list[str], key: str) -> Callable[[Path], None]
     return build
 
 
-def _built() -> list[tuple[float, str, Path]]:
+def built_images() -> list[tuple[float, str, Path]]:
     """(completion time, name, folder) of every finished image."""
     root = home() / KIND
     found = []
@@ -417,7 +417,7 @@ def _built() -> list[tuple[float, str, Path]]:
 
 def list_images() -> list[str]:
     """Names of the images built so far (in $SMOLVM_HOME/images)."""
-    return sorted({name for _, name, _ in _built()})
+    return sorted({name for _, name, _ in built_images()})
 
 
 def _unknown(name: str) -> ImageNotFoundError:
@@ -435,7 +435,7 @@ def _unknown(name: str) -> ImageNotFoundError:
 def image_path(name: str = DEFAULT_IMAGE) -> Path:
     """The ext4 file of the newest finished image called name; never builds (see ensure_image)."""
     check_image_name(name)
-    for _, got, folder in reversed(_built()):
+    for _, got, folder in reversed(built_images()):
         if got == name:
             return folder / IMAGE_FILE
     raise _unknown(name)

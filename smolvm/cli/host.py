@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
+from typing import Any
+
+from ._common import add_command, fail, print_json
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from . import hostvm
+    from .. import hostvm
 
     if args.host_cmd == "start":
         try:
-            vm = hostvm.ensure()
+            started = hostvm.ensure()
         except hostvm.HostVMError as e:
-            print(f"smolvm host start: {e}", file=sys.stderr)
-            return 1
-        print(f"host VM running: pid {vm.pid}, {vm.cpus} vCPUs, {vm.memory_mib} MiB")
+            return fail(str(e), 1, "smolvm host start")
+        print(f"host VM running: pid {started.pid}, {started.cpus} vCPUs, {started.memory_mib} MiB")
         return 0
     if args.host_cmd == "stop":
         print("host VM stopped" if hostvm.stop() else "no host VM was running")
@@ -39,7 +39,7 @@ def cmd_host(args: argparse.Namespace) -> int:
         "folder": str(hostvm.host_dir()),
     }
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print_json(rep)
     elif vm is None:
         print("no host VM running" + (f" (nested profile unavailable: {why})" if why else ""))
     else:
@@ -48,8 +48,8 @@ def cmd_host(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    h = sub.add_parser("host", help="the nested profile's host VM: status, start, stop, logs")
+def add_parser(sub: Any) -> None:
+    h = add_command(sub, "host", cmd_host, "the nested profile's host VM: status, start, stop, logs")
     hsub = h.add_subparsers(dest="host_cmd", required=True)
     st = hsub.add_parser("status", help="is the host VM running, and how big is it")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -57,4 +57,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     hsub.add_parser("stop", help="stop the host VM and every VM in it")
     lg = hsub.add_parser("logs", help="the host VM's console, last lines")
     lg.add_argument("-n", "--lines", type=int, default=60)
-    h.set_defaults(func=cmd_host)

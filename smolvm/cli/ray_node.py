@@ -8,6 +8,9 @@ import os
 import sys
 from typing import Any
 
+from .._validate import MEMORY_MIN_MIB
+from ._common import EXIT_USAGE, add_command, fail, print_json, smolvm_default
+
 RESOURCE = "smolvm"  # smolvm.ray._nodes.RESOURCE (kept here so this command needs no ray)
 HOST_RESERVE_MIB = 2048  # host memory left to Ray, the OS and the VMM processes themselves
 
@@ -22,7 +25,7 @@ def _mem_total_mib() -> int:
 
 def ray_node_report(per_vm_mib: int, sandboxes: int | None) -> dict[str, Any]:
     """Whether this host can run sandboxes (doctor's checks) and how many to advertise."""
-    from .cli import doctor_report
+    from .doctor import doctor_report
 
     rep = doctor_report()
     total = _mem_total_mib()
@@ -48,12 +51,12 @@ def ray_node_report(per_vm_mib: int, sandboxes: int | None) -> dict[str, Any]:
 
 
 def cmd_ray_node(args: argparse.Namespace) -> int:
-    if args.per_sandbox_mib < 64 or (args.sandboxes is not None and args.sandboxes < 1):
-        print("smolvm ray-node: --per-sandbox-mib must be at least 64 and --sandboxes at least 1", file=sys.stderr)
-        return 2
+    if args.per_sandbox_mib < MEMORY_MIN_MIB or (args.sandboxes is not None and args.sandboxes < 1):
+        return fail(f"--per-sandbox-mib must be at least {MEMORY_MIN_MIB} and --sandboxes at least 1", EXIT_USAGE,
+                    "smolvm ray-node")  # fmt: skip
     rep = ray_node_report(args.per_sandbox_mib, args.sandboxes)
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print_json(rep)
     elif rep["ok"]:
         print(rep["flag"])
         print(
@@ -71,13 +74,11 @@ def cmd_ray_node(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    r = sub.add_parser(
-        "ray-node",
-        help="print the `ray start --resources` flag that makes this host a smolvm node",
-        description="Exit status 1 (and no flag) when `smolvm doctor` finds a problem.",
-    )
-    r.add_argument("--per-sandbox-mib", type=int, default=512,
-                   help="host memory to budget per sandbox (default 512, SmolVM's default)")  # fmt: skip
+    memory = smolvm_default("memory")
+    r = add_command(sub, "ray-node", cmd_ray_node,
+                    "print the `ray start --resources` flag that makes this host a smolvm node",
+                    description="Exit status 1 (and no flag) when `smolvm doctor` finds a problem.")  # fmt: skip
+    r.add_argument("--per-sandbox-mib", type=int, default=memory,
+                   help=f"host memory to budget per sandbox (default {memory}, SmolVM's default)")  # fmt: skip
     r.add_argument("--sandboxes", type=int, default=None, help="advertise this many instead")
     r.add_argument("--json", action="store_true", help="machine-readable output")
-    r.set_defaults(func=cmd_ray_node)

@@ -5,45 +5,45 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
+from pathlib import Path
 from typing import Any
+
+from ._common import EXIT_USAGE, add_command, fail, listed, print_json
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    from .build.image import DEFAULT_IMAGE, ImageError, default_packages, ensure_image
+    from ..build.image import DEFAULT_IMAGE, ImageError, default_packages, ensure_image
 
     packages = [p for group in args.packages for item in group for p in item.replace(",", " ").split()]
     try:
         if args.name == DEFAULT_IMAGE:
             if packages:
-                print("smolvm image build: 'default' is the built-in image; give a custom image "
-                      "another name", file=sys.stderr)  # fmt: skip
-                return 2
+                return fail("'default' is the built-in image; give a custom image another name", EXIT_USAGE,
+                            "smolvm image build")  # fmt: skip
             path = ensure_image()
         else:
             if not packages:
-                print(f"smolvm image build: name the packages, e.g. `smolvm image build {args.name} "
-                      f"--packages {' '.join(default_packages()[:3])} nodejs`", file=sys.stderr)  # fmt: skip
-                return 2
+                return fail(f"name the packages, e.g. `smolvm image build {args.name} "
+                            f"--packages {' '.join(default_packages()[:3])} nodejs`", EXIT_USAGE,
+                            "smolvm image build")  # fmt: skip
             if args.no_defaults:
                 path = ensure_image(args.name, packages)
             else:
                 path = ensure_image(args.name, sorted(set(default_packages()) | set(packages)))
     except (ImageError, ValueError, TypeError) as e:
-        print(f"smolvm image build: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 1, "smolvm image build")
     if args.json:
-        print(json.dumps({"name": args.name, "path": str(path)}))
+        print_json({"name": args.name, "path": str(path)}, indent=None)
     else:
         print(path)
     return 0
 
 
 def _images() -> list[dict[str, Any]]:
-    from .build.image import _built
+    from ..build.image import built_images
 
     out = []
-    for done, name, folder in _built():
+    for done, name, folder in built_images():
         try:
             meta = json.loads((folder / "image.json").read_text())
         except (OSError, ValueError):
@@ -58,11 +58,8 @@ def _images() -> list[dict[str, Any]]:
 
 def cmd_image_ls(args: argparse.Namespace) -> int:
     images = _images()
-    if args.json:
-        print(json.dumps({"images": images}, indent=2))
-        return 0
-    if not images:
-        print("no images built yet: `smolvm image build default` (or the first SmolVM()) builds one")
+    if listed(args.json, "images", images,
+              "no images built yet: `smolvm image build default` (or the first SmolVM()) builds one"):  # fmt: skip
         return 0
     print(f"{'NAME':<20} {'SIZE':>9}  PACKAGES")
     for im in images:
@@ -78,12 +75,9 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
         found = [im for im in images if im["name"] == name]
         if not found:
             known = ", ".join(sorted({im["name"] for im in images})) or "none"
-            print(f"smolvm image rm: no image named {name!r} (images: {known})", file=sys.stderr)
-            rc = 1
+            rc = fail(f"no image named {name!r} (images: {known})", 1, "smolvm image rm")
             continue
         for im in found:
-            from pathlib import Path
-
             shutil.rmtree(Path(im["path"]).parent, ignore_errors=True)
         print(f"deleted image {name} (snapshots taken with it can no longer be restored)")
     return rc
@@ -92,8 +86,8 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     im = sub.add_parser("image", help="root images: build, ls, rm")
     isub = im.add_subparsers(dest="image_cmd", required=True)
-    ib = isub.add_parser(
-        "build", help="build a Debian root image (the default one, or NAME with extra packages)",
+    ib = add_command(
+        isub, "build", cmd_image_build, "build a Debian root image (the default one, or NAME with extra packages)",
         description="Builds Debian bookworm with mmdebstrap (needs the Debian mirror) into "
         "$SMOLVM_HOME/images; cached by the hash of its inputs. Use it with SmolVM(image=NAME).",
     )  # fmt: skip
@@ -103,10 +97,6 @@ def add_parser(sub: Any) -> None:
     ib.add_argument("--no-defaults", action="store_true",
                     help="only the named packages (plus Debian's essential set), not the default image's")
     ib.add_argument("--json", action="store_true", help="machine-readable output")
-    ib.set_defaults(func=cmd_image_build)
-    il = isub.add_parser("ls", help="list built images")
-    il.add_argument("--json", action="store_true", help='machine-readable: {"images": [...]}')
-    il.set_defaults(func=cmd_image_ls)
-    ir = isub.add_parser("rm", help="delete images")
+    add_command(isub, "ls", cmd_image_ls, "list built images", json_help='machine-readable: {"images": [...]}')
+    ir = add_command(isub, "rm", cmd_image_rm, "delete images")
     ir.add_argument("names", nargs="+", metavar="NAME")
-    ir.set_defaults(func=cmd_image_rm)

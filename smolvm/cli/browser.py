@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
+from ._common import add_command, fail, listed, print_json, table
 
-def _fail(msg: str, code: int = 1) -> int:
-    print(f"smolvm browser: {msg}", file=sys.stderr)
-    return code
+
+def _fail(msg: str) -> int:
+    return fail(msg, 1, "smolvm browser")
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from .browser import BrowserSession
-    from .browser_config import BrowserSessionConfig, parse_viewport
-    from .errors import SmolVMError
+    from ..browser import BrowserSession
+    from ..browser_config import BrowserSessionConfig, parse_viewport
+    from ..errors import SmolVMError
 
     try:
         kw: dict[str, Any] = {"mode": "live" if args.live else "headless", "record_video": args.record_video,
@@ -35,7 +34,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     info = session.info
     session.close()
     if args.json:
-        print(json.dumps(asdict(info), indent=2))
+        print_json(asdict(info))
     else:
         print(f"session {info.session_id} ready (VM {info.vm_id})")
         print(f"  cdp_url:  {info.cdp_url}")
@@ -47,29 +46,24 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .browser import BrowserSession
+    from ..browser import BrowserSession
 
     sessions = BrowserSession.list()
-    if args.json:
-        print(json.dumps({"sessions": [asdict(s) for s in sessions]}, indent=2))
-        return 0
-    if not sessions:
-        print("no browser sessions: `smolvm browser start` starts one")
+    if listed(args.json, "sessions", [asdict(s) for s in sessions],
+              "no browser sessions: `smolvm browser start` starts one"):  # fmt: skip
         return 0
     rows = [["SESSION", "STATUS", "MODE", "VM", "CDP", "LIVE", "LEFT"]]
     for s in sessions:
         left = max(0, int(s.expires_at - time.time()))
         rows.append([s.session_id, s.status, s.mode, s.vm_id or "-", s.cdp_url or "-", s.live_url or "-",
                      f"{left // 60}m"])  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    table(rows)
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from .browser import BrowserSession
-    from .errors import SmolVMError
+    from ..browser import BrowserSession
+    from ..errors import SmolVMError
 
     rc = 0
     for sid in args.session_ids:
@@ -83,8 +77,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from .browser import BrowserSession
-    from .errors import SmolVMError
+    from ..browser import BrowserSession
+    from ..errors import SmolVMError
 
     try:
         s = BrowserSession.from_id(args.session_id)
@@ -98,9 +92,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     br = sub.add_parser("browser", help="browser sessions: start, ls, stop, logs")
     bsub = br.add_subparsers(dest="browser_cmd", required=True)
-    st = bsub.add_parser("start", help="start a browser session that lasts until `stop` or its timeout",
-                         description="Prints the session's id, its CDP URL (Playwright's connect_over_cdp) "
-                         "and, with --live, the noVNC page that shows its display.")  # fmt: skip
+    st = add_command(bsub, "start", cmd_start, "start a browser session that lasts until `stop` or its timeout",
+                     description="Prints the session's id, its CDP URL (Playwright's connect_over_cdp) "
+                     "and, with --live, the noVNC page that shows its display.")  # fmt: skip
     st.add_argument("--live", action="store_true", help="Chromium on a virtual display, shown at live_url")
     st.add_argument("--record-video", action="store_true", help="record the live display (needs --live)")
     st.add_argument("--viewport", metavar="WxH", help="page size, e.g. 1440x900 (default 1280x720)")
@@ -109,14 +103,9 @@ def add_parser(sub: Any) -> None:
     st.add_argument("--timeout-minutes", type=int, default=30, help="stop after this long (1-240, default 30)")
     st.add_argument("--memory", type=int, default=2048, help="VM memory in MiB (default 2048)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(func=cmd_start)
-    ls = bsub.add_parser("ls", help="list browser sessions")
-    ls.add_argument("--json", action="store_true", help='machine-readable: {"sessions": [...]}')
-    ls.set_defaults(func=cmd_ls)
-    sp = bsub.add_parser("stop", help="stop browser sessions (their artifacts are kept on the host)")
+    add_command(bsub, "ls", cmd_ls, "list browser sessions", json_help='machine-readable: {"sessions": [...]}')
+    sp = add_command(bsub, "stop", cmd_stop, "stop browser sessions (their artifacts are kept on the host)")
     sp.add_argument("session_ids", nargs="+", metavar="ID")
-    sp.set_defaults(func=cmd_stop)
-    lg = bsub.add_parser("logs", help="the browser's logs in the guest and the VM console")
+    lg = add_command(bsub, "logs", cmd_logs, "the browser's logs in the guest and the VM console")
     lg.add_argument("session_id", metavar="ID")
     lg.add_argument("--tail", type=int, default=100, help="lines per log (default 100)")
-    lg.set_defaults(func=cmd_logs)
