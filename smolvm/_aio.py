@@ -7,15 +7,18 @@ control socket, removing files): those run in a worker thread (asyncio.to_thread
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Any
 
 from . import _stream
 from ._native import native
 from .result import RunResult
 
-if TYPE_CHECKING:
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:
     from typing_extensions import Unpack
-
+if TYPE_CHECKING:
     from .vm import SmolVM
 
 WAKE_S = 1.0  # with no traffic, wake this often so that the host deadline is checked

@@ -11,6 +11,7 @@ import builtins
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
 import weakref
@@ -46,7 +47,9 @@ __all__ = [  # also importable from here, as before the split
     "SETUP_TIMEOUT_MS", "TRANSFER_TIMEOUT_S", "UDS_MAX", "SmolVM", "base_key", "boot_cmdline",
 ]  # fmt: skip
 
-if TYPE_CHECKING:
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:
     from typing_extensions import Unpack
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
