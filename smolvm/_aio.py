@@ -7,13 +7,17 @@ control socket, removing files): those run in a worker thread (asyncio.to_thread
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import sys
 from typing import TYPE_CHECKING, Any
 
 from . import _stream
 from ._native import native
 from .result import RunResult
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import Unpack
 if TYPE_CHECKING:
     from .vm import SmolVM
 
@@ -78,28 +82,17 @@ class AsyncMixin:
         return self
 
     async def async_run(  # type: ignore[misc]
-        self: SmolVM,
-        command: str,
-        timeout: float = 30,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        input: bytes | str | None = None,
-        on_stdout: Callable[[bytes], object] | None = None,
-        on_stderr: Callable[[bytes], object] | None = None,
+        self: SmolVM, command: str, timeout: float = 30, **options: Unpack[_stream.RunOptions]
     ) -> RunResult:
-        """run() on the event loop: waiting for the guest takes no thread.
+        """run() on the event loop (the same keywords): waiting for the guest takes no thread.
 
         A never-started VM is started first (ephemeral, as run() does; in a worker thread).
         Cancelling the task kills the guest command.
         """
-        data = _stream.input_bytes(input)
-        out_cb = _stream.callback("on_stdout", on_stdout)
-        err_cb = _stream.callback("on_stderr", on_stderr)
+        call = _stream.check(command, timeout, **options)
         if self._status == "created":
             await asyncio.to_thread(self._start, False)
-        req = self._exec_request(command, timeout, env, cwd)
-        return await run(self, req, data, out_cb, err_cb)
+        return await run(self, self._request(call), call.data, call.on_stdout, call.on_stderr)
 
     async def async_wait_for_ready(self: SmolVM, timeout: float = 60.0) -> SmolVM:  # type: ignore[misc]
         await asyncio.to_thread(self.wait_for_ready, timeout)

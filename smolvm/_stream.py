@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Union
 
+from . import _validate
 from ._native import native
 from .result import RunResult
 
@@ -20,9 +21,56 @@ OutputCallback = Callable[[bytes], object]
 PUMP_SLICE_S = 0.1  # longest wait with the GIL released before signals are checked again
 
 
+class StreamOptions(TypedDict, total=False):
+    """The keywords of stream() (and of run(), which adds RunOptions' callbacks)."""
+
+    env: Mapping[str, str] | None  # on top of set_env()'s variables
+    cwd: str | None  # an absolute guest path; default "/"
+    input: bytes | str | None  # stdin (str as UTF-8); None: /dev/null
+
+
+class RunOptions(StreamOptions, total=False):
+    """The keywords of run() and async_run()."""
+
+    on_stdout: OutputCallback | None  # called with each chunk of stdout as it arrives
+    on_stderr: OutputCallback | None
+
+
+@dataclass(frozen=True)
+class Call:
+    """A command's arguments, checked (check() makes it) before the VM is asked."""
+
+    command: str
+    timeout_ms: int
+    cwd: str
+    env: Mapping[str, str]
+    data: bytes | None
+    on_stdout: OutputCallback | None
+    on_stderr: OutputCallback | None
+
+    @property
+    def streams(self) -> bool:
+        """Does it need an exec stream (stdin or callbacks) rather than one exec() call?"""
+        return self.data is not None or self.on_stdout is not None or self.on_stderr is not None
+
+
+def check(
+    command: str, timeout: float, env: Mapping[str, str] | None = None, cwd: str | None = None,
+    input: object = None, on_stdout: object = None, on_stderr: object = None,
+) -> Call:  # fmt: skip
+    """run()'s arguments checked (TypeError or ValueError saying what is wrong)."""
+    data = input_bytes(input)
+    out_cb = callback("on_stdout", on_stdout)
+    err_cb = callback("on_stderr", on_stderr)
+    cmd = _validate.command(command)
+    t_ms = _validate.timeout_ms(timeout)
+    _validate.env(env)
+    return Call(cmd, t_ms, _validate.cwd(cwd), dict(env or {}), data, out_cb, err_cb)
+
+
 @dataclass(frozen=True)
 class ExecRequest:
-    """One checked command for the agent (SmolVM._exec_request builds it)."""
+    """One checked command for the agent, with the VM's socket and variables (SmolVM._request builds it)."""
 
     uds: str
     command: str
@@ -64,7 +112,7 @@ def open_stream(vm: SmolVM, req: ExecRequest, data: bytes | None, events: bool) 
         raise vm._exec_failed(e, req) from None
 
 
-def chunks(vm: SmolVM, req: ExecRequest, data: bytes | None) -> Iterator[StreamItem]:
+def chunks(vm: SmolVM, req: ExecRequest, data: bytes | None) -> Generator[StreamItem, None, None]:
     """Drive one exec: yield (kind, bytes) as output arrives, then the RunResult.
 
     Closing the generator early (or an exception thrown into it) closes the connection,

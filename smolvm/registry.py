@@ -16,6 +16,43 @@ VM_ID_RE = re.compile(r"^vm-[0-9a-f]{12}$")
 RECORD = "record.json"
 
 
+DISK_FILE = "disk.img"  # the VM's writable disk, in its state folder and in a snapshot of it
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """The state folder of one VM ($SMOLVM_HOME/vms/<vm_id>): the one place naming its files."""
+
+    path: Path
+
+    @property
+    def vsock(self) -> Path:
+        """The VMM's vsock Unix socket: the guest agent's connections."""
+        return self.path / "vsock.sock"
+
+    @property
+    def ctl(self) -> Path:
+        """The VMM's control socket (PAUSE, SNAPSHOT, FWD, STOP...; smolvm/_ctl.py)."""
+        return self.path / "ctl.sock"
+
+    @property
+    def console(self) -> Path:
+        """The guest's serial console, written by the VMM."""
+        return self.path / "console.log"
+
+    @property
+    def vmm_stderr(self) -> Path:
+        return self.path / "vmm.stderr"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / DISK_FILE
+
+    @property
+    def record(self) -> Path:
+        return self.path / RECORD
+
+
 @dataclass
 class VMRecord:
     """What any process needs to reach a running VM."""
@@ -36,16 +73,21 @@ class VMRecord:
         return vm_dir(self.vm_id)
 
     @property
+    def files(self) -> StateDir:
+        """The VM's state folder and the files in it."""
+        return state_dir(self.vm_id)
+
+    @property
     def vsock_path(self) -> Path:
-        return self.dir / "vsock.sock"
+        return self.files.vsock
 
     @property
     def ctl_path(self) -> Path:
-        return self.dir / "ctl.sock"
+        return self.files.ctl
 
     @property
     def console_path(self) -> Path:
-        return self.dir / "console.log"
+        return self.files.console
 
 
 def vms_root() -> Path:
@@ -65,6 +107,11 @@ def check_id(vm_id: object) -> str:
 
 def vm_dir(vm_id: str) -> Path:
     return vms_root() / check_id(vm_id)
+
+
+def state_dir(vm_id: str) -> StateDir:
+    """The state folder of vm_id (also before the VM has a record)."""
+    return StateDir(vm_dir(vm_id))
 
 
 def process_start(pid: int) -> int | None:
@@ -98,15 +145,15 @@ def alive(rec: VMRecord) -> bool:
 
 
 def save(rec: VMRecord) -> None:
-    d = rec.dir
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{RECORD}.{os.getpid()}"
+    files = rec.files
+    files.path.mkdir(parents=True, exist_ok=True)
+    tmp = files.path / f".{RECORD}.{os.getpid()}"
     tmp.write_text(json.dumps(asdict(rec), indent=1))
-    os.replace(tmp, d / RECORD)
+    os.replace(tmp, files.record)
 
 
 def load(vm_id: str) -> VMRecord:
-    path = vm_dir(vm_id) / RECORD
+    path = state_dir(vm_id).record
     try:
         data = json.loads(path.read_text())
         return VMRecord(**data)
@@ -134,7 +181,7 @@ def scan() -> tuple[list[VMRecord], list[str]]:
             rec = load(d.name)
         except VMNotFoundError:
             # a folder without a readable record: a VM still starting, or debris
-            if (d / RECORD).exists() or not any(d.glob("*.sock")):
+            if StateDir(d).record.exists() or not any(d.glob("*.sock")):
                 continue
             continue
         if alive(rec):

@@ -11,7 +11,6 @@ between commands); close() deletes it. The VM is ephemeral: it also ends with th
 from __future__ import annotations
 
 import threading
-from types import TracebackType
 from typing import Any
 
 from . import _validate
@@ -140,12 +139,7 @@ class SmolVMRuntime:
     def __enter__(self) -> SmolVMRuntime:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -1,32 +1,35 @@
-"""SmolVM: one microVM in its own smolvm-vmm process, running shell commands through the guest agent."""
+"""SmolVM: one microVM in its own smolvm-vmm process, running shell commands through the guest agent.
+
+The facade: the VMM process is smolvm/_vmm.py, how a VM boots (artifacts, base snapshots)
+smolvm/_boot.py, the guest agent's requests and their errors smolvm/_agent.py.
+"""
 
 from __future__ import annotations
 
 import atexit
 import builtins
-import errno
 import os
 import secrets
-import shlex
 import shutil
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from . import _ctl, _process, _stream, _validate, disk, hostvm, network, ports, registry, snapshots
+from . import _agent, _boot, _ctl, _stream, _validate, _vmm, disk, network, ports, registry, snapshots
+from ._agent import HOST_GRACE_MS, SETUP_ENTROPY_BYTES, SETUP_TIMEOUT_MS, TRANSFER_TIMEOUT_S
 from ._aio import AsyncMixin
-from ._native import native, vmm_path
-from ._paths import home
+from ._boot import DEFAULT_DISK_MIB, IMAGE_ARG, base_key, boot_cmdline
+from ._native import vmm_path
+from ._vmm import CLOSE_GRACE_S, CTL_TIMEOUT_S, GONE_PROBE_S, KEEP_FAILED_LOGS, UDS_MAX
 from .build._cache import progress
 from .build.image import DEFAULT_IMAGE
 from .errors import (
     AgentError,
     SmolVMError,
-    SnapshotError,
     VMGoneError,
     VMNotFoundError,
     VMNotRunningError,
@@ -34,25 +37,23 @@ from .errors import (
 )
 from .info import VMInfo, VMState
 from .kvm import check_kvm
-from .profile import Profile, detect, kernel_cmdline
+from .profile import Profile, detect
+from .registry import DISK_FILE
 from .result import RunResult
 
-HOST_GRACE_MS = 30_000  # the host gives the agent this long past the command's own timeout
-CLOSE_GRACE_S = 5.0  # after closing the ctl socket, wait this long before SIGKILL
-GONE_PROBE_S = 2.0  # how long a failed run waits to learn whether the VMM has ended
-UDS_MAX = 107 - 8  # sun_path holds 107 bytes; leave room for the VMM's "_<port>" listeners
-KEEP_FAILED_LOGS = 10
-SETUP_ENTROPY_BYTES = 64
-SETUP_TIMEOUT_MS = 120_000  # the first setup of a disk VM mounts its root: guest kernel work
-DEFAULT_DISK_MIB = 1024
-DISK_FILE = "disk.img"  # in the VM's state folder, and in a snapshot taken of a VM with a disk
-IMAGE_ARG = "smolvm.image=vda"  # kernel command line: the agent mounts /dev/vda as the image
-TRANSFER_TIMEOUT_S = 600.0
-CTL_TIMEOUT_S = 120.0  # a snapshot writes guest memory: allow for slow disks
+__all__ = [  # also importable from here, as before the split
+    "CLOSE_GRACE_S", "CTL_TIMEOUT_S", "DEFAULT_DISK_MIB", "DEFAULT_IMAGE", "DISK_FILE",
+    "GONE_PROBE_S", "HOST_GRACE_MS", "IMAGE_ARG", "KEEP_FAILED_LOGS", "SETUP_ENTROPY_BYTES",
+    "SETUP_TIMEOUT_MS", "TRANSFER_TIMEOUT_S", "UDS_MAX", "SmolVM", "base_key", "boot_cmdline",
+]  # fmt: skip
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 _T = TypeVar("_T")
-
 
 class SmolVM(AsyncMixin):
     """A microVM that runs shell commands.
@@ -97,15 +98,13 @@ class SmolVM(AsyncMixin):
         self._kernel = _validate.optional_file("kernel", kernel)
         self._initrd = _validate.optional_file("initrd", initrd)
         self._boot_timeout = _validate.boot_timeout(boot_timeout)
-        self._image, self._disk_size = _image_and_disk(image, disk_size)
+        self._image, self._disk_size = _boot.image_and_disk(image, disk_size)
         self._net = network.policy(internet, internet_settings, extra_hosts)  # smolvm/network.py
         self._env: dict[str, str] = {}
         self._vm_id = "vm-" + secrets.token_hex(6)
         self._lock = threading.RLock()
         self._owner_pid = os.getpid()
-        self._pid: int | None = None
-        self._ctl_fd = -1
-        self._state_dir = registry.vms_root() / self._vm_id
+        self._vmm = _vmm.VMMProcess(self._vm_id, registry.state_dir(self._vm_id))
         self._gone: VMGoneError | None = None
         self._profile: Profile | None = None
         self._boot_time: float | None = None
@@ -181,17 +180,17 @@ class SmolVM(AsyncMixin):
     @property
     def pid(self) -> int | None:
         """The VMM process id while the VM runs."""
-        return self._pid if self._status == "running" else None
+        return self._vmm.pid if self._status == "running" else None
 
     @property
     def state_dir(self) -> Path:
         """$SMOLVM_HOME/vms/<vm_id>: vsock socket, console log; removed when the VM stops."""
-        return self._state_dir
+        return self._vmm.files.path
 
     @property
     def console_log(self) -> Path:
         """The guest's serial console, written by the VMM while the VM runs."""
-        return self._state_dir / "console.log"
+        return self._vmm.files.console
 
     @property
     def profile(self) -> Profile | None:
@@ -219,6 +218,7 @@ class SmolVM(AsyncMixin):
             f"disk_size={self._disk_size})"
         )
 
+
     # ---- lifecycle ----------------------------------------------------------------
 
     def __enter__(self) -> SmolVM:
@@ -226,12 +226,7 @@ class SmolVM(AsyncMixin):
             self._start(persistent=False)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._persistent or self._attached:
             self.close()  # a persistent VM used in `with` keeps running: delete() ends it
         else:
@@ -266,33 +261,13 @@ class SmolVM(AsyncMixin):
             self._persistent = persistent
             if self._net.enabled:
                 network.passt_path()  # missing passt: say so before anything starts
-            if self._source is None:
-                kernel, initrd, image_file = self._artifacts()
-                cmdline = boot_cmdline(self._profile, image_file)
-                if self._cold_boot:
-                    argv = self._argv(vmm, kernel, initrd, cmdline, image_file, fresh_disk=True)
-                else:
-                    key = base_key(
-                        kernel, initrd, image_file, self._memory, self._vcpus, vmm, self._profile,
-                        self._net.enabled,
-                    )
-                    base = snapshots.base_dir(key)
-                    if not snapshots.complete(base) or self._damaged_base(base):
-                        self._make_base(vmm, base, kernel, initrd, cmdline, image_file)
-                    self._source = base
-            if self._source is not None:
-                self._status = "stopped"  # a damaged snapshot ends this VM before it starts
-                snapshots.check(
-                    self._source, f"snapshot {self._source.name!r}",
-                    f"delete it (`smolvm snapshot rm {self._source.name}`) and take it again",
-                )  # fmt: skip
-                self._status = "created"
-                argv = self._restore_argv(vmm, self._source)
+            m = self._machine(self._profile)
+            argv = self._plan(m, vmm)
             t0 = time.monotonic()
-            failure = self._spawn(vmm, argv, persistent)
+            failure = self._spawn(argv, persistent)
             try:
                 if failure is None:
-                    self._setup_guest()
+                    _agent.setup(self._vmm.files.vsock, self._vm_id, self._image is not None, self._net)
                     if persistent:
                         self._command("DETACH")
             except BaseException:  # Ctrl-C during boot, or a failed setup: leave nothing behind
@@ -302,9 +277,9 @@ class SmolVM(AsyncMixin):
                 raise self._start_failed(failure)
             self._boot_time = time.monotonic() - t0
             self._status = "running"
+            pid = self._vmm.pid or 0
             self._record = registry.VMRecord(
-                vm_id=self._vm_id, pid=self._pid or 0,
-                pid_start=registry.process_start(self._pid or 0) or 0,
+                vm_id=self._vm_id, pid=pid, pid_start=registry.process_start(pid) or 0,
                 memory=self._memory, vcpus=self._vcpus, persistent=persistent,
                 owner_pid=os.getpid(), created=time.time(),
                 source=str(self._source or ""),
@@ -315,34 +290,43 @@ class SmolVM(AsyncMixin):
             _live.add(self)
             return self
 
-    def _spawn(self, vmm: Path, argv: list[str], persistent: bool) -> str | None:
+    def _machine(self, profile: Profile) -> _boot.Machine:
+        return _boot.Machine(
+            vm_id=self._vm_id, files=self._vmm.files, memory=self._memory, vcpus=self._vcpus,
+            image=self._image, disk_size=self._disk_size, net=self._net, profile=profile,
+            persistent=self._persistent, kernel=self._kernel, initrd=self._initrd,
+        )  # fmt: skip
+
+    def _plan(self, m: _boot.Machine, vmm: Path) -> builtins.list[str]:
+        """The VMM's argv: a cold boot (cold_boot=True), else a restore of the source snapshot
+        or of the configuration's base snapshot (booted and saved first if there is none)."""
+        if self._source is None:
+            kernel, initrd, image_file = _boot.artifacts(m)
+            if self._cold_boot:
+                return _boot.cold_argv(m, vmm, kernel, initrd, image_file, fresh_disk=True)
+            base = _boot.base_dir(m, vmm, kernel, initrd, image_file)
+            if not _boot.base_usable(base):
+                self._make_base(m, vmm, base, kernel, initrd, image_file)
+            self._source = base
+        self._status = "stopped"  # a damaged snapshot ends this VM before it starts
+        snapshots.check(
+            self._source, f"snapshot {self._source.name!r}",
+            f"delete it (`smolvm snapshot rm {self._source.name}`) and take it again",
+        )  # fmt: skip
+        self._status = "created"
+        return _boot.restore_argv(m, vmm, self._source)
+
+    def _spawn(self, argv: builtins.list[str], persistent: bool) -> str | None:
         """Start the VMM and wait for its guest agent: None, or why it failed (VMM still to reap)."""
-        t0 = time.monotonic()
         try:
-            argv = hostvm.vmm_command(argv, self._nested)
-            pid, self._ctl_fd = native().spawn_vmm(
-                argv, stderr_path=str(self._state_dir / "vmm.stderr")
-            )
-        except SmolVMError as e:
-            shutil.rmtree(self._state_dir, ignore_errors=True)
-            self._status = "stopped"
-            raise VMStartError(str(e), vm_id=self._vm_id) from e
-        except OSError as e:
-            shutil.rmtree(self._state_dir, ignore_errors=True)
-            self._status = "stopped"
-            raise VMStartError(f"could not start {vmm}: {e}", vm_id=self._vm_id) from e
-        self._pid = pid
-        try:
-            if persistent:
-                _process.reap(pid, CLOSE_GRACE_S)  # the daemonizing parent exits at once
-                self._pid = None
-            return self._wait_ready(t0 + self._boot_timeout)
+            return self._vmm.spawn(argv, self._nested, persistent, self._boot_timeout)
         except BaseException:
-            self._teardown(grace=0.0)
+            self._status = "stopped"
+            _live.discard(self)
             raise
 
     def _make_base(
-        self, vmm: Path, base: Path, kernel: Path, initrd: Path, cmdline: str,
+        self, m: _boot.Machine, vmm: Path, base: Path, kernel: Path, initrd: Path,
         image_file: Path | None,
     ) -> None:  # fmt: skip
         """Boot the guest once, snapshot it idle as the base of its configuration, stop it.
@@ -354,8 +338,8 @@ class SmolVM(AsyncMixin):
             f"booting a new {self._memory} MiB guest to make its base snapshot "
             "(once per configuration; minutes on emulating hosts)"
         )
-        argv = self._argv(vmm, kernel, initrd, cmdline, image_file, fresh_disk=False)
-        failure = self._spawn(vmm, argv, persistent=False)
+        argv = _boot.cold_argv(m, vmm, kernel, initrd, image_file, fresh_disk=False)
+        failure = self._spawn(argv, persistent=False)
         if failure is not None:
             raise self._start_failed(failure)
         tmp = snapshots.staging_dir(base)
@@ -389,10 +373,10 @@ class SmolVM(AsyncMixin):
             self._status = "stopped"
             _live.discard(self)
             if os.getpid() != self._owner_pid:  # a forked child: the VM is not ours
-                self._close_ctl()
+                self._vmm.close_ctl()
                 return
             if self._persistent or self._attached:
-                self._close_ctl()  # detached: the VMM does not notice
+                self._vmm.close_ctl()  # detached: the VMM does not notice
                 return
             self._teardown(grace=CLOSE_GRACE_S)
 
@@ -411,9 +395,9 @@ class SmolVM(AsyncMixin):
                     return
             self._status = "stopped"
             _live.discard(self)
-            _stop_vmm(rec, self._ctl_fd, self._pid)
-            self._close_ctl()
-            self._pid = None
+            _vmm.stop(rec, self._vmm.pid)
+            self._vmm.close_ctl()
+            self._vmm.pid = None
             registry.remove(self._vm_id)
 
     def stop(self) -> None:
@@ -451,7 +435,7 @@ class SmolVM(AsyncMixin):
                 self._command("PAUSE")  # the disk copy must match the memory image
             self._command(f"SNAPSHOT {tmp}")
             if self._image is not None:
-                disk.copy_sparse(self._state_dir / DISK_FILE, tmp / DISK_FILE)
+                disk.copy_sparse(self._vmm.files.disk, tmp / DISK_FILE)
             snapshots.publish(tmp, final, self._meta(), replace=True)
         finally:
             if self._image is not None and not was_paused:
@@ -501,7 +485,7 @@ class SmolVM(AsyncMixin):
         vm._disk_size = size if isinstance(size, int) else None
         vm._net = network.NetworkPolicy.from_dict(rec.extra.get("network"))
         vm._vm_id = vm_id
-        vm._state_dir = rec.dir
+        vm._vmm = _vmm.VMMProcess(vm_id, rec.files)
         vm._record = rec
         vm._attached = True
         vm._persistent = rec.persistent
@@ -520,6 +504,7 @@ class SmolVM(AsyncMixin):
                 self.close()
             except Exception:
                 pass
+
 
     # ---- running commands -------------------------------------------------------
 
@@ -545,34 +530,16 @@ class SmolVM(AsyncMixin):
         timed_out=True, exit_code=124 and the output so far; the VM stays usable. Starts
         the VM first if needed. Raises VMGoneError if the VM died.
         """
-        data = _stream.input_bytes(input)
-        out_cb = _stream.callback("on_stdout", on_stdout)
-        err_cb = _stream.callback("on_stderr", on_stderr)
-        req = self._exec_request(command, timeout, env, cwd)
-        if data is not None or out_cb is not None or err_cb is not None:
-            return _stream.run(self, req, data, out_cb, err_cb)
-        nat = native()
-        try:
-            code, sig, out, err, timed_out = nat.exec(
-                req.uds, nat.AGENT_PORT, req.command, req.cwd, req.env, req.timeout_ms,
-                req.host_timeout_ms,
-            )  # fmt: skip
-        except (OSError, nat.ProtocolError) as e:
-            raise self._exec_failed(e, req) from None
-        return RunResult.from_bytes(
-            code, out, err, req.elapsed(), timed_out=bool(timed_out), signal=sig
-        )
+        call = _stream.check(command, timeout, env, cwd, input, on_stdout, on_stderr)
+        req = self._request(call)
+        if call.streams:
+            return _stream.run(self, req, call.data, call.on_stdout, call.on_stderr)
+        return _agent.run(req, self._vm_id, self._raise_if_gone)
 
     def stream(
-        self,
-        command: str,
-        timeout: float = 30,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        input: bytes | str | None = None,
+        self, command: str, timeout: float = 30, **options: Unpack[_stream.StreamOptions]
     ) -> Iterator[_stream.StreamItem]:
-        """Run a command like run(), yielding its output as it arrives.
+        """Run a command like run() (with its env, cwd and input), yielding its output as it arrives.
 
         >>> for item in vm.stream("pip install rich"):
         ...     if isinstance(item, RunResult): print(item.exit_code)
@@ -581,43 +548,21 @@ class SmolVM(AsyncMixin):
         Yields ("stdout" | "stderr", bytes) tuples in arrival order, then the RunResult
         (with the whole output). Leaving the loop early kills the command.
         """
-        data = _stream.input_bytes(input)
-        req = self._exec_request(command, timeout, env, cwd)
-        return _stream.chunks(self, req, data)
+        for name in ("on_stdout", "on_stderr"):
+            if name in options:
+                raise TypeError(f"stream() got an unexpected keyword argument {name!r}")
+        call = _stream.check(command, timeout, **options)
+        return _stream.chunks(self, self._request(call), call.data)
 
-    def _exec_request(
-        self, command: str, timeout: float, env: Mapping[str, str] | None, cwd: str | None
-    ) -> _stream.ExecRequest:
-        """Check a command's arguments, start the VM if needed, and give the request to send."""
-        cmd = _validate.command(command)
-        t_ms = _validate.timeout_ms(timeout)
-        _validate.env(env)
-        cwd_s = _validate.cwd(cwd)
-        if self._status == "created":
-            self._start(persistent=False)
-        self._require_running()
-        env_list = _validate.env({**self._current_env(), **(env or {})})
-        return _stream.ExecRequest(
-            str(self._state_dir / "vsock.sock"), cmd, cwd_s, env_list, t_ms, t_ms + HOST_GRACE_MS
-        )
+    def _request(self, call: _stream.Call) -> _stream.ExecRequest:
+        """Start the VM if needed, and give the request to send for a checked command."""
+        self._running()
+        env = _validate.env({**self._current_env(), **call.env})
+        return _agent.exec_request(self._vmm.files.vsock, call.command, call.timeout_ms, call.cwd, env)
 
     def _exec_failed(self, e: BaseException, req: _stream.ExecRequest) -> BaseException:
-        """The exception a failed exec means. An ERROR frame proves the VM alive; only a
-        transport failure asks whether the VMM has ended (and raises VMGoneError if so)."""
-        nat = native()
-        if isinstance(e, nat.ProtocolError):
-            err = getattr(e, "guest_errno", 0)
-            if getattr(e, "guest_code", 0) == nat.ERRC_CWD and err:
-                kind = {errno.ENOENT: FileNotFoundError, errno.ENOTDIR: NotADirectoryError}.get(err, OSError)
-                return kind(err, f"cwd is not a folder in the guest of {self._vm_id}", req.cwd)
-            return AgentError(f"the guest agent of {self._vm_id} failed the request: {e}")
-        self._raise_if_gone()
-        if isinstance(e, TimeoutError):
-            return AgentError(
-                f"the guest agent of {self._vm_id} did not answer within "
-                f"{req.host_timeout_ms / 1000:.0f} s (timeout + {HOST_GRACE_MS // 1000} s grace)"
-            )
-        return AgentError(f"lost the connection to the guest agent of {self._vm_id}: {e}")
+        """The exception a failed exec means (smolvm/_agent.py maps it)."""
+        return _agent.agent_error(e, self._vm_id, self._raise_if_gone, req=req)
 
     def set_env(self, env: Mapping[str, str | None]) -> None:
         """Set variables for every later run() of this VM (None removes one).
@@ -693,6 +638,7 @@ class SmolVM(AsyncMixin):
                 self._record = rec
             return dict(merged)
 
+
     def upload_file(
         self, local_path: str | os.PathLike[str], guest_path: str, *,
         mode: int | None = None, make_dirs: bool = True, timeout: float = TRANSFER_TIMEOUT_S,
@@ -706,39 +652,16 @@ class SmolVM(AsyncMixin):
         Raises FileNotFoundError naming a missing local file, OSError for other guest
         errors (ENOSPC...).
         """
-        local = _validate.local_path(local_path)
-        if isinstance(guest_path, str) and guest_path.endswith("/") and guest_path.strip("/"):
-            guest_path = guest_path + local.name
-        gpath = _validate.guest_path(guest_path)
-        t_ms = _validate.timeout_ms(timeout)
-        if not local.exists():
-            raise FileNotFoundError(2, "No such file on the host", str(local))
-        if not local.is_file():
-            raise IsADirectoryError(21, "Not a regular file on the host", str(local))
-        if mode is None:
-            mode = local.stat().st_mode & 0o7777
-        elif isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-            raise ValueError(f"mode must be permission bits between 0 and 0o7777, got {mode!r}")
-        uds = self._transfer_uds()
-        nat = native()
-        try:
-            try:
-                return int(nat.put_file(uds, nat.AGENT_PORT, str(local), gpath, mode, t_ms))
-            except FileNotFoundError as e:
-                folder = gpath.rstrip("/").rsplit("/", 1)[0] or "/"
-                if not make_dirs or e.filename != gpath:
-                    raise
-                made = self.run(f"mkdir -p -- {shlex.quote(folder)}", timeout=t_ms / 1000)
-                if not made.ok:
-                    raise FileNotFoundError(
-                        2, f"cannot make the guest folder: {made.stderr.strip()}", folder
-                    ) from None
-                return int(nat.put_file(uds, nat.AGENT_PORT, str(local), gpath, mode, t_ms))
-        except nat.ProtocolError as e:
-            raise AgentError(f"upload of {local} to {self._vm_id}:{gpath} failed: {e}") from None
-        except (TimeoutError, ConnectionError) as e:
-            self._raise_if_gone()
-            raise AgentError(f"upload of {local} to {self._vm_id}:{gpath} failed: {e}") from None
+        local, gpath, mode, t_ms = _agent.checked_upload_args(local_path, guest_path, mode, timeout)
+        self._running()
+
+        def mkdir(command: str) -> RunResult:
+            return self.run(command, timeout=t_ms / 1000)
+
+        return _agent.upload(
+            self._vmm.files.vsock, self._vm_id, self._raise_if_gone, local, gpath, mode, t_ms,
+            mkdir if make_dirs else None,
+        )  # fmt: skip
 
     def download_file(
         self, guest_path: str, local_path: str | os.PathLike[str], *,
@@ -751,30 +674,9 @@ class SmolVM(AsyncMixin):
         make_dirs=False. Returns the local path. Raises FileNotFoundError naming the guest
         path (or, with make_dirs=False, the missing local folder).
         """
-        gpath = _validate.guest_path(guest_path)
-        raw = os.fspath(local_path) if isinstance(local_path, (str, os.PathLike)) else local_path
-        local = _validate.local_path(local_path)
-        t_ms = _validate.timeout_ms(timeout)
-        if local.is_dir() or (isinstance(raw, str) and raw.endswith("/")):
-            local = local / gpath.rstrip("/").rsplit("/", 1)[-1]
-        if make_dirs:
-            local.parent.mkdir(parents=True, exist_ok=True)
-        if not local.parent.is_dir():
-            raise FileNotFoundError(2, "No such folder on the host", str(local.parent))
-        uds = self._transfer_uds()
-        nat = native()
-        tmp = local.parent / f".{local.name}.smolvm-{secrets.token_hex(4)}"
-        try:
-            _size, mode = nat.get_file(uds, nat.AGENT_PORT, gpath, str(tmp), t_ms)
-            os.chmod(tmp, mode & 0o777)
-            os.replace(tmp, local)
-        except nat.ProtocolError as e:
-            raise AgentError(f"download of {self._vm_id}:{gpath} failed: {e}") from None
-        except (TimeoutError, ConnectionError) as e:
-            self._raise_if_gone()
-            raise AgentError(f"download of {self._vm_id}:{gpath} failed: {e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        gpath, local, t_ms = _agent.checked_download_args(guest_path, local_path, make_dirs, timeout)
+        self._running()
+        _agent.download(self._vmm.files.vsock, self._vm_id, self._raise_if_gone, gpath, local, t_ms)
         return local
 
     # ---- ports into the guest (smolvm/ports.py) ------------------------------------
@@ -801,11 +703,9 @@ class SmolVM(AsyncMixin):
         return self._ports(ports.exposed)
 
     def _ports(self, fn: Callable[[Path], _T]) -> _T:
-        if self._status == "created":
-            self._start(persistent=False)
-        self._require_running()
+        self._running()
         try:
-            return fn(self._state_dir / "ctl.sock")
+            return fn(self._vmm.files.ctl)
         except OSError as e:
             if isinstance(e, SmolVMError):
                 raise
@@ -843,11 +743,11 @@ class SmolVM(AsyncMixin):
                 return {str(k): str(v) for k, v in env.items()}
         return dict(self._env)
 
-    def _transfer_uds(self) -> str:
+    def _running(self) -> None:
+        """Start a never-started VM (ephemeral, as run() does); raise if it is not running."""
         if self._status == "created":
             self._start(persistent=False)
         self._require_running()
-        return str(self._state_dir / "vsock.sock")
 
     def _raise_if_stopped(self) -> None:
         if self._gone is not None:
@@ -860,181 +760,16 @@ class SmolVM(AsyncMixin):
         if self._status == "stopped":
             raise VMNotRunningError(f"VM {self._vm_id} was closed; create a new SmolVM")
 
-    def _artifacts(self) -> tuple[Path, Path, Path | None]:
-        """Kernel, initramfs and root image (None without one), built on first use."""
-        try:
-            if self._kernel is not None:
-                kernel = self._kernel
-            else:
-                from .build.kernel import ensure_kernel
-
-                kernel = ensure_kernel() / "vmlinux"
-            image_file = None
-            if self._image is not None:
-                from .build.image import ensure_image
-
-                image_file = ensure_image(self._image)
-            if self._initrd is not None:
-                initrd = self._initrd
-            else:
-                from .build.initramfs import ensure_initramfs
-
-                initrd = ensure_initramfs(with_busybox=self._image is None)
-        except SmolVMError:
-            raise
-        except LookupError as e:
-            raise VMStartError(str(e), vm_id=self._vm_id) from None
-        except Exception as e:
-            raise VMStartError(f"could not build the guest kernel, initramfs or image: {e}") from e
-        return kernel, initrd, image_file
-
-    def _argv(
-        self, vmm: Path, kernel: Path, initrd: Path, cmdline: str, image_file: Path | None,
-        fresh_disk: bool,
-    ) -> builtins.list[str]:  # fmt: skip
-        """A cold boot. fresh_disk: the VM's real disk; else an empty placeholder (base boots)."""
-        self._check_uds()
-        self._state_dir.mkdir(parents=True, exist_ok=False)
-        argv = [
-            str(vmm),
-            "--kernel", str(kernel),
-            "--initrd", str(initrd),
-            "--cmdline", cmdline,
-            "--mem-mib", str(self._memory),
-            "--vcpus", str(self._vcpus),
-            *self._common_argv(),
-        ]  # fmt: skip
-        if image_file is not None:
-            target = self._make_disk(None, fresh=fresh_disk)
-            argv += ["--disk", f"{image_file},ro", "--disk", str(target)]
-        return argv
-
-    def _restore_argv(self, vmm: Path, snap: Path) -> builtins.list[str]:
-        self._check_uds()
-        meta = snapshots.read_meta(snap)
-        image = meta.get("image")
-        argv = [str(vmm), "--restore", str(snap), *self._common_argv()]
-        if not isinstance(image, dict):
-            self._state_dir.mkdir(parents=True, exist_ok=False)
-            return argv
-        image_file = self._snapshot_image(image)
-        if image_file is None:
-            image_file = Path(str(image.get("path", "")))
-            raise SnapshotError(
-                f"snapshot {snap.name!r} was taken with the image {image.get('name')!r} at "
-                f"{image_file}, which has since been rebuilt or removed; take the snapshot again"
-            )
-        self._state_dir.mkdir(parents=True, exist_ok=False)
-        saved = snap / DISK_FILE  # a user snapshot's disk; a base snapshot has none
-        target = self._make_disk(saved if saved.exists() else None, fresh=True)
-        return argv + ["--disk", f"{image_file},ro", "--disk", str(target)]
-
-    @staticmethod
-    def _snapshot_image(image: dict[object, object]) -> Path | None:
-        """The image file a snapshot was taken with, if it is still there unchanged: at the
-        path recorded, or where the image of that name lives now (the same file reached
-        through another $SMOLVM_HOME path, e.g. a symlinked cache)."""
-        from .build.image import image_path
-
-        candidates = [Path(str(image.get("path", "")))]
-        name = image.get("name")
-        if isinstance(name, str):
-            try:
-                candidates.insert(0, image_path(name))
-            except (SmolVMError, ValueError, OSError):
-                pass  # no image of that name now: only the recorded path can still match
-        for cand in candidates:
-            try:
-                if snapshots.file_ident(cand).decode() == str(image.get("ident", "")):
-                    return cand
-            except OSError:
-                continue
-        return None
-
-    def _make_disk(self, saved: Path | None, fresh: bool) -> Path:
-        """The VM's disk in its state folder: a copy of a snapshot's, a new one of disk_size
-        MiB (fresh), or an empty placeholder. On failure the state folder goes too."""
-        target = self._state_dir / DISK_FILE
-        try:
-            if saved is not None:
-                disk.copy_sparse(saved, target)
-            elif fresh:
-                assert self._disk_size is not None
-                disk.create(target, self._disk_size)
-            else:
-                disk.placeholder(target)
-        except BaseException:
-            shutil.rmtree(self._state_dir, ignore_errors=True)
-            raise
-        return target
-
-    def _check_uds(self) -> None:
-        uds = self._state_dir / "vsock.sock"
-        if len(os.fsencode(uds)) > UDS_MAX:
-            raise VMStartError(
-                f"the VM socket path {uds} is too long for a Unix socket "
-                f"({len(os.fsencode(uds))} > {UDS_MAX} bytes): set SMOLVM_HOME to a shorter folder"
-            )
-
-    def _common_argv(self) -> builtins.list[str]:
-        argv = [
-            "--vsock-uds", str(self._state_dir / "vsock.sock"),
-            "--console", str(self.console_log),
-            "--ctl-fd", "3",
-            "--ctl-listen", str(self._state_dir / "ctl.sock"),
-            *network.vmm_args(self._net, nested=self._nested),
-        ]  # fmt: skip
-        if self._persistent:
-            argv.append("--daemonize")
-        if self._profile is not None:
-            argv += self._profile.vmm_args
-        return argv
-
-    @staticmethod
-    def _damaged_base(base: Path) -> bool:
-        """A base snapshot that fails its checks is removed (and the guest booted anew)."""
-        why = snapshots.problem(base)
-        if why is None:
-            return False
-        progress(f"the base snapshot {base} is damaged ({why}); removing it and booting")
-        shutil.rmtree(base, ignore_errors=True)
-        return True
-
     def _meta(self) -> dict[str, object]:
-        meta: dict[str, object] = {
-            "memory": self._memory, "vcpus": self._vcpus, "created": time.time(),
-            "source_vm": self._vm_id,
-            "profile": self._profile.name if self._profile else "",
-            "network": self._net.to_dict(),
-        }  # fmt: skip
-        if self._image is not None:
-            from .build.image import image_path
-
-            path = image_path(self._image)
-            meta["image"] = {"name": self._image, "path": str(path.resolve()), "ident": snapshots.file_ident(path).decode()}
-            meta["disk_size"] = self._disk_size
-        return meta
-
-    def _setup_guest(self) -> None:
-        """Give the guest its own entropy, the host's clock and its vm_id as hostname."""
-        nat = native()
-        flags = nat.SETUP_ROOT if self._image is not None else 0
-        extra = network.setup_data(self._net) if self._net.enabled else b""
-        try:
-            nat.setup(
-                str(self._state_dir / "vsock.sock"), nat.AGENT_PORT, time.time_ns(),
-                secrets.token_bytes(SETUP_ENTROPY_BYTES), self._vm_id, SETUP_TIMEOUT_MS,
-                flags | (network.SETUP_NET if extra else 0), extra,
-            )  # fmt: skip
-        except (OSError, nat.ProtocolError) as e:
-            raise VMStartError(
-                f"VM {self._vm_id}: the guest agent refused its setup: {e}", vm_id=self._vm_id
-            ) from e
+        return _boot.meta(
+            self._vm_id, self._memory, self._vcpus, self._profile, self._net, self._image,
+            self._disk_size,
+        )  # fmt: skip
 
     def _command(self, line: str) -> str:
         """A control command to this VM's VMM (PAUSE, RESUME, SNAPSHOT dir, DETACH, STOP)."""
         try:
-            return _ctl.command(self._state_dir / "ctl.sock", line, CTL_TIMEOUT_S)
+            return self._vmm.command(line)
         except _ctl.ControlError as e:
             raise SmolVMError(f"VM {self._vm_id}: {line.split()[0]} failed: {e}") from None
         except OSError as e:
@@ -1062,41 +797,12 @@ class SmolVM(AsyncMixin):
         registry.save(rec)
         self._record = rec
 
-    def _wait_ready(self, deadline: float) -> str | None:
-        """Read ctl lines until READY; return None, or why the boot failed."""
-        nat = native()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return f"the guest agent was not ready within {self._boot_timeout:.0f} s (SMOLVM_BOOT_TIMEOUT)"
-            line = nat.wait_line(self._ctl_fd, left)
-            if line is None:
-                continue
-            if line == b"":
-                return "the VMM process ended during boot"
-            if line.strip() == b"READY":
-                return None
-            if line.startswith(b"PID "):
-                self._pid = int(line.split()[1])  # the daemonized VMM's own pid
-                continue
-            parsed = _process.parse_exit_line(line)
-            if parsed is not None:
-                reason, message = parsed
-                return f"the VM stopped during boot ({reason}{': ' + message if message else ''})"
-            # Other lines are informational; ignore them.
-
     def _start_failed(self, why: str) -> VMStartError:
-        status = self._teardown(grace=CLOSE_GRACE_S, keep_logs=True)
-        console, stderr = self._last_tails
-        how = _process.describe_status(status)
-        msg = (
-            f"VM {self._vm_id} failed to start: {why}; the VMM {how}.{self._kept_note()}\n"
-            + _process.format_tails(console, stderr)
-        )
-        return VMStartError(msg, console_tail=console, vm_id=self._vm_id)
+        return self._vmm.start_failed(why, self._teardown(grace=CLOSE_GRACE_S, keep_logs=True))
 
     def _raise_if_gone(self) -> None:
-        """After a failed exec: if the VMM has ended, clean up and raise VMGoneError."""
+        """After a transport failure (never after an agent's ERROR frame, which proves the VM
+        alive): if the VMM has ended, clean up and raise VMGoneError."""
         with self._lock:
             if self._gone is None and self._status == "running":
                 self._probe_gone()
@@ -1105,160 +811,25 @@ class SmolVM(AsyncMixin):
 
     def _probe_gone(self) -> None:
         if self._attached or self._persistent:
-            self._probe_gone_detached()
+            rec = self._record  # not this process's VMM: alive is what the registry's pid check says
+            if rec is not None and registry.alive(rec):
+                return
+            self._status = "stopped"
+            _live.discard(self)
+            self._gone = self._vmm.gone_detached_error()
+            registry.remove(self._vm_id)
             return
-        nat = native()
-        reason, message, eof = "", "", False
-        deadline = time.monotonic() + GONE_PROBE_S
-        while time.monotonic() < deadline:
-            line = nat.wait_line(self._ctl_fd, 0.1)
-            if line == b"":
-                eof = True
-                break
-            if line:
-                parsed = _process.parse_exit_line(line)
-                if parsed is not None:
-                    reason, message = parsed
-        if not eof:
-            assert self._pid is not None
-            exited, _ = _process.poll_exit(self._pid)
-            if not exited:
-                return  # the VMM is alive: the failure was the agent's
+        exit_line = self._vmm.ended()
+        if exit_line is None:
+            return  # the VMM is alive: the failure was the agent's
         status = self._teardown(grace=CLOSE_GRACE_S, keep_logs=True)
-        console, stderr = self._last_tails
-        how = _process.describe_status(status)
-        if reason:
-            exit_reason = f"{reason}: {message}" if message else reason
-            why = f"the VM stopped ({exit_reason}) and its VMM process {how}"
-        else:
-            exit_reason = how
-            why = f"its VMM process (pid {self._pid}) {how}"
-        msg = (
-            f"VM {self._vm_id} is gone: {why}. Create a new SmolVM to continue.{self._kept_note()}\n"
-            + _process.format_tails(console, stderr)
-        )
-        self._gone = VMGoneError(
-            msg, exit_reason=exit_reason, console_tail=console, vm_id=self._vm_id
-        )
-
-    def _probe_gone_detached(self) -> None:
-        """A VM this process does not own: alive is what the registry's pid check says."""
-        rec = self._record
-        if rec is not None and registry.alive(rec):
-            return
-        console = _process.tail(self.console_log)
-        self._kept_log = _keep_log(self.console_log, self._vm_id)
-        self._close_ctl()
-        self._status = "stopped"
-        _live.discard(self)
-        registry.remove(self._vm_id)
-        self._gone = VMGoneError(
-            f"VM {self._vm_id} is gone: its VMM process ended. Create a new SmolVM to continue."
-            f"{self._kept_note()}\n" + _process.format_tails(console, ""),
-            exit_reason="vmm ended", console_tail=console, vm_id=self._vm_id,
-        )
-
-    def _kept_note(self) -> str:
-        return f" Console log kept in {self._kept_log}" if self._kept_log else ""
-
-    def _close_ctl(self) -> None:
-        if self._ctl_fd >= 0:
-            try:
-                os.close(self._ctl_fd)
-            except OSError:
-                pass
-            self._ctl_fd = -1
-
-    _last_tails: tuple[str, str] = ("", "")
-    _kept_log: Path | None = None
+        self._gone = self._vmm.gone_error(exit_line, status)
 
     def _teardown(self, grace: float, keep_logs: bool = False) -> int | None:
         """Close ctl, reap (SIGKILL after grace), read tails, remove the state dir."""
         self._status = "stopped"
         _live.discard(self)
-        self._close_ctl()
-        status = None
-        if self._pid is not None:
-            if _process.is_child(self._pid):
-                status = _process.reap(self._pid, grace)
-            else:
-                _process.wait_gone(self._pid, registry.process_start(self._pid), grace)
-        if keep_logs:
-            self._last_tails = (
-                _process.tail(self.console_log),
-                _process.tail(self._state_dir / "vmm.stderr", lines=20),
-            )
-            self._kept_log = _keep_log(self.console_log, self._vm_id)
-        shutil.rmtree(self._state_dir, ignore_errors=True)
-        return status
-
-
-def _image_and_disk(image: object, disk_size: object) -> tuple[str | None, int | None]:
-    if image is None:
-        if disk_size is not None:
-            raise ValueError(
-                "disk_size needs an image: image=None runs the minimal busybox guest from RAM, "
-                "without a disk"
-            )
-        return None, None
-    if not isinstance(image, str):
-        raise TypeError(f"image must be an image name (str) or None, not {type(image).__name__}")
-    from .build.image import check_image_name, image_path
-
-    check_image_name(image)
-    if image != DEFAULT_IMAGE:
-        image_path(image)  # an unknown image fails now, listing the built ones
-    size = DEFAULT_DISK_MIB if disk_size is None else _validate.disk_size_mib(disk_size)
-    return image, size
-
-
-def boot_cmdline(profile: Profile, image_file: Path | None) -> str:
-    """The kernel command line of a VM booted with (or without) a root image."""
-    cmdline = kernel_cmdline(profile)
-    return cmdline + " " + IMAGE_ARG if image_file is not None else cmdline
-
-
-def base_key(
-    kernel: Path, initrd: Path, image_file: Path | None, memory: int, vcpus: int, vmm: Path,
-    profile: Profile, net: bool = True,
-) -> str:  # fmt: skip
-    """The key of the base snapshot of a configuration (the disk size is not part of it;
-    with a network device or without is: a NIC is part of the booted machine)."""
-    extra = [b"image:" + snapshots.file_ident(image_file)] if image_file is not None else []
-    if profile.vmm_args:  # e.g. the compat guest kernel switches XSAVE state only with --xstate-port
-        extra.append(b"vmm-args:" + " ".join(profile.vmm_args).encode())
-    extra += [b"net:on"] if net else []
-    return snapshots.base_key(
-        kernel, initrd, boot_cmdline(profile, image_file), memory, vcpus, vmm, extra
-    )
-
-
-def _stop_vmm(rec: registry.VMRecord, ctl_fd: int, pid: int | None) -> None:
-    """Ask the VMM to stop, wait for it to go (SIGKILL after a grace period)."""
-    if registry.alive(rec):
-        try:
-            _ctl.command(rec.ctl_path, "STOP", timeout=CLOSE_GRACE_S)
-        except (OSError, SmolVMError):
-            pass  # wedged or already going: the kill below takes care of it
-    if pid is not None and _process.is_child(pid):
-        _process.reap(pid, CLOSE_GRACE_S)
-    elif rec.pid:
-        _process.wait_gone(rec.pid, rec.pid_start, CLOSE_GRACE_S)
-
-
-def _keep_log(console: Path, vm_id: str) -> Path | None:
-    """Copy a failed VM's console log to $SMOLVM_HOME/logs (the newest few are kept)."""
-    try:
-        logs = home() / "logs"
-        logs.mkdir(exist_ok=True)
-        dest = logs / f"{vm_id}.console.log"
-        shutil.copyfile(console, dest)
-        old = sorted(logs.glob("*.console.log"), key=lambda p: p.stat().st_mtime)
-        for path in old[:-KEEP_FAILED_LOGS]:
-            path.unlink(missing_ok=True)
-        return dest
-    except OSError:
-        return None
+        return self._vmm.teardown(grace, keep_logs)
 
 
 def _close_all() -> None:
@@ -1273,9 +844,9 @@ def _forget_in_child() -> None:
     """After fork(): the child must not keep the parent's VMs alive or tear them down."""
     for vm in list(_live):
         vm._lock = threading.RLock()  # another thread may have held it at fork time
-        vm._close_ctl()
+        vm._vmm.close_ctl()
         vm._status = "stopped"
-        vm._pid = None
+        vm._vmm.pid = None
         _live.discard(vm)
 
 
