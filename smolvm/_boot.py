@@ -13,6 +13,8 @@ from .build.image import DEFAULT_IMAGE
 from .errors import SmolVMError, SnapshotError, VMStartError
 from .profile import Profile, kernel_cmdline
 
+DEFAULT_MEMORY_MIB = 512  # SmolVM(memory=...)
+DEFAULT_VCPUS = 1  # SmolVM(vcpus=...)
 DEFAULT_DISK_MIB = 1024
 IMAGE_ARG = "smolvm.image=vda"  # kernel command line: the agent mounts /dev/vda as the image
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from . import _agent, _boot, _ctl, _stream, _validate, _vmm, disk, network, ports, registry, snapshots
 from ._agent import HOST_GRACE_MS, SETUP_ENTROPY_BYTES, SETUP_TIMEOUT_MS, TRANSFER_TIMEOUT_S
 from ._aio import AsyncMixin
-from ._boot import DEFAULT_DISK_MIB, IMAGE_ARG, base_key, boot_cmdline
+from ._boot import DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, IMAGE_ARG, base_key, boot_cmdline
 from ._native import vmm_path
 from ._vmm import CLOSE_GRACE_S, CTL_TIMEOUT_S, GONE_PROBE_S, KEEP_FAILED_LOGS, UDS_MAX
 from .build._cache import progress
@@ -42,7 +42,8 @@ from .registry import DISK_FILE
 from .result import RunResult
 
 __all__ = [  # also importable from here, as before the split
-    "CLOSE_GRACE_S", "CTL_TIMEOUT_S", "DEFAULT_DISK_MIB", "DEFAULT_IMAGE", "DISK_FILE",
+    "CLOSE_GRACE_S", "CTL_TIMEOUT_S", "DEFAULT_DISK_MIB", "DEFAULT_MEMORY_MIB", "DEFAULT_VCPUS",
+    "DEFAULT_IMAGE", "DISK_FILE",
     "GONE_PROBE_S", "HOST_GRACE_MS", "IMAGE_ARG", "KEEP_FAILED_LOGS", "SETUP_ENTROPY_BYTES",
     "SETUP_TIMEOUT_MS", "TRANSFER_TIMEOUT_S", "UDS_MAX", "SmolVM", "base_key", "boot_cmdline",
 ]  # fmt: skip
@@ -74,8 +75,8 @@ class SmolVM(AsyncMixin):
 
     def __init__(
         self,
-        memory: int = 512,
-        vcpus: int = 1,
+        memory: int = DEFAULT_MEMORY_MIB,
+        vcpus: int = DEFAULT_VCPUS,
         *,
         image: str | None = DEFAULT_IMAGE,
         disk_size: int | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shlex
@@ -51,13 +50,6 @@ def add_command(
         p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=func)
     return p
-
-
-def smolvm_default(name: str) -> Any:
-    """The default of SmolVM()'s argument name (memory, vcpus, image), so it is written only in SmolVM."""
-    from ..vm import SmolVM
-
-    return inspect.signature(SmolVM).parameters[name].default
 
 
 def on_vm(

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._boot import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
 from .. import __version__
-from ._common import add_command, du, fail, mib, print_json, smolvm_default
+from ._common import add_command, du, fail, mib, print_json
 from .snapshot import snap_json
 
 
@@ -77,7 +78,7 @@ def _default_base_key(home: Path, rep: dict[str, Any]) -> str | None:
     kernel = home / "kernel" / cache["kernel"]["current"] / "vmlinux"
     initrd = home / "initramfs" / cache["initramfs"]["current"] / INITRAMFS_NAME
     try:
-        memory, vcpus = smolvm_default("memory"), smolvm_default("vcpus")
+        memory, vcpus = DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
         return base_key(kernel, initrd, image_path(), memory, vcpus, vmm_path(), detect(), net=True)
     except (ImageError, OSError):  # no image yet, a missing VMM or artifact: reported elsewhere
         return None
@@ -267,7 +268,7 @@ def _print_doctor(rep: dict[str, Any]) -> None:
     snaps = rep["snapshots"]
     bases = snaps["base"]
     if snaps["default_base_cached"]:
-        config = f"{smolvm_default('memory')} MiB, {smolvm_default('vcpus')} vCPU"
+        config = f"{DEFAULT_MEMORY_MIB} MiB, {DEFAULT_VCPUS} vCPU"
         current = f"the default configuration's ({config}) is cached: new VMs restore it"
     else:
         current = "none yet for the default configuration: the next SmolVM() boots and saves it"

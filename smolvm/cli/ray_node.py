@@ -8,8 +8,9 @@ import os
 import sys
 from typing import Any
 
+from .._boot import DEFAULT_MEMORY_MIB
 from .._validate import MEMORY_MIN_MIB
-from ._common import EXIT_USAGE, add_command, fail, print_json, smolvm_default
+from ._common import EXIT_USAGE, add_command, fail, print_json
 
 RESOURCE = "smolvm"  # smolvm.ray._nodes.RESOURCE (kept here so this command needs no ray)
 HOST_RESERVE_MIB = 2048  # host memory left to Ray, the OS and the VMM processes themselves
@@ -74,7 +75,7 @@ def cmd_ray_node(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    memory = smolvm_default("memory")
+    memory = DEFAULT_MEMORY_MIB
     r = add_command(sub, "ray-node", cmd_ray_node,
                     "print the `ray start --resources` flag that makes this host a smolvm node",
                     description="Exit status 1 (and no flag) when `smolvm doctor` finds a problem.")  # fmt: skip

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .._boot import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
 from ._common import (
     EXIT_NOT_FOUND,
     EXIT_SMOLVM_ERROR,
@@ -17,7 +18,6 @@ from ._common import (
     fail,
     on_vm,
     print_json,
-    smolvm_default,
     table,
 )
 
@@ -181,7 +181,7 @@ def add_parser(sub: Any) -> None:
     from ..build.image import DEFAULT_IMAGE
     from ..vm import DEFAULT_DISK_MIB
 
-    memory, vcpus = smolvm_default("memory"), smolvm_default("vcpus")
+    memory, vcpus = DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
     r = add_command(sub, "run", cmd_run, "boot a VM, run one command, print its output, exit with its code",
                     description="Exit status: the command's, or 125 if the VM could not run it.")  # fmt: skip
     r.add_argument("--memory", type=int, default=memory, help=f"guest RAM in MiB (default {memory})")
