@@ -156,7 +156,6 @@ static int agent_conn_header(struct agent_conn *c)
 {
 	struct smolvm_frame h;
 	uint32_t magic;
-	int ret;
 
 	memcpy(&h, c->hdr, sizeof(h));
 	magic = le32toh(h.magic);
@@ -172,8 +171,7 @@ static int agent_conn_header(struct agent_conn *c)
 				       SMOLVM_MAX_PAYLOAD);
 	if (c->type == SMOLVM_ERROR || !c->ops->header)
 		return 0;
-	ret = c->ops->header(c->ctx, c->type, c->len);
-	return ret;
+	return c->ops->header(c->ctx, c->type, c->len);
 }
 
 /* The frame reader: bytes in, the handler's callbacks out. Returns 0 or -errno. */
@@ -197,7 +195,7 @@ static int agent_conn_feed(struct agent_conn *c, const uint8_t *p, size_t n)
 		} else {
 			size_t take = c->left < n ? c->left : n;
 
-			if (agent_conn_raw(c->type) && c->type != SMOLVM_ERROR) {
+			if (agent_conn_raw(c->type)) {
 				ret = c->ops->bytes ? c->ops->bytes(c->ctx, c->type, p, take) : 0;
 				if (ret < 0)
 					return ret;

@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -893,32 +894,6 @@ PyDoc_STRVAR(put_file_doc,
 "(FileNotFoundError for a missing folder, IsADirectoryError, ...; filename =\n"
 "guest_path), ProtocolError, or OSError for the connection as exec() does.");
 
-static PyObject *module_put_file(PyObject *module, PyObject *args)
-{
-	struct module_file_args a = { .fd = -1 };
-	PyObject *result = NULL;
-	unsigned int port, mode;
-	int timeout_ms, rc;
-
-	if (!PyArg_ParseTuple(args, "O&IOOIi:put_file", PyUnicode_FSConverter, &a.uds, &port, &a.local_obj,
-			      &a.guest_obj, &mode, &timeout_ms))
-		return NULL;
-	if (module_file_open(&a, O_RDONLY) < 0)
-		goto cleanup;
-	Py_BEGIN_ALLOW_THREADS
-	rc = file_put(PyBytes_AS_STRING(a.uds), port, a.fd, PyBytes_AS_STRING(a.guest), mode, timeout_ms,
-		      module_interrupted, NULL, &a.res);
-	close(a.fd);
-	Py_END_ALLOW_THREADS
-	if (rc == 0)
-		result = PyLong_FromUnsignedLongLong(a.res.size);
-	else
-		module_file_raise(module, rc, &a);
-cleanup:
-	module_file_args_free(&a);
-	return result;
-}
-
 PyDoc_STRVAR(get_file_doc,
 "get_file(uds_path, port, guest_path, local_path, timeout_ms) -> (size, mode)\n\n"
 "Copy the regular guest file guest_path (absolute) to local_path (created or\n"
@@ -929,36 +904,55 @@ PyDoc_STRVAR(get_file_doc,
 "filename = guest_path for the guest's errors, OSError with filename =\n"
 "local_path for the local file's.");
 
-static PyObject *module_get_file(PyObject *module, PyObject *args)
+/* put_file() and get_file(): parse, open the local file, move it with the GIL released, map the result. */
+static PyObject *module_transfer(PyObject *module, PyObject *args, bool get)
 {
 	struct module_file_args a = { .fd = -1 };
 	PyObject *result = NULL;
-	unsigned int port;
+	unsigned int port, mode = 0;
 	int timeout_ms, rc;
 
-	if (!PyArg_ParseTuple(args, "O&IOOi:get_file", PyUnicode_FSConverter, &a.uds, &port, &a.guest_obj,
-			      &a.local_obj, &timeout_ms))
+	if (get ? !PyArg_ParseTuple(args, "O&IOOi:get_file", PyUnicode_FSConverter, &a.uds, &port, &a.guest_obj,
+				    &a.local_obj, &timeout_ms)
+		: !PyArg_ParseTuple(args, "O&IOOIi:put_file", PyUnicode_FSConverter, &a.uds, &port, &a.local_obj,
+				    &a.guest_obj, &mode, &timeout_ms))
 		return NULL;
-	if (module_file_open(&a, O_WRONLY | O_CREAT | O_TRUNC) < 0)
+	if (module_file_open(&a, get ? O_WRONLY | O_CREAT | O_TRUNC : O_RDONLY) < 0)
 		goto cleanup;
 	Py_BEGIN_ALLOW_THREADS
-	rc = file_get(PyBytes_AS_STRING(a.uds), port, PyBytes_AS_STRING(a.guest), a.fd, timeout_ms, module_interrupted,
-		      NULL, &a.res);
-	if (close(a.fd) < 0 && rc == 0) {
+	if (get)
+		rc = file_get(PyBytes_AS_STRING(a.uds), port, PyBytes_AS_STRING(a.guest), a.fd, timeout_ms,
+			      module_interrupted, NULL, &a.res);
+	else
+		rc = file_put(PyBytes_AS_STRING(a.uds), port, a.fd, PyBytes_AS_STRING(a.guest), mode, timeout_ms,
+			      module_interrupted, NULL, &a.res);
+	if (close(a.fd) < 0 && rc == 0 && get) {
 		rc = -errno;
 		a.res.origin = FILE_ORIGIN_LOCAL;
 		snprintf(a.res.error, sizeof(a.res.error), "close: %s", strerror(errno));
 	}
-	if (rc != 0)
+	if (rc != 0 && get)
 		unlink(PyBytes_AS_STRING(a.local));
 	Py_END_ALLOW_THREADS
-	if (rc == 0)
+	if (rc != 0)
+		module_file_raise(module, rc, &a);
+	else if (get)
 		result = Py_BuildValue("(KI)", (unsigned long long)a.res.size, (unsigned int)a.res.mode);
 	else
-		module_file_raise(module, rc, &a);
+		result = PyLong_FromUnsignedLongLong(a.res.size);
 cleanup:
 	module_file_args_free(&a);
 	return result;
+}
+
+static PyObject *module_put_file(PyObject *module, PyObject *args)
+{
+	return module_transfer(module, args, false);
+}
+
+static PyObject *module_get_file(PyObject *module, PyObject *args)
+{
+	return module_transfer(module, args, true);
 }
 
 /* ---- kvm_info --------------------------------------------------------- */
