@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, Union
 
 from . import _validate
 from ._native import native
+from .errors import ProtocolError
 from .result import RunResult
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ StreamItem = Union[Chunk, RunResult]
 OutputCallback = Callable[[bytes], object]
 
 PUMP_SLICE_S = 0.1  # longest wait with the GIL released before signals are checked again
+AGENT_ERRORS = (OSError, ProtocolError)  # what _smolvm raises for a failed exec; SmolVM._exec_failed maps them
 
 
 class StreamOptions(TypedDict, total=False):
@@ -108,8 +110,17 @@ def open_stream(vm: SmolVM, req: ExecRequest, data: bytes | None, events: bool) 
             req.uds, nat.AGENT_PORT, req.command, req.cwd, req.env, req.timeout_ms,
             req.host_timeout_ms, input=data, events=events,
         )  # fmt: skip
-    except (OSError, nat.ProtocolError) as e:
+    except AGENT_ERRORS as e:
         raise vm._exec_failed(e, req) from None
+
+
+def pump(vm: SmolVM, s: Any, req: ExecRequest, timeout: float) -> list[tuple[int, bytes]]:
+    """One ExecStream.pump(timeout): the output chunks that came, or the exception the failure means."""
+    try:
+        got: list[tuple[int, bytes]] = s.pump(timeout)
+    except AGENT_ERRORS as e:
+        raise vm._exec_failed(e, req) from None
+    return got
 
 
 def chunks(vm: SmolVM, req: ExecRequest, data: bytes | None) -> Generator[StreamItem, None, None]:
@@ -123,11 +134,7 @@ def chunks(vm: SmolVM, req: ExecRequest, data: bytes | None) -> Generator[Stream
     s = open_stream(vm, req, data, events=True)
     try:
         while not s.done:
-            try:
-                got = s.pump(PUMP_SLICE_S)
-            except (OSError, nat.ProtocolError) as e:
-                raise vm._exec_failed(e, req) from None
-            for kind, chunk in got:
+            for kind, chunk in pump(vm, s, req, PUMP_SLICE_S):
                 yield kinds[kind], chunk
         code, sig, out, err, timed_out = s.result()
     finally:
@@ -143,14 +150,10 @@ def run(
 ) -> RunResult:  # fmt: skip
     """run() with callbacks or stdin. A callback's exception kills the command and propagates."""
     if on_stdout is None and on_stderr is None:
-        nat = native()
         s = open_stream(vm, req, data, events=False)
         try:
             while not s.done:
-                try:
-                    s.pump(PUMP_SLICE_S)
-                except (OSError, nat.ProtocolError) as e:
-                    raise vm._exec_failed(e, req) from None
+                pump(vm, s, req, PUMP_SLICE_S)
             code, sig, out, err, timed_out = s.result()
         finally:
             s.close()

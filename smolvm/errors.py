@@ -45,6 +45,32 @@ class AgentError(SmolVMError):
     """The guest agent broke the protocol, dropped the connection or stopped answering."""
 
 
+class ProtocolError(SmolVMError):
+    """The guest agent answered a request with an ERROR frame, or sent a frame that breaks the protocol.
+
+    `err` is the Linux errno the agent named (0: none, a protocol error) and `code` what it is
+    about (`_smolvm.ERRC_REQUEST`: the request as a whole, `_smolvm.ERRC_CWD`: the working
+    directory), both from the frame's `struct smolvm_error` (csrc/proto.h); programs look at
+    those, never at the message. Raised by `smolvm._smolvm` (also as `_smolvm.ProtocolError`);
+    SmolVM turns it into AgentError or an OSError.
+    """
+
+    def __init__(self, message: str, *, err: int = 0, code: int = 0) -> None:
+        super().__init__(message)
+        self.err = err
+        self.code = code
+
+    @property
+    def guest_errno(self) -> int:
+        """Old name of `err`."""
+        return self.err
+
+    @property
+    def guest_code(self) -> int:
+        """Old name of `code`."""
+        return self.code
+
+
 class VMNotFoundError(SmolVMError, LookupError):
     """No VM with that id on this machine (deleted, never existed, or its VMM is gone)."""
 

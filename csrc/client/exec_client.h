@@ -1,8 +1,7 @@
-/* Host side of one exec: sends an EXEC frame (and stdin) to the guest agent over the VMM's vsock Unix socket and collects or streams its output. */
+/* Host side of one exec: the EXEC request (builder and handler over agent_conn.h), its stdin, and its output collected or streamed. */
 #ifndef SMOLVM_EXEC_CLIENT_H
 #define SMOLVM_EXEC_CLIENT_H
 
-#include <liburing.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -10,24 +9,12 @@
 /* Per-stream cap on collected output; bytes beyond it are read and dropped (error[] then says so). */
 #define EXEC_OUTPUT_CAP (64u << 20)
 
-/* Per-sandbox identity sent once after boot or restore, before any command. */
-struct exec_setup {
-	uint64_t wall_ns;        /* host CLOCK_REALTIME; 0 = leave the guest clock */
-	const uint8_t *entropy;  /* credited to the guest RNG; <= SMOLVM_SETUP_MAX_ENTROPY */
-	uint32_t entropy_len;
-	const char *hostname;    /* NULL = leave it; <= SMOLVM_SETUP_MAX_HOSTNAME bytes */
-	uint32_t flags;          /* SMOLVM_SETUP_* (proto.h), e.g. SMOLVM_SETUP_ROOT */
-	const uint8_t *extra;    /* flag data appended after the hostname (SMOLVM_SETUP_NET's) */
-	uint32_t extra_len;
-};
-
 struct exec_request {
 	const char *command;     /* run as `/bin/sh -c COMMAND` in the guest; required */
 	const char *cwd;         /* NULL or "" = "/" */
 	const char *const *env;  /* n_env "KEY=VALUE" strings over the agent's base environment */
 	uint32_t n_env;
 	uint32_t timeout_ms;     /* guest-side timeout; 0 = none */
-	const struct exec_setup *setup; /* non-NULL: send SETUP instead of EXEC (command unused) */
 	bool has_input;          /* the command's stdin is input[0..input_len), then end of file; else /dev/null */
 	const uint8_t *input;    /* kept by the caller until the exec ends */
 	size_t input_len;
@@ -47,10 +34,10 @@ struct exec_output {
 };
 
 /*
- * Connect to the VMM's vsock Unix socket uds_path, write "CONNECT port\n",
- * expect "OK ...\n", send EXEC (and the input in STDIN frames), collect
- * frames until EXIT: exec_stream_open(), then exec_stream_step() and
- * exec_stream_wait() in turns, then exec_stream_free().
+ * Connect to the VMM's vsock Unix socket uds_path (agent_conn_open()), send
+ * EXEC (and the input in STDIN frames), collect frames until EXIT:
+ * exec_stream_open(), then exec_stream_step() and exec_stream_wait() in
+ * turns, then exec_stream_free().
  *
  * Holds no state outside the call, so any number of threads may call it at
  * once; never busy-polls. host_timeout_ms is the
@@ -118,64 +105,5 @@ int exec_stream_wait(struct exec_stream *xs, int max_ms);
 const uint8_t *exec_stream_events(const struct exec_stream *xs, size_t *len);
 void exec_stream_events_clear(struct exec_stream *xs);
 void exec_stream_free(struct exec_stream *xs);
-
-/*
- * One connection to the guest agent, shared with file_client.c: a Unix stream
- * socket to the VMM driven by its own io_uring with at most one operation in
- * flight, a host deadline and an interrupted() hook as exec_run() describes.
- * Order: exec_conn_open(), then any number of exec_conn_send() /
- * exec_conn_recv(), then exec_conn_close() (always, even after a failed open).
- * Every function that fails writes a message to error[0..error_size) and
- * returns -errno (-ETIMEDOUT, -EINTR, -ECONNREFUSED, -ENOENT, ...).
- */
-struct exec_conn {
-	struct io_uring ring;
-	bool ring_ready;
-	bool in_flight;
-	int fd;
-	int64_t deadline_ms; /* CLOCK_MONOTONIC; -1 = none */
-	int64_t last_poll_ms;
-	int (*interrupted)(void *);
-	void *opaque;
-	char *error;
-	size_t error_size;
-};
-
-/*
- * Connect to uds_path and do the "CONNECT port\n" / "OK <n>\n" handshake.
- * buf (buf_size >= 64) receives the reply; bytes that followed the OK line
- * are moved to buf[0..*extra) and belong to the first frame.
- * -ECONNREFUSED / -ENOENT: nothing listens there, or the guest refused the port.
- */
-int exec_conn_open(struct exec_conn *c, const char *uds_path, uint32_t port, int host_timeout_ms,
-		   int (*interrupted)(void *), void *opaque, char *error, size_t error_size, uint8_t *buf,
-		   size_t buf_size, size_t *extra);
-
-/* Send all len bytes. Returns 0 or -errno (-EPIPE / -ECONNRESET: the peer closed; no message set for those). */
-int exec_conn_send(struct exec_conn *c, const void *buf, size_t len);
-
-/* One receive of at most len bytes. Returns the count (0 = EOF) or -errno (message set only for -ETIMEDOUT / -EINTR). */
-int exec_conn_recv(struct exec_conn *c, void *buf, size_t len);
-
-/*
- * Cancel what is in flight, tear down the ring and close the socket. Returns
- * false when the kernel may still write into a buffer of the last operation:
- * the caller must then leak that buffer rather than free it.
- */
-bool exec_conn_close(struct exec_conn *c);
-
-/* Write a message to c->error and return err. */
-int exec_conn_fail(struct exec_conn *c, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-/* Fill a frame header (little-endian) for a payload of len bytes. */
-void exec_frame_header(void *dst, uint16_t type, uint32_t len);
-
-/*
- * An ERROR frame's payload (struct smolvm_error + message) into *err, *code
- * (enum smolvm_error_code; code may be NULL) and msg (NUL-terminated, cut to
- * msg_size). Returns 0, or -EPROTO when the payload is shorter than struct
- * smolvm_error.
- */
-int exec_parse_error(const uint8_t *payload, size_t len, int *err, int *code, char *msg, size_t msg_size);
 
 #endif

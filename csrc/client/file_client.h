@@ -1,4 +1,4 @@
-/* Host side of file transfers: PUT a local file into the guest, GET a guest file, over the agent's vsock connection. */
+/* Host side of file transfers: PUT a local file into the guest, GET a guest file, each on an agent connection of its own (agent_conn.h). */
 #ifndef SMOLVM_FILE_CLIENT_H
 #define SMOLVM_FILE_CLIENT_H
 
@@ -20,6 +20,7 @@ struct file_result {
 	uint32_t mode;   /* get: the guest file's st_mode */
 	enum file_origin origin;
 	int guest_err;   /* FILE_ORIGIN_GUEST: the agent's errno, 0 when it named none */
+	int guest_code;  /* FILE_ORIGIN_GUEST: what it is about (enum smolvm_error_code) */
 	char error[256]; /* NUL-terminated message when the return is nonzero */
 };
 

@@ -1,4 +1,4 @@
-/* smolvm._smolvm: the only file that speaks CPython; spawns VMM processes, runs commands (exec_client) and moves files (file_client). */
+/* smolvm._smolvm: the only file that speaks CPython; spawns VMM processes, runs commands (exec_client), sets the guest up (setup_client) and moves files (file_client). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -17,6 +18,7 @@
 
 #include "exec_client.h"
 #include "file_client.h"
+#include "setup_client.h"
 #include "proto.h"
 
 extern char **environ;
@@ -26,7 +28,7 @@ extern char **environ;
 
 /* Per-module state: no static PyObject globals. */
 typedef struct {
-	PyObject *protocol_error; /* smolvm._smolvm.ProtocolError */
+	PyObject *protocol_error; /* smolvm.errors.ProtocolError, also smolvm._smolvm.ProtocolError */
 	PyObject *exec_stream_type; /* smolvm._smolvm.ExecStream */
 } module_state;
 
@@ -363,10 +365,10 @@ static PyObject *module_wait_line(PyObject *module, PyObject *args)
 	}
 }
 
-/* ---- exec ------------------------------------------------------------- */
+/* ---- errors: one map from a failed request to the Python exception ------ */
 
-/* exec_run's interrupted() hook: take the GIL briefly and run pending signal handlers. */
-static int module_exec_interrupted(void *opaque)
+/* The interrupted() hook of every request: take the GIL briefly and run pending signal handlers. */
+static int module_interrupted(void *opaque)
 {
 	PyGILState_STATE gil;
 	int r;
@@ -378,51 +380,122 @@ static int module_exec_interrupted(void *opaque)
 	return r < 0;
 }
 
-/* Turn a failed exec_run() into the Python exception it means. */
+/* smolvm.errors.ProtocolError(msg, err=err, code=code). */
+static void module_raise_protocol(PyObject *module, const char *msg, int err, int code)
+{
+	module_state *st = module_get_state(module);
+	PyObject *args = NULL, *kwargs = NULL, *exc = NULL;
+
+	args = Py_BuildValue("(s)", msg[0] ? msg : "protocol error from the guest agent");
+	kwargs = Py_BuildValue("{sisi}", "err", err, "code", code);
+	if (args && kwargs)
+		exc = PyObject_Call(st->protocol_error, args, kwargs);
+	if (exc)
+		PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+	Py_XDECREF(exc);
+	Py_XDECREF(kwargs);
+	Py_XDECREF(args);
+}
+
+/* OSError(e, msg[, filename]): the subclass follows e (FileNotFoundError, TimeoutError, ...). */
+static void module_raise_os(int e, const char *msg, PyObject *filename)
+{
+	PyObject *exc = filename ? PyObject_CallFunction(PyExc_OSError, "isO", e, msg, filename)
+				 : PyObject_CallFunction(PyExc_OSError, "is", e, msg[0] ? msg : strerror(e));
+
+	if (exc != NULL) {
+		PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+		Py_DECREF(exc);
+	}
+}
+
+/*
+ * The one error map of the agent protocol. rc: the request's -errno; msg:
+ * its message; guest: the ERROR frame, if one came. An ERROR frame naming an
+ * errno about a file (file requests pass guest_path) is that OSError; any
+ * other ERROR frame and every bad frame (-EPROTO) is ProtocolError with err
+ * and code; the rest is OSError (with local_path when it is about the
+ * local file).
+ */
+static void module_raise(PyObject *module, int rc, char *msg, size_t msg_size, const struct agent_error *guest,
+			 PyObject *guest_path, PyObject *local_path)
+{
+	msg[msg_size - 1] = '\0';
+	if (rc == -EINTR && PyErr_Occurred())
+		return; /* KeyboardInterrupt (or another handler's exception) is already set */
+	if (guest && guest->set && guest->err && guest_path)
+		module_raise_os(guest->err, msg, guest_path);
+	else if (guest && guest->set)
+		module_raise_protocol(module, msg, guest->err, guest->code);
+	else if (rc == -EPROTO)
+		module_raise_protocol(module, msg, 0, SMOLVM_ERRC_REQUEST);
+	else if (rc == -E2BIG)
+		PyErr_SetString(PyExc_ValueError, "command, cwd and env together are too large for one request (1 MiB)");
+	else
+		module_raise_os(rc < 0 ? -rc : EIO, msg, local_path);
+}
+
+/* An exec's ERROR frame is always ProtocolError (vm.py turns ERRC_CWD into FileNotFoundError). */
 static void module_exec_raise(PyObject *module, int rc, struct exec_output *out)
 {
-	if (rc == -EINTR && PyErr_Occurred()) {
-		/* KeyboardInterrupt (or another handler's exception) is already set. */
-	} else if (rc == -E2BIG) {
-		PyErr_SetString(PyExc_ValueError,
-				"command, cwd and env together are too large for one request (1 MiB)");
-	} else if (rc == -EPROTO) {
-		module_state *st = module_get_state(module);
-		PyObject *exc, *err;
+	struct agent_error guest = { rc == -EPROTO, out->guest_err, out->guest_code };
 
-		out->error[sizeof(out->error) - 1] = '\0';
-		/* .guest_errno: the errno the agent's ERROR frame named (0 if none) */
-		exc = PyObject_CallFunction(st->protocol_error, "s",
-					    out->error[0] ? out->error : "protocol error from the guest agent");
-		if (exc == NULL)
-			return;
-		err = PyLong_FromLong(out->guest_err);
-		if (err == NULL || PyObject_SetAttrString(exc, "guest_errno", err) < 0) {
-			Py_XDECREF(err);
-			Py_DECREF(exc);
-			return;
-		}
-		Py_DECREF(err);
-		/* .guest_code: what the errno is about (ERRC_CWD: the working directory) */
-		err = PyLong_FromLong(out->guest_code);
-		if (err == NULL || PyObject_SetAttrString(exc, "guest_code", err) < 0) {
-			Py_XDECREF(err);
-			Py_DECREF(exc);
-			return;
-		}
-		Py_DECREF(err);
-		PyErr_SetObject(st->protocol_error, exc);
-		Py_DECREF(exc);
-	} else {
-		int e = rc < 0 ? -rc : EIO;
-		out->error[sizeof(out->error) - 1] = '\0';
-		PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", e,
-						      out->error[0] ? out->error : strerror(e));
-		if (exc != NULL) {
-			PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-			Py_DECREF(exc);
-		}
+	module_raise(module, rc, out->error, sizeof(out->error), &guest, NULL, NULL);
+}
+
+/* ---- exec ------------------------------------------------------------- */
+
+/* exec() and exec_start() arguments, converted; release with module_exec_args_free(). */
+struct module_exec_args {
+	PyObject *uds, *command, *cwd, *env_obj, *input;
+	struct module_strv env;
+	unsigned int port, timeout_ms;
+	int host_timeout_ms, events;
+	struct exec_request req;
+};
+
+static void module_exec_args_free(struct module_exec_args *a)
+{
+	module_strv_free(&a->env);
+	Py_CLEAR(a->uds);
+	Py_CLEAR(a->command);
+	Py_CLEAR(a->cwd);
+}
+
+/* Parse (uds_path, port, command, cwd, env, timeout_ms, host_timeout_ms[, input, events]) into a->req. */
+static int module_exec_args_parse(PyObject *args, PyObject *kwargs, const char *fmt, char **kwlist,
+				  struct module_exec_args *a)
+{
+	memset(a, 0, sizeof(*a));
+	a->input = Py_None;
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, fmt, kwlist, PyUnicode_FSConverter, &a->uds, &a->port,
+					 module_conv_cstr, &a->command, module_conv_cstr, &a->cwd, &a->env_obj,
+					 &a->timeout_ms, &a->host_timeout_ms, &a->input, &a->events))
+		return -1;
+	if (a->input != Py_None && !PyBytes_Check(a->input)) {
+		PyErr_Format(PyExc_TypeError, "input must be bytes or None, not %.100s", Py_TYPE(a->input)->tp_name);
+		return -1;
 	}
+	if (module_strv_from(a->env_obj, "env", &a->env) < 0)
+		return -1;
+	if ((size_t)a->env.n > UINT32_MAX) {
+		PyErr_SetString(PyExc_OverflowError, "too many environment entries");
+		return -1;
+	}
+	a->req.command = PyBytes_AS_STRING(a->command);
+	a->req.cwd = PyBytes_AS_STRING(a->cwd);
+	a->req.env = (const char *const *)a->env.v;
+	a->req.n_env = (uint32_t)a->env.n;
+	a->req.timeout_ms = a->timeout_ms;
+	return 0;
+}
+
+/* (exit_code, signal, stdout, stderr, timed_out); empty streams are NULL, which "y#" would make None. */
+static PyObject *module_exec_result(const struct exec_output *out)
+{
+	return Py_BuildValue("(iiy#y#O)", out->exit_code, out->signal, out->out ? (const char *)out->out : "",
+			     (Py_ssize_t)out->out_len, out->err ? (const char *)out->err : "", (Py_ssize_t)out->err_len,
+			     out->timed_out ? Py_True : Py_False);
 }
 
 PyDoc_STRVAR(exec_doc,
@@ -433,58 +506,31 @@ PyDoc_STRVAR(exec_doc,
 "killed by the guest after timeout_ms (0 = never); give up after\n"
 "host_timeout_ms on the host side. Raises OSError with the errno\n"
 "(ConnectionRefusedError, FileNotFoundError, ConnectionResetError,\n"
-"TimeoutError) or ProtocolError carrying the agent's message.");
+"TimeoutError) or ProtocolError (smolvm.errors) carrying the agent's\n"
+"message, its errno in .err and what it is about in .code (ERRC_*).");
 
 static PyObject *module_exec(PyObject *module, PyObject *args)
 {
-	PyObject *uds = NULL, *command = NULL, *cwd = NULL, *env_obj = NULL;
-	PyObject *result = NULL;
-	struct module_strv env = {0};
-	unsigned int port, timeout_ms;
-	int host_timeout_ms, rc;
-	struct exec_request req;
+	static char *kwlist[] = {"uds_path", "port", "command", "cwd", "env", "timeout_ms", "host_timeout_ms", NULL};
+	struct module_exec_args a;
 	struct exec_output out;
+	PyObject *result = NULL;
+	int rc;
 
 	memset(&out, 0, sizeof(out));
-	memset(&req, 0, sizeof(req));
-	if (!PyArg_ParseTuple(args, "O&IO&O&OIi:exec", PyUnicode_FSConverter, &uds, &port,
-			      module_conv_cstr, &command, module_conv_cstr, &cwd, &env_obj,
-			      &timeout_ms, &host_timeout_ms))
-		return NULL;
-	if (module_strv_from(env_obj, "env", &env) < 0)
+	if (module_exec_args_parse(args, NULL, "O&IO&O&OIi:exec", kwlist, &a) < 0)
 		goto cleanup;
-	if ((size_t)env.n > UINT32_MAX) {
-		PyErr_SetString(PyExc_OverflowError, "too many environment entries");
-		goto cleanup;
-	}
-
-	req.command = PyBytes_AS_STRING(command);
-	req.cwd = PyBytes_AS_STRING(cwd);
-	req.env = (const char *const *)env.v;
-	req.n_env = (uint32_t)env.n;
-	req.timeout_ms = timeout_ms;
-
 	/* Everything the call reads is C memory owned by objects we hold: safe without the GIL. */
 	Py_BEGIN_ALLOW_THREADS
-	rc = exec_run(PyBytes_AS_STRING(uds), port, &req, host_timeout_ms, module_exec_interrupted, NULL,
-		      &out);
+	rc = exec_run(PyBytes_AS_STRING(a.uds), a.port, &a.req, a.host_timeout_ms, module_interrupted, NULL, &out);
 	Py_END_ALLOW_THREADS
-
-	if (rc == 0) {
-		/* Empty streams come back as NULL, which "y#" would turn into None. */
-		result = Py_BuildValue("(iiy#y#O)", out.exit_code, out.signal,
-				       out.out ? (const char *)out.out : "", (Py_ssize_t)out.out_len,
-				       out.err ? (const char *)out.err : "", (Py_ssize_t)out.err_len,
-				       out.timed_out ? Py_True : Py_False);
-	} else {
+	if (rc == 0)
+		result = module_exec_result(&out);
+	else
 		module_exec_raise(module, rc, &out);
-	}
 	exec_output_free(&out);
 cleanup:
-	module_strv_free(&env);
-	Py_XDECREF(uds);
-	Py_XDECREF(command);
-	Py_XDECREF(cwd);
+	module_exec_args_free(&a);
 	return result;
 }
 
@@ -617,10 +663,7 @@ static PyObject *module_stream_result(PyObject *self, PyObject *unused)
 		PyErr_SetString(PyExc_RuntimeError, "ExecStream.result(): the command has not ended (or the stream failed)");
 		return NULL;
 	}
-	return Py_BuildValue("(iiy#y#O)", ms->out.exit_code, ms->out.signal,
-			     ms->out.out ? (const char *)ms->out.out : "", (Py_ssize_t)ms->out.out_len,
-			     ms->out.err ? (const char *)ms->out.err : "", (Py_ssize_t)ms->out.err_len,
-			     ms->out.timed_out ? Py_True : Py_False);
+	return module_exec_result(&ms->out);
 }
 
 static PyObject *module_stream_fileno(PyObject *self, PyObject *unused)
@@ -706,63 +749,41 @@ static PyObject *module_exec_start(PyObject *module, PyObject *args, PyObject *k
 {
 	static char *kwlist[] = {"uds_path", "port", "command", "cwd", "env", "timeout_ms", "host_timeout_ms",
 				 "input", "events", NULL};
-	PyObject *uds = NULL, *command = NULL, *cwd = NULL, *env_obj = NULL, *input = Py_None;
 	module_state *st = module_get_state(module);
-	struct module_strv env = {0};
-	unsigned int port, timeout_ms;
-	int host_timeout_ms, events = 0, rc;
-	struct exec_request req;
+	struct module_exec_args a;
 	module_stream *ms = NULL;
+	int rc;
 
-	memset(&req, 0, sizeof(req));
-	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&IO&O&OIi|Op:exec_start", kwlist, PyUnicode_FSConverter, &uds,
-					 &port, module_conv_cstr, &command, module_conv_cstr, &cwd, &env_obj,
-					 &timeout_ms, &host_timeout_ms, &input, &events))
-		return NULL;
-	if (input != Py_None && !PyBytes_Check(input)) {
-		PyErr_Format(PyExc_TypeError, "input must be bytes or None, not %.100s", Py_TYPE(input)->tp_name);
+	if (module_exec_args_parse(args, kwargs, "O&IO&O&OIi|Op:exec_start", kwlist, &a) < 0)
 		goto cleanup;
-	}
-	if (module_strv_from(env_obj, "env", &env) < 0)
-		goto cleanup;
-	if ((size_t)env.n > UINT32_MAX) {
-		PyErr_SetString(PyExc_OverflowError, "too many environment entries");
-		goto cleanup;
-	}
 	ms = PyObject_GC_New(module_stream, (PyTypeObject *)st->exec_stream_type);
 	if (ms == NULL)
 		goto cleanup;
 	ms->module = Py_NewRef(module);
 	ms->xs = NULL;
 	memset(&ms->out, 0, sizeof(ms->out));
-	ms->input = input == Py_None ? NULL : Py_NewRef(input);
+	ms->input = a.input == Py_None ? NULL : Py_NewRef(a.input);
 	ms->state = 0;
 	ms->busy = 0;
 	PyObject_GC_Track((PyObject *)ms);
-	req.command = PyBytes_AS_STRING(command);
-	req.cwd = PyBytes_AS_STRING(cwd);
-	req.env = (const char *const *)env.v;
-	req.n_env = (uint32_t)env.n;
-	req.timeout_ms = timeout_ms;
-	req.has_input = ms->input != NULL;
-	req.input = ms->input ? (const uint8_t *)PyBytes_AS_STRING(ms->input) : NULL;
-	req.input_len = ms->input ? (size_t)PyBytes_GET_SIZE(ms->input) : 0;
+	a.req.has_input = ms->input != NULL;
+	a.req.input = ms->input ? (const uint8_t *)PyBytes_AS_STRING(ms->input) : NULL;
+	a.req.input_len = ms->input ? (size_t)PyBytes_GET_SIZE(ms->input) : 0;
 	/* open copies command, cwd and env into its request frame; input stays in ms->input */
 	Py_BEGIN_ALLOW_THREADS
-	rc = exec_stream_open(&ms->xs, PyBytes_AS_STRING(uds), port, &req, host_timeout_ms,
-			      events ? EXEC_STREAM_EVENTS : 0, &ms->out);
+	rc = exec_stream_open(&ms->xs, PyBytes_AS_STRING(a.uds), a.port, &a.req, a.host_timeout_ms,
+			      a.events ? EXEC_STREAM_EVENTS : 0, &ms->out);
 	Py_END_ALLOW_THREADS
 	if (rc < 0) {
 		module_exec_raise(module, rc, &ms->out);
 		Py_CLEAR(ms);
 	}
 cleanup:
-	module_strv_free(&env);
-	Py_XDECREF(uds);
-	Py_XDECREF(command);
-	Py_XDECREF(cwd);
+	module_exec_args_free(&a);
 	return (PyObject *)ms;
 }
+
+/* ---- setup ------------------------------------------------------------ */
 
 PyDoc_STRVAR(setup_doc,
 "setup(uds_path, port, wall_ns, entropy, hostname, host_timeout_ms, flags=0, extra=b'') -> None\n\n"
@@ -781,17 +802,19 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 	Py_buffer entropy = { 0 }, extra = { 0 };
 	const char *hostname;
 	int host_timeout_ms, rc;
-	struct exec_setup su;
-	struct exec_request req;
-	struct exec_output out;
+	struct setup_request su;
+	struct agent_error guest;
+	char error[256];
 
-	memset(&out, 0, sizeof(out));
-	memset(&req, 0, sizeof(req));
 	if (!PyArg_ParseTuple(args, "O&IKy*si|Iy*:setup", PyUnicode_FSConverter, &uds, &port, &wall_ns,
 			      &entropy, &hostname, &host_timeout_ms, &flags, &extra))
 		return NULL;
 	if (entropy.len > SMOLVM_SETUP_MAX_ENTROPY || strlen(hostname) > SMOLVM_SETUP_MAX_HOSTNAME) {
 		PyErr_SetString(PyExc_ValueError, "setup: entropy or hostname too long");
+		goto cleanup;
+	}
+	if (extra.buf && (size_t)extra.len > SMOLVM_MAX_PAYLOAD / 2) {
+		PyErr_SetString(PyExc_ValueError, "setup: extra data too long");
 		goto cleanup;
 	}
 	su.wall_ns = wall_ns;
@@ -801,21 +824,14 @@ static PyObject *module_setup(PyObject *module, PyObject *args)
 	su.flags = flags;
 	su.extra = extra.buf;
 	su.extra_len = extra.buf ? (uint32_t)extra.len : 0;
-	if (extra.buf && (size_t)extra.len > SMOLVM_MAX_PAYLOAD / 2) {
-		PyErr_SetString(PyExc_ValueError, "setup: extra data too long");
-		goto cleanup;
-	}
-	req.setup = &su;
 	Py_BEGIN_ALLOW_THREADS
-	rc = exec_run(PyBytes_AS_STRING(uds), port, &req, host_timeout_ms, module_exec_interrupted, NULL,
-		      &out);
+	rc = setup_run(PyBytes_AS_STRING(uds), port, &su, host_timeout_ms, module_interrupted, NULL, error,
+		       sizeof(error), &guest);
 	Py_END_ALLOW_THREADS
-	if (rc == 0) {
+	if (rc == 0)
 		result = Py_NewRef(Py_None);
-	} else {
-		module_exec_raise(module, rc, &out);
-	}
-	exec_output_free(&out);
+	else
+		module_raise(module, rc, error, sizeof(error), &guest, NULL, NULL);
 cleanup:
 	PyBuffer_Release(&entropy);
 	if (extra.buf)
@@ -826,36 +842,45 @@ cleanup:
 
 /* ---- put_file / get_file --------------------------------------------- */
 
-/* Turn a failed file_put() / file_get() into the Python exception it means. */
-static void module_file_raise(PyObject *module, int rc, struct file_result *res, PyObject *guest_path,
-			      PyObject *local_path)
-{
-	module_state *st = module_get_state(module);
-	PyObject *exc = NULL;
-	int e = rc < 0 ? -rc : EIO;
+/* The arguments both transfers take besides the paths; and the local file, opened without the GIL. */
+struct module_file_args {
+	PyObject *uds, *local_obj, *guest_obj, *local, *guest;
+	int fd;
+	struct file_result res;
+};
 
-	res->error[sizeof(res->error) - 1] = '\0';
-	if (rc == -EINTR && PyErr_Occurred())
-		return; /* KeyboardInterrupt (or another handler's exception) is already set */
-	if (res->origin == FILE_ORIGIN_GUEST && res->guest_err == 0) {
-		PyErr_SetString(st->protocol_error, res->error);
-		return;
+static int module_file_open(struct module_file_args *a, int flags)
+{
+	int err;
+
+	if (!PyUnicode_FSConverter(a->local_obj, &a->local) || !module_conv_cstr(a->guest_obj, &a->guest))
+		return -1;
+	Py_BEGIN_ALLOW_THREADS
+	a->fd = open(PyBytes_AS_STRING(a->local), flags | O_CLOEXEC | O_NOCTTY, 0600);
+	err = a->fd < 0 ? errno : 0;
+	Py_END_ALLOW_THREADS
+	if (a->fd < 0) {
+		errno = err;
+		PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, a->local_obj);
+		return -1;
 	}
-	if (res->origin == FILE_ORIGIN_GUEST || res->origin == FILE_ORIGIN_LOCAL) {
-		/* OSError(errno, message, filename) picks the subclass: FileNotFoundError, IsADirectoryError, ... */
-		e = res->origin == FILE_ORIGIN_GUEST ? res->guest_err : e;
-		exc = PyObject_CallFunction(PyExc_OSError, "isO", e, res->error,
-					    res->origin == FILE_ORIGIN_GUEST ? guest_path : local_path);
-	} else if (rc == -EPROTO) {
-		PyErr_SetString(st->protocol_error, res->error[0] ? res->error : "protocol error from the guest agent");
-		return;
-	} else {
-		exc = PyObject_CallFunction(PyExc_OSError, "is", e, res->error[0] ? res->error : strerror(e));
-	}
-	if (exc != NULL) {
-		PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-		Py_DECREF(exc);
-	}
+	return 0;
+}
+
+/* After a failed transfer: the exception, naming the guest path for the guest's errors and the local one for the local file's. */
+static void module_file_raise(PyObject *module, int rc, struct module_file_args *a)
+{
+	struct agent_error guest = { a->res.origin == FILE_ORIGIN_GUEST, a->res.guest_err, a->res.guest_code };
+
+	module_raise(module, rc, a->res.error, sizeof(a->res.error), &guest, a->guest_obj,
+		     a->res.origin == FILE_ORIGIN_LOCAL ? a->local_obj : NULL);
+}
+
+static void module_file_args_free(struct module_file_args *a)
+{
+	Py_XDECREF(a->uds);
+	Py_XDECREF(a->local);
+	Py_XDECREF(a->guest);
 }
 
 PyDoc_STRVAR(put_file_doc,
@@ -869,44 +894,6 @@ PyDoc_STRVAR(put_file_doc,
 "(FileNotFoundError for a missing folder, IsADirectoryError, ...; filename =\n"
 "guest_path), ProtocolError, or OSError for the connection as exec() does.");
 
-static PyObject *module_put_file(PyObject *module, PyObject *args)
-{
-	PyObject *uds = NULL, *local_obj, *guest_obj, *local = NULL, *guest = NULL, *result = NULL;
-	unsigned int port, mode;
-	int timeout_ms, fd = -1, rc, err = 0;
-	struct file_result res;
-
-	memset(&res, 0, sizeof(res));
-	if (!PyArg_ParseTuple(args, "O&IOOIi:put_file", PyUnicode_FSConverter, &uds, &port, &local_obj, &guest_obj,
-			      &mode, &timeout_ms))
-		return NULL;
-	if (!PyUnicode_FSConverter(local_obj, &local) || !module_conv_cstr(guest_obj, &guest))
-		goto cleanup;
-	Py_BEGIN_ALLOW_THREADS
-	fd = open(PyBytes_AS_STRING(local), O_RDONLY | O_CLOEXEC | O_NOCTTY);
-	err = fd < 0 ? errno : 0;
-	Py_END_ALLOW_THREADS
-	if (fd < 0) {
-		errno = err;
-		PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, local_obj);
-		goto cleanup;
-	}
-	Py_BEGIN_ALLOW_THREADS
-	rc = file_put(PyBytes_AS_STRING(uds), port, fd, PyBytes_AS_STRING(guest), mode, timeout_ms,
-		      module_exec_interrupted, NULL, &res);
-	close(fd);
-	Py_END_ALLOW_THREADS
-	if (rc == 0)
-		result = PyLong_FromUnsignedLongLong(res.size);
-	else
-		module_file_raise(module, rc, &res, guest_obj, local_obj);
-cleanup:
-	Py_XDECREF(uds);
-	Py_XDECREF(local);
-	Py_XDECREF(guest);
-	return result;
-}
-
 PyDoc_STRVAR(get_file_doc,
 "get_file(uds_path, port, guest_path, local_path, timeout_ms) -> (size, mode)\n\n"
 "Copy the regular guest file guest_path (absolute) to local_path (created or\n"
@@ -917,48 +904,55 @@ PyDoc_STRVAR(get_file_doc,
 "filename = guest_path for the guest's errors, OSError with filename =\n"
 "local_path for the local file's.");
 
+/* put_file() and get_file(): parse, open the local file, move it with the GIL released, map the result. */
+static PyObject *module_transfer(PyObject *module, PyObject *args, bool get)
+{
+	struct module_file_args a = { .fd = -1 };
+	PyObject *result = NULL;
+	unsigned int port, mode = 0;
+	int timeout_ms, rc;
+
+	if (get ? !PyArg_ParseTuple(args, "O&IOOi:get_file", PyUnicode_FSConverter, &a.uds, &port, &a.guest_obj,
+				    &a.local_obj, &timeout_ms)
+		: !PyArg_ParseTuple(args, "O&IOOIi:put_file", PyUnicode_FSConverter, &a.uds, &port, &a.local_obj,
+				    &a.guest_obj, &mode, &timeout_ms))
+		return NULL;
+	if (module_file_open(&a, get ? O_WRONLY | O_CREAT | O_TRUNC : O_RDONLY) < 0)
+		goto cleanup;
+	Py_BEGIN_ALLOW_THREADS
+	if (get)
+		rc = file_get(PyBytes_AS_STRING(a.uds), port, PyBytes_AS_STRING(a.guest), a.fd, timeout_ms,
+			      module_interrupted, NULL, &a.res);
+	else
+		rc = file_put(PyBytes_AS_STRING(a.uds), port, a.fd, PyBytes_AS_STRING(a.guest), mode, timeout_ms,
+			      module_interrupted, NULL, &a.res);
+	if (close(a.fd) < 0 && rc == 0 && get) {
+		rc = -errno;
+		a.res.origin = FILE_ORIGIN_LOCAL;
+		snprintf(a.res.error, sizeof(a.res.error), "close: %s", strerror(errno));
+	}
+	if (rc != 0 && get)
+		unlink(PyBytes_AS_STRING(a.local));
+	Py_END_ALLOW_THREADS
+	if (rc != 0)
+		module_file_raise(module, rc, &a);
+	else if (get)
+		result = Py_BuildValue("(KI)", (unsigned long long)a.res.size, (unsigned int)a.res.mode);
+	else
+		result = PyLong_FromUnsignedLongLong(a.res.size);
+cleanup:
+	module_file_args_free(&a);
+	return result;
+}
+
+static PyObject *module_put_file(PyObject *module, PyObject *args)
+{
+	return module_transfer(module, args, false);
+}
+
 static PyObject *module_get_file(PyObject *module, PyObject *args)
 {
-	PyObject *uds = NULL, *local_obj, *guest_obj, *local = NULL, *guest = NULL, *result = NULL;
-	unsigned int port;
-	int timeout_ms, fd = -1, rc, err = 0;
-	struct file_result res;
-
-	memset(&res, 0, sizeof(res));
-	if (!PyArg_ParseTuple(args, "O&IOOi:get_file", PyUnicode_FSConverter, &uds, &port, &guest_obj, &local_obj,
-			      &timeout_ms))
-		return NULL;
-	if (!module_conv_cstr(guest_obj, &guest) || !PyUnicode_FSConverter(local_obj, &local))
-		goto cleanup;
-	Py_BEGIN_ALLOW_THREADS
-	fd = open(PyBytes_AS_STRING(local), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOCTTY, 0600);
-	err = fd < 0 ? errno : 0;
-	Py_END_ALLOW_THREADS
-	if (fd < 0) {
-		errno = err;
-		PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, local_obj);
-		goto cleanup;
-	}
-	Py_BEGIN_ALLOW_THREADS
-	rc = file_get(PyBytes_AS_STRING(uds), port, PyBytes_AS_STRING(guest), fd, timeout_ms, module_exec_interrupted,
-		      NULL, &res);
-	if (close(fd) < 0 && rc == 0) {
-		rc = -errno;
-		res.origin = FILE_ORIGIN_LOCAL;
-		snprintf(res.error, sizeof(res.error), "close: %s", strerror(errno));
-	}
-	if (rc != 0)
-		unlink(PyBytes_AS_STRING(local));
-	Py_END_ALLOW_THREADS
-	if (rc == 0)
-		result = Py_BuildValue("(KI)", (unsigned long long)res.size, (unsigned int)res.mode);
-	else
-		module_file_raise(module, rc, &res, guest_obj, local_obj);
-cleanup:
-	Py_XDECREF(uds);
-	Py_XDECREF(local);
-	Py_XDECREF(guest);
-	return result;
+	return module_transfer(module, args, true);
 }
 
 /* ---- kvm_info --------------------------------------------------------- */
@@ -1040,13 +1034,15 @@ static PyMethodDef module_methods[] = {
 static int module_exec_slot(PyObject *module)
 {
 	module_state *st = module_get_state(module);
+	PyObject *errors = PyImport_ImportModule("smolvm.errors");
 
-	st->protocol_error = PyErr_NewExceptionWithDoc(
-		"smolvm._smolvm.ProtocolError",
-		"The guest agent sent a malformed frame or an ERROR frame; args[0] is its message.",
-		PyExc_RuntimeError, NULL);
+	if (errors == NULL)
+		return -1;
+	st->protocol_error = PyObject_GetAttrString(errors, "ProtocolError");
+	Py_DECREF(errors);
 	if (st->protocol_error == NULL)
 		return -1;
+	/* the same class under its old name, for nat.ProtocolError */
 	if (PyModule_AddObjectRef(module, "ProtocolError", st->protocol_error) < 0)
 		return -1;
 	st->exec_stream_type = PyType_FromModuleAndSpec(module, &module_stream_spec, NULL);
@@ -1056,6 +1052,7 @@ static int module_exec_slot(PyObject *module)
 		return -1;
 	if (PyModule_AddIntConstant(module, "STDOUT", SMOLVM_STDOUT) < 0 ||
 	    PyModule_AddIntConstant(module, "STDERR", SMOLVM_STDERR) < 0 ||
+	    PyModule_AddIntConstant(module, "ERRC_REQUEST", SMOLVM_ERRC_REQUEST) < 0 ||
 	    PyModule_AddIntConstant(module, "ERRC_CWD", SMOLVM_ERRC_CWD) < 0)
 		return -1;
 	if (PyModule_AddIntConstant(module, "AGENT_PORT", SMOLVM_AGENT_PORT) < 0)

@@ -1,54 +1,19 @@
-/* Host-only test of guest/agent/agent.c (run with --unix) against csrc/client/exec_client.c: output, exit codes, timeouts, bad frames. */
-#define _GNU_SOURCE
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <pthread.h>
-#include <signal.h>
-#include <spawn.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/time.h>
-#include <sys/un.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
+/* Host-only test of guest/agent/agent.c (run with --unix) against csrc/client/exec_client.c and setup_client.c: output, exit codes, timeouts, SETUP, bad frames. */
+#include "agent_test.h"
 
-#include "exec_client.h"
-#include "proto.h"
+#include <dirent.h>
+#include <pthread.h>
+#include <spawn.h>
+#include <sys/stat.h>
+
+#include "setup_client.h"
 
 extern char **environ;
-
-static int test_failures;
-static char test_dir[64];
-static char test_sock[128];
-static pid_t test_agent = -1;
-
-#define CHECK(cond, fmt, ...)                                                                                   \
-	do {                                                                                                        \
-		if (!(cond)) {                                                                                      \
-			test_failures++;                                                                            \
-			fprintf(stderr, "FAIL %s:%d: %s: " fmt "\n", __func__, __LINE__, #cond, ##__VA_ARGS__); \
-		}                                                                                                   \
-	} while (0)
-
-static double test_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static int test_run(const char *cmd, const char *cwd, const char *const *env, uint32_t n_env, uint32_t timeout_ms,
 		    struct exec_output *o)
 {
-	struct exec_request r = { cmd, cwd, env, n_env, timeout_ms, NULL, false, NULL, 0 };
+	struct exec_request r = { .command = cmd, .cwd = cwd, .env = env, .n_env = n_env, .timeout_ms = timeout_ms };
 
 	return exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 60000, NULL, NULL, o);
 }
@@ -71,38 +36,7 @@ static bool test_gone(pid_t target, double secs)
 	return false;
 }
 
-/* ---- raw protocol client, for what exec_client never sends ---- */
-
-static int test_raw_connect(uint32_t port)
-{
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct timeval tv = { 20, 0 };
-	char line[64];
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	size_t n = 0;
-
-	strcpy(sa.sun_path, test_sock);
-	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-		goto fail;
-	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-	int len = snprintf(line, sizeof(line), "CONNECT %u\n", port);
-	if (send(fd, line, (size_t)len, MSG_NOSIGNAL) != len)
-		goto fail;
-	while (n < sizeof(line) - 1) {
-		if (read(fd, line + n, 1) != 1)
-			return fd; /* refused: the caller sees EOF */
-		if (line[n++] == '\n')
-			break;
-	}
-	line[n] = 0;
-	if (strncmp(line, "OK ", 3) != 0)
-		goto fail;
-	return fd;
-fail:
-	if (fd >= 0)
-		close(fd);
-	return -1;
-}
+/* ---- raw frames, for what exec_client never sends ---- */
 
 static void test_raw_frame(int fd, uint32_t magic, uint16_t type, uint32_t len, const void *payload, size_t plen)
 {
@@ -112,43 +46,6 @@ static void test_raw_frame(int fd, uint32_t magic, uint16_t type, uint32_t len, 
 	if (plen && r == (ssize_t)sizeof(h))
 		r = send(fd, payload, plen, MSG_NOSIGNAL);
 	(void)r;
-}
-
-static bool test_read_full(int fd, void *buf, size_t len)
-{
-	uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = read(fd, p, len);
-		if (n <= 0)
-			return false;
-		p += n;
-		len -= (size_t)n;
-	}
-	return true;
-}
-
-/* Read one frame; payload malloc'd (NUL-terminated). Returns false at EOF or on error. */
-static bool test_raw_read(int fd, struct smolvm_frame *h, uint8_t **payload)
-{
-	*payload = NULL;
-	if (!test_read_full(fd, h, sizeof(*h)) || h->magic != SMOLVM_PROTO_MAGIC || h->len > SMOLVM_MAX_PAYLOAD)
-		return false;
-	*payload = calloc(1, h->len + 1);
-	return *payload && test_read_full(fd, *payload, h->len);
-}
-
-/* An ERROR frame's message (after struct smolvm_error) and its errno; "" when the frame is not a valid ERROR. */
-static const char *test_error_msg(const struct smolvm_frame *h, const uint8_t *payload, int *err)
-{
-	struct smolvm_error e;
-
-	*err = -1;
-	if (!payload || h->type != SMOLVM_ERROR || h->len < sizeof(e))
-		return "";
-	memcpy(&e, payload, sizeof(e));
-	*err = e.err;
-	return (const char *)payload + sizeof(e);
 }
 
 /* Payload of an EXEC frame built by hand. */
@@ -339,7 +236,7 @@ static void test_stdin(void)
 {
 	size_t len = (1u << 20) + 17;
 	uint8_t *data = malloc(len);
-	struct exec_request r = { "cat", NULL, NULL, 0, 0, NULL, true, NULL, 0 };
+	struct exec_request r = { .command = "cat", .has_input = true };
 	struct exec_output o;
 	uint32_t x = 99;
 	int ret;
@@ -452,8 +349,6 @@ static void test_bad_frames(void)
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		int fd = test_raw_connect(SMOLVM_AGENT_PORT);
-		struct smolvm_frame h;
-		uint8_t *msg = NULL;
 		size_t plen;
 
 		CHECK(fd >= 0, "%s: connect", cases[i].name);
@@ -464,12 +359,9 @@ static void test_bad_frames(void)
 			plen = cases[i].len < (int64_t)plen ? (size_t)cases[i].len : 0;
 		test_raw_frame(fd, cases[i].magic, cases[i].type, cases[i].len >= 0 ? (uint32_t)cases[i].len : (uint32_t)plen,
 			       payload, plen);
-		bool got = test_raw_read(fd, &h, &msg);
-		int err;
-		const char *text = test_error_msg(&h, msg, &err);
-		CHECK(got && h.type == SMOLVM_ERROR && err == 0 && strstr(text, cases[i].want),
-		      "%s: got %d type %u err %d \"%s\"", cases[i].name, got, got ? h.type : 0, err, text);
-		free(msg);
+		const char *text;
+		int err = test_raw_error(fd, &text);
+		CHECK(err == 0 && strstr(text, cases[i].want), "%s: err %d \"%s\"", cases[i].name, err, text);
 		/* closed: EOF, or ECONNRESET when the agent closed with our bytes unread */
 		char c;
 		ssize_t n = read(fd, &c, 1);
@@ -483,35 +375,38 @@ static void test_bad_frames(void)
 	CHECK(fd >= 0 && read(fd, &c, 1) == 0, "wrong port not refused");
 	if (fd >= 0)
 		close(fd);
-	struct exec_request r = { "true", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
+	struct exec_request r = { .command = "true" };
 	struct exec_output o;
 	int ret = exec_run(test_sock, 99, &r, 10000, NULL, NULL, &o);
 	CHECK(ret == -ECONNREFUSED, "wrong port: ret %d %s", ret, o.error);
 	exec_output_free(&o);
 }
 
+static int test_setup_run(const struct setup_request *su, struct agent_error *guest, char *error, size_t size)
+{
+	return setup_run(test_sock, SMOLVM_AGENT_PORT, su, 10000, NULL, NULL, error, size, guest);
+}
+
 /* SETUP: accepted (and, in --unix mode, not applied); malformed ones get ERROR. */
 static void test_setup(void)
 {
 	static const uint8_t entropy[32] = { 1, 2, 3 };
-	struct exec_setup su = { 1700000000000000000ull, entropy, sizeof(entropy), "vm-test", 0, NULL, 0 };
-	struct exec_request r = { NULL, NULL, NULL, 0, 0, &su, false, NULL, 0 };
-	struct exec_output o;
-	int ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+	struct setup_request su = { .wall_ns = 1700000000000000000ull, .entropy = entropy,
+				    .entropy_len = sizeof(entropy), .hostname = "vm-test" };
+	struct agent_error g;
+	char e[256];
+	int ret = test_setup_run(&su, &g, e, sizeof(e));
 
-	CHECK(ret == 0 && o.exit_code == 0, "setup: ret %d exit %d %s", ret, o.exit_code, o.error);
-	exec_output_free(&o);
+	CHECK(ret == 0 && !g.set, "setup: ret %d %s", ret, e);
 
 	/* SMOLVM_SETUP_ROOT is accepted and ignored in --unix mode; unknown flags are refused */
 	su.flags = SMOLVM_SETUP_ROOT;
-	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
-	CHECK(ret == 0 && o.exit_code == 0, "setup root: ret %d exit %d %s", ret, o.exit_code, o.error);
-	exec_output_free(&o);
+	ret = test_setup_run(&su, &g, e, sizeof(e));
+	CHECK(ret == 0, "setup root: ret %d %s", ret, e);
 	su.flags = 0x80;
-	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
-	CHECK(ret == -EPROTO && o.guest_err == EINVAL && strstr(o.error, "unknown flags 0x80"),
-	      "setup flags 0x80: ret %d err %d %s", ret, o.guest_err, o.error);
-	exec_output_free(&o);
+	ret = test_setup_run(&su, &g, e, sizeof(e));
+	CHECK(ret == -EPROTO && g.set && g.err == EINVAL && g.code == SMOLVM_ERRC_REQUEST && strstr(e, "unknown flags 0x80"),
+	      "setup flags 0x80: ret %d err %d %s", ret, g.err, e);
 	su.flags = 0;
 
 	/* SMOLVM_SETUP_NET: its data is checked (and not applied in --unix mode) */
@@ -544,46 +439,40 @@ static void test_setup(void)
 		su.flags = SMOLVM_SETUP_NET;
 		su.extra = (const uint8_t *)&net;
 		su.extra_len = nets[i].extra_len;
-		ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+		ret = test_setup_run(&su, &g, e, sizeof(e));
 		if (nets[i].ok)
-			CHECK(ret == 0 && o.exit_code == 0, "setup net %s: ret %d %s", nets[i].what, ret, o.error);
+			CHECK(ret == 0, "setup net %s: ret %d %s", nets[i].what, ret, e);
 		else
-			CHECK(ret == -EPROTO && o.guest_err == EINVAL && strstr(o.error, "network part"),
-			      "setup net %s: ret %d err %d %s", nets[i].what, ret, o.guest_err, o.error);
-		exec_output_free(&o);
+			CHECK(ret == -EPROTO && g.err == EINVAL && strstr(e, "network part"), "setup net %s: ret %d err %d %s",
+			      nets[i].what, ret, g.err, e);
 	}
 	/* a NUL inside the hosts text */
 	net.n.prefix = 24;
 	net.n.hosts_len = 14;
 	net.hosts[3] = 0;
 	su.extra_len = sizeof(net.n) + 14;
-	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
-	CHECK(ret == -EPROTO && o.guest_err == EINVAL, "setup net NUL in hosts: ret %d %s", ret, o.error);
-	exec_output_free(&o);
+	ret = test_setup_run(&su, &g, e, sizeof(e));
+	CHECK(ret == -EPROTO && g.err == EINVAL, "setup net NUL in hosts: ret %d %s", ret, e);
 	su.flags = 0;
 	su.extra = NULL;
 	su.extra_len = 0;
 
 	su.entropy_len = SMOLVM_SETUP_MAX_ENTROPY + 1;
-	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
+	ret = test_setup_run(&su, &g, e, sizeof(e));
 	CHECK(ret == -EINVAL, "oversized entropy: ret %d", ret);
-	exec_output_free(&o);
 
 	/* entropy_len says 16 but the payload holds only the header */
 	struct smolvm_setup bad = { 0, 16, 0, 0, 0 };
 	int fd = test_raw_connect(SMOLVM_AGENT_PORT);
-	struct smolvm_frame h;
-	uint8_t *msg = NULL;
+	const char *text;
+	int err;
 
 	CHECK(fd >= 0, "setup: connect");
 	if (fd < 0)
 		return;
 	test_raw_frame(fd, SMOLVM_PROTO_MAGIC, SMOLVM_SETUP, sizeof(bad), &bad, sizeof(bad));
-	bool got = test_raw_read(fd, &h, &msg);
-	int err;
-	const char *text = test_error_msg(&h, msg, &err);
-	CHECK(got && err == 0 && strstr(text, "bad SETUP frame"), "bad setup: err %d \"%s\"", err, text);
-	free(msg);
+	err = test_raw_error(fd, &text);
+	CHECK(err == 0 && strstr(text, "bad SETUP frame"), "bad setup: err %d \"%s\"", err, text);
 	close(fd);
 }
 
@@ -664,7 +553,7 @@ static int test_interrupt_cb(void *opaque)
 
 static void test_host_side_limits(void)
 {
-	struct exec_request r = { "sleep 5", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
+	struct exec_request r = { .command = "sleep 5" };
 	struct exec_output o;
 	double t0 = test_now();
 	int calls = 0, ret;
@@ -746,8 +635,6 @@ static void test_no_zombies(void)
 static int test_start_agent(const char *agent)
 {
 	char *argv[] = { (char *)agent, "--unix", test_sock, NULL };
-	struct exec_output o;
-	double end;
 	int ret;
 
 	setenv("SMOLVM_TEST_LEAK", "1", 1);
@@ -757,25 +644,20 @@ static int test_start_agent(const char *agent)
 		fprintf(stderr, "cannot start %s: %s\n", agent, strerror(ret));
 		return -1;
 	}
-	end = test_now() + 20;
-	do {
-		ret = test_run("true", NULL, NULL, 0, 0, &o);
-		exec_output_free(&o);
-		if (ret != -ENOENT && ret != -ECONNREFUSED)
-			break;
-		usleep(20000);
-	} while (test_now() < end);
-	if (ret != 0)
-		fprintf(stderr, "agent not answering on %s: %d %s\n", test_sock, ret, o.error);
-	return ret;
+	return agent_test_wait_ready();
+}
+
+static void test_cleanup(void)
+{
+	char path[160];
+
+	snprintf(path, sizeof(path), "%s/blob", test_dir);
+	unlink(path);
 }
 
 int main(int argc, char **argv)
 {
-	static const struct {
-		const char *name;
-		void (*fn)(void);
-	} tests[] = {
+	static const struct agent_test tests[] = {
 		{ "streams", test_streams },
 		{ "exit_codes", test_exit_codes },
 		{ "big_output", test_big_output },
@@ -793,44 +675,6 @@ int main(int argc, char **argv)
 		{ "host_side_limits", test_host_side_limits },
 		{ "no_zombies", test_no_zombies },
 	};
-	int status, rc = 1;
 
-	if (argc < 2) {
-		fprintf(stderr, "usage: %s AGENT [TEST...]\n", argv[0]);
-		return 2;
-	}
-	signal(SIGPIPE, SIG_IGN);
-	snprintf(test_dir, sizeof(test_dir), "/tmp/smolvm-exec-XXXXXX");
-	if (!mkdtemp(test_dir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	snprintf(test_sock, sizeof(test_sock), "%s/vsock.sock", test_dir);
-	if (test_start_agent(argv[1]) < 0)
-		goto out;
-	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
-		bool wanted = argc == 2;
-		for (int j = 2; j < argc; j++)
-			wanted |= strcmp(argv[j], tests[i].name) == 0;
-		if (!wanted)
-			continue;
-		int before = test_failures;
-		double t0 = test_now();
-		tests[i].fn();
-		printf("%s %s (%.2f s)\n", test_failures == before ? "ok" : "FAILED", tests[i].name, test_now() - t0);
-		fflush(stdout);
-	}
-	rc = test_failures ? 1 : 0;
-out:
-	if (test_agent > 0) {
-		kill(test_agent, SIGTERM);
-		waitpid(test_agent, &status, 0);
-	}
-	char path[160];
-	snprintf(path, sizeof(path), "%s/blob", test_dir);
-	unlink(path);
-	unlink(test_sock);
-	rmdir(test_dir);
-	printf("%d failure(s)\n", test_failures);
-	return rc;
+	return agent_test_main(argc, argv, "exec", tests, sizeof(tests) / sizeof(tests[0]), test_start_agent, test_cleanup);
 }

@@ -1,54 +1,19 @@
 /* Host-only test of the agent's PUT/GET (guest/agent/agent.c with --unix, so "guest" paths are host paths) against csrc/client/file_client.c. */
-#define _GNU_SOURCE
+#include "agent_test.h"
+
 #include <dirent.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <signal.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/time.h>
-#include <sys/un.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "exec_client.h"
 #include "file_client.h"
-#include "proto.h"
 
 extern char **environ;
 
 #define TEST_BIG (8u << 20)
 #define TEST_FSIZE_LIMIT (24u << 20) /* RLIMIT_FSIZE of the agent: a bigger PUT fails with EFBIG */
-
-static int test_failures;
-static char test_dir[64];
-static char test_sock[128];
-static pid_t test_agent = -1;
-
-#define CHECK(cond, fmt, ...)                                                                                   \
-	do {                                                                                                        \
-		if (!(cond)) {                                                                                      \
-			test_failures++;                                                                            \
-			fprintf(stderr, "FAIL %s:%d: %s: " fmt "\n", __func__, __LINE__, #cond, ##__VA_ARGS__); \
-		}                                                                                                   \
-	} while (0)
-
-static double test_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* test_dir/name into buf. */
 static const char *test_path(char *buf, size_t cap, const char *name)
@@ -165,36 +130,6 @@ static int test_get(const char *guest, const char *local, struct file_result *re
 
 /* ---- raw protocol client, for what file_client never sends ---- */
 
-static int test_raw_connect(void)
-{
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct timeval tv = { 20, 0 };
-	char line[64];
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	size_t n = 0;
-
-	strcpy(sa.sun_path, test_sock);
-	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-		goto fail;
-	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-	int len = snprintf(line, sizeof(line), "CONNECT %u\n", SMOLVM_AGENT_PORT);
-	if (send(fd, line, (size_t)len, MSG_NOSIGNAL) != len)
-		goto fail;
-	while (n < sizeof(line) - 1) {
-		if (read(fd, line + n, 1) != 1)
-			goto fail;
-		if (line[n++] == '\n')
-			break;
-	}
-	if (strncmp(line, "OK ", 3) != 0)
-		goto fail;
-	return fd;
-fail:
-	if (fd >= 0)
-		close(fd);
-	return -1;
-}
-
 /* One frame (payload a then b) in one send: the agent may answer ERROR and close after reading the header. */
 static bool test_raw_send(int fd, uint16_t type, const void *a, size_t alen, const void *b, size_t blen)
 {
@@ -210,43 +145,6 @@ static bool test_raw_send(int fd, uint16_t type, const void *a, size_t alen, con
 	if (blen)
 		memcpy(buf + sizeof(h) + alen, b, blen);
 	return send(fd, buf, len, MSG_NOSIGNAL) == (ssize_t)len;
-}
-
-static bool test_read_full(int fd, void *buf, size_t len)
-{
-	uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = read(fd, p, len);
-		if (n <= 0)
-			return false;
-		p += n;
-		len -= (size_t)n;
-	}
-	return true;
-}
-
-/* One frame; payload malloc'd and NUL-terminated. */
-static bool test_raw_read(int fd, struct smolvm_frame *h, uint8_t **payload)
-{
-	*payload = NULL;
-	if (!test_read_full(fd, h, sizeof(*h)) || h->magic != SMOLVM_PROTO_MAGIC || h->len > SMOLVM_MAX_PAYLOAD)
-		return false;
-	*payload = calloc(1, h->len + 1);
-	return *payload && test_read_full(fd, *payload, h->len);
-}
-
-/* The errno of an ERROR frame (-1: not one) and its message. */
-static int test_error_of(const struct smolvm_frame *h, const uint8_t *payload, const char **msg)
-{
-	struct smolvm_error e;
-
-	*msg = "";
-	if (h->type != SMOLVM_ERROR || h->len < sizeof(e))
-		return -1;
-	memcpy(&e, payload, sizeof(e));
-	*msg = (const char *)payload + sizeof(e);
-	return e.err;
 }
 
 /* ---- tests ---- */
@@ -422,7 +320,7 @@ static void test_concurrent(void)
 {
 	pthread_t th[3];
 	struct test_xfer t[3];
-	struct exec_request r = { "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
+	struct exec_request r = { .command = "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done" };
 	struct exec_output o;
 	int ret;
 
@@ -446,7 +344,7 @@ static void test_cut_put(void)
 	struct smolvm_put put = { 1u << 20, 0644, 0 };
 	struct smolvm_frame h;
 	uint8_t *msg = NULL;
-	int fd = test_raw_connect();
+	int fd = test_raw_connect(SMOLVM_AGENT_PORT);
 
 	CHECK(fd >= 0, "connect");
 	if (fd < 0)
@@ -467,62 +365,49 @@ static void test_cut_put(void)
 /* Malformed PUT/GET frames get ERROR with err 0 (a protocol error) and leave nothing behind. */
 static void test_bad_frames(void)
 {
+	static const struct {
+		const char *name;
+		uint16_t type;      /* SMOLVM_PUT or SMOLVM_GET */
+		uint32_t put_flags;
+		int path;           /* 1: the path and its NUL, 0: without the NUL, -1: no payload at all */
+		uint16_t then;      /* a frame sent after READY, or 0 */
+		const char *data;   /* its payload (NULL: the path and its NUL) */
+		size_t data_len;
+		int err;
+		const char *want;
+	} cases[] = {
+		{ "unterminated path", SMOLVM_PUT, 0, 0, 0, NULL, 0, 0, "NUL-terminated" },
+		{ "oversized DATA", SMOLVM_PUT, 0, 1, SMOLVM_DATA, "0123456789ab", 12, 0, "only 10 announced" },
+		{ "GET inside PUT", SMOLVM_PUT, 0, 1, SMOLVM_GET, NULL, 0, 0, "bad frame during PUT" },
+		{ "PUT flags", SMOLVM_PUT, 1, 1, 0, NULL, 0, EINVAL, "flags" },
+		{ "empty GET", SMOLVM_GET, 0, -1, 0, NULL, 0, 0, "bad GET frame" },
+	};
 	char guest[160];
-	struct smolvm_put put = { 10, 0644, 0 };
-	struct smolvm_frame h;
-	uint8_t *msg = NULL;
-	const char *text = "";
-	int fd, err;
 
 	test_path(guest, sizeof(guest), "bad");
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct smolvm_put put = { 10, 0644, cases[i].put_flags };
+		size_t plen = cases[i].path < 0 ? 0 : strlen(guest) + (size_t)cases[i].path;
+		bool is_put = cases[i].type == SMOLVM_PUT && cases[i].path >= 0;
+		struct smolvm_frame h;
+		uint8_t *msg = NULL;
+		const char *text;
+		int fd = test_raw_connect(SMOLVM_AGENT_PORT), err;
 
-	/* path without its NUL */
-	fd = test_raw_connect();
-	CHECK(fd >= 0 && test_raw_send(fd, SMOLVM_PUT, &put, sizeof(put), guest, strlen(guest)), "send");
-	err = test_raw_read(fd, &h, &msg) ? test_error_of(&h, msg, &text) : -2;
-	CHECK(err == 0 && strstr(text, "NUL-terminated"), "unterminated path: err %d %s", err, text);
-	free(msg);
-	close(fd);
-
-	/* DATA beyond the announced size */
-	fd = test_raw_connect();
-	CHECK(fd >= 0 && test_raw_send(fd, SMOLVM_PUT, &put, sizeof(put), guest, strlen(guest) + 1), "send");
-	CHECK(test_raw_read(fd, &h, &msg) && h.type == SMOLVM_READY, "READY");
-	free(msg);
-	CHECK(test_raw_send(fd, SMOLVM_DATA, "0123456789ab", 12, NULL, 0), "send DATA");
-	err = test_raw_read(fd, &h, &msg) ? test_error_of(&h, msg, &text) : -2;
-	CHECK(err == 0 && strstr(text, "only 10 announced"), "oversized DATA: err %d %s", err, text);
-	free(msg);
-	close(fd);
-
-	/* another frame type in the middle of a PUT */
-	fd = test_raw_connect();
-	CHECK(fd >= 0 && test_raw_send(fd, SMOLVM_PUT, &put, sizeof(put), guest, strlen(guest) + 1), "send");
-	CHECK(test_raw_read(fd, &h, &msg) && h.type == SMOLVM_READY, "READY");
-	free(msg);
-	CHECK(test_raw_send(fd, SMOLVM_GET, guest, strlen(guest) + 1, NULL, 0), "send GET");
-	err = test_raw_read(fd, &h, &msg) ? test_error_of(&h, msg, &text) : -2;
-	CHECK(err == 0 && strstr(text, "bad frame during PUT"), "GET inside PUT: err %d %s", err, text);
-	free(msg);
-	close(fd);
-
-	/* PUT flags must be 0 */
-	put.flags = 1;
-	fd = test_raw_connect();
-	CHECK(fd >= 0 && test_raw_send(fd, SMOLVM_PUT, &put, sizeof(put), guest, strlen(guest) + 1), "send");
-	err = test_raw_read(fd, &h, &msg) ? test_error_of(&h, msg, &text) : -2;
-	CHECK(err == EINVAL && strstr(text, "flags"), "PUT flags: err %d %s", err, text);
-	free(msg);
-	close(fd);
-
-	/* empty GET */
-	fd = test_raw_connect();
-	CHECK(fd >= 0 && test_raw_send(fd, SMOLVM_GET, NULL, 0, NULL, 0), "send");
-	err = test_raw_read(fd, &h, &msg) ? test_error_of(&h, msg, &text) : -2;
-	CHECK(err == 0 && strstr(text, "bad GET frame"), "empty GET: err %d %s", err, text);
-	free(msg);
-	close(fd);
-
+		CHECK(fd >= 0 && test_raw_send(fd, cases[i].type, &put, is_put ? sizeof(put) : 0, guest, plen), "%s: send",
+		      cases[i].name);
+		if (cases[i].then) {
+			CHECK(test_raw_read(fd, &h, &msg) && h.type == SMOLVM_READY, "%s: READY", cases[i].name);
+			free(msg);
+			CHECK(test_raw_send(fd, cases[i].then, cases[i].data ? cases[i].data : guest,
+					    cases[i].data ? cases[i].data_len : strlen(guest) + 1, NULL, 0),
+			      "%s: send", cases[i].name);
+		}
+		err = test_raw_error(fd, &text);
+		CHECK(err == cases[i].err && strstr(text, cases[i].want), "%s: err %d %s", cases[i].name, err, text);
+		if (fd >= 0)
+			close(fd);
+	}
 	CHECK(test_no_temps_within(test_dir, 5) && access(guest, F_OK) < 0, "bad frames left a file");
 }
 
@@ -546,7 +431,7 @@ static void test_get_shrinks(void)
 	CHECK(fd >= 0 && ftruncate(fd, 256u << 20) == 0, "make a 256 MiB sparse file");
 	if (fd >= 0)
 		close(fd);
-	fd = test_raw_connect();
+	fd = test_raw_connect(SMOLVM_AGENT_PORT);
 	CHECK(fd >= 0 && test_raw_send(fd, SMOLVM_GET, guest, strlen(guest) + 1, NULL, 0), "send GET");
 	CHECK(test_raw_read(fd, &h, &msg) && h.type == SMOLVM_READY && h.len == sizeof(info), "READY");
 	if (msg && h.len == sizeof(info)) {
@@ -578,10 +463,6 @@ static int test_start_agent(const char *agent)
 {
 	char *argv[] = { (char *)agent, "--unix", test_sock, NULL };
 	struct rlimit lim = { TEST_FSIZE_LIMIT, TEST_FSIZE_LIMIT };
-	struct exec_request r = { "true", NULL, NULL, 0, 0, NULL, false, NULL, 0 };
-	struct exec_output o;
-	double end;
-	int ret;
 
 	test_agent = fork();
 	if (test_agent < 0) {
@@ -598,25 +479,12 @@ static int test_start_agent(const char *agent)
 		fprintf(stderr, "cannot start %s: %s\n", agent, strerror(errno));
 		_exit(127);
 	}
-	end = test_now() + 20;
-	do {
-		ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, NULL, NULL, &o);
-		exec_output_free(&o);
-		if (ret != -ENOENT && ret != -ECONNREFUSED)
-			break;
-		usleep(20000);
-	} while (test_now() < end);
-	if (ret != 0)
-		fprintf(stderr, "agent not answering on %s: %d %s\n", test_sock, ret, o.error);
-	return ret;
+	return agent_test_wait_ready();
 }
 
 int main(int argc, char **argv)
 {
-	static const struct {
-		const char *name;
-		void (*fn)(void);
-	} tests[] = {
+	static const struct agent_test tests[] = {
 		{ "round_trips", test_round_trips },
 		{ "modes_and_overwrite", test_modes_and_overwrite },
 		{ "errors", test_errors },
@@ -626,42 +494,6 @@ int main(int argc, char **argv)
 		{ "bad_frames", test_bad_frames },
 		{ "get_shrinks", test_get_shrinks },
 	};
-	int status, rc = 1;
 
-	if (argc < 2) {
-		fprintf(stderr, "usage: %s AGENT [TEST...]\n", argv[0]);
-		return 2;
-	}
-	signal(SIGPIPE, SIG_IGN);
-	snprintf(test_dir, sizeof(test_dir), "/tmp/smolvm-files-XXXXXX");
-	if (!mkdtemp(test_dir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	snprintf(test_sock, sizeof(test_sock), "%s/vsock.sock", test_dir);
-	if (test_start_agent(argv[1]) < 0)
-		goto out;
-	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
-		bool wanted = argc == 2;
-		for (int j = 2; j < argc; j++)
-			wanted |= strcmp(argv[j], tests[i].name) == 0;
-		if (!wanted)
-			continue;
-		int before = test_failures;
-		double t0 = test_now();
-		tests[i].fn();
-		printf("%s %s (%.2f s)\n", test_failures == before ? "ok" : "FAILED", tests[i].name, test_now() - t0);
-		fflush(stdout);
-	}
-	rc = test_failures ? 1 : 0;
-out:
-	if (test_agent > 0) {
-		kill(test_agent, SIGTERM);
-		waitpid(test_agent, &status, 0);
-	}
-	unlink(test_sock);
-	if (rmdir(test_dir) < 0)
-		fprintf(stderr, "%s not empty after the tests\n", test_dir);
-	printf("%d failure(s)\n", test_failures);
-	return rc;
+	return agent_test_main(argc, argv, "files", tests, sizeof(tests) / sizeof(tests[0]), test_start_agent, NULL);
 }

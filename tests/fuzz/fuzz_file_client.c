@@ -1,6 +1,6 @@
 /*
  * libFuzzer harness: the host side of file transfers (csrc/client/file_client.c,
- * over exec_client.c's connection) facing a hostile agent. Input:
+ * over agent_conn.c) facing a hostile agent. Input:
  * [mode][local size] then everything the "agent" sends, starting with the
  * VMM's "OK <n>\n" line. mode & 1: GET, else PUT of a local file of
  * 0..765 bytes.

@@ -1,5 +1,5 @@
 /*
- * For the host-side agent-protocol harnesses (exec_client.c, file_client.c):
+ * For the host-side agent-protocol harnesses (csrc/client/: exec, setup, files):
  * a hostile "VMM + agent" on a Unix socket. A thread accepts each connection,
  * reads the "CONNECT <port>\n" line, answers with the fuzz input verbatim
  * (the "OK <n>\n" line is part of the input, so the handshake parser is
@@ -22,13 +22,14 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PEER_CHECK(cond)                                                                  \
-	do {                                                                              \
-		if (!(cond)) {                                                            \
-			fprintf(stderr, "fuzz harness: %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-			abort();                                                          \
-		}                                                                         \
-	} while (0)
+/* A harness invariant broke: say which and abort, so libFuzzer keeps the input. */
+static void peer_check_failed(const char *file, int line, const char *what)
+{
+	fprintf(stderr, "fuzz harness: %s:%d: %s\n", file, line, what);
+	abort();
+}
+
+#define PEER_CHECK(cond) ((cond) ? (void)0 : peer_check_failed(__FILE__, __LINE__, #cond))
 
 static char peer_path[108];
 static int peer_listen = -1;

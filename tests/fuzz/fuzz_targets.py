@@ -21,6 +21,8 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # an installed smolvm comes first; either says the same
 
 from smolvm import _binaries  # noqa: E402
+
+CLIENT = tuple(str(p.relative_to(ROOT)) for p in _binaries.library("_smolvm", ROOT))  # csrc/client/ but module.c
 CFLAGS = [
     "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer",
     "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
@@ -55,9 +57,8 @@ TARGETS = {
                        *FAKES), ("-luring",)),  # fmt: skip
         Target("vsock", ("tests/fuzz/fuzz_vsock.c", "csrc/vmm/virtio/queue.c", "csrc/vmm/virtio/mmio.c",
                          "csrc/vmm/virtio/vsock.c", *FAKES)),  # fmt: skip
-        Target("exec_client", ("tests/fuzz/fuzz_exec_client.c", "csrc/client/exec_client.c"), ("-luring", "-lpthread")),
-        Target("file_client", ("tests/fuzz/fuzz_file_client.c", "csrc/client/file_client.c", "csrc/client/exec_client.c"),
-               ("-luring", "-lpthread")),  # fmt: skip
+        Target("exec_client", ("tests/fuzz/fuzz_exec_client.c", *CLIENT), ("-luring", "-lpthread")),
+        Target("file_client", ("tests/fuzz/fuzz_file_client.c", *CLIENT), ("-luring", "-lpthread")),
         Target("agent", ("tests/fuzz/fuzz_agent.c",), max_len=8192),
         Target("serial", ("tests/fuzz/fuzz_serial.c", "csrc/vmm/serial.c", *FAKES), ("-lpthread",)),
     )
