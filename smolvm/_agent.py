@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import _stream, _validate, network
 from ._native import native
-from .errors import AgentError, VMStartError
+from .errors import AgentError, ProtocolError, VMStartError
 from .result import RunResult
 
 HOST_GRACE_MS = 30_000  # the host gives the agent this long past the command's own timeout
@@ -30,10 +30,9 @@ def agent_error(
     """The exception a failed agent request means: of an exec (req) or a transfer (what,
     e.g. "upload of a to vm:/b"). An ERROR frame proves the VM alive; only a transport
     failure calls probe(), which raises VMGoneError if the VMM has ended."""
-    nat = native()
-    if isinstance(e, nat.ProtocolError):
-        err = getattr(e, "guest_errno", 0)
-        if req is not None and getattr(e, "guest_code", 0) == nat.ERRC_CWD and err:
+    if isinstance(e, ProtocolError):
+        err = e.err
+        if req is not None and e.code == native().ERRC_CWD and err:
             kind = {errno.ENOENT: FileNotFoundError, errno.ENOTDIR: NotADirectoryError}.get(err, OSError)
             return kind(err, f"cwd is not a folder in the guest of {vm_id}", req.cwd)
         if req is None:
@@ -63,7 +62,7 @@ def setup(uds: Path, vm_id: str, root: bool, net: network.NetworkPolicy) -> None
             str(uds), nat.AGENT_PORT, time.time_ns(), secrets.token_bytes(SETUP_ENTROPY_BYTES),
             vm_id, SETUP_TIMEOUT_MS, flags | (network.SETUP_NET if extra else 0), extra,
         )  # fmt: skip
-    except (OSError, nat.ProtocolError) as e:
+    except _stream.AGENT_ERRORS as e:
         raise VMStartError(
             f"VM {vm_id}: the guest agent refused its setup: {e}", vm_id=vm_id
         ) from e
@@ -84,7 +83,7 @@ def run(req: _stream.ExecRequest, vm_id: str, probe: Probe) -> RunResult:
             req.uds, nat.AGENT_PORT, req.command, req.cwd, req.env, req.timeout_ms,
             req.host_timeout_ms,
         )  # fmt: skip
-    except (OSError, nat.ProtocolError) as e:
+    except _stream.AGENT_ERRORS as e:
         raise agent_error(e, vm_id, probe, req=req) from None
     return RunResult.from_bytes(code, out, err, req.elapsed(), timed_out=bool(timed_out), signal=sig)
 
@@ -108,7 +107,7 @@ def upload(
                     2, f"cannot make the guest folder: {made.stderr.strip()}", folder
                 ) from None
             return int(nat.put_file(str(uds), nat.AGENT_PORT, str(local), gpath, mode, t_ms))
-    except (OSError, nat.ProtocolError) as e:
+    except _stream.AGENT_ERRORS as e:
         mapped = agent_error(e, vm_id, probe, what=f"upload of {local} to {vm_id}:{gpath}")
         if mapped is e:
             raise
@@ -123,7 +122,7 @@ def download(uds: Path, vm_id: str, probe: Probe, gpath: str, local: Path, t_ms:
         _size, mode = nat.get_file(str(uds), nat.AGENT_PORT, gpath, str(tmp), t_ms)
         os.chmod(tmp, mode & 0o777)
         os.replace(tmp, local)
-    except (OSError, nat.ProtocolError) as e:
+    except _stream.AGENT_ERRORS as e:
         mapped = agent_error(e, vm_id, probe, what=f"download of {vm_id}:{gpath}")
         if mapped is e:
             raise

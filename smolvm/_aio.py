@@ -56,10 +56,7 @@ async def run(
     try:
         fd = s.fileno()
         while True:
-            try:
-                got = s.pump(0)
-            except (OSError, nat.ProtocolError) as e:
-                raise vm._exec_failed(e, req) from None
+            got = _stream.pump(vm, s, req, 0)
             for kind, chunk in got:
                 cb = on_stdout if kind == nat.STDOUT else on_stderr
                 if cb is not None:

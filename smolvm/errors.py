@@ -60,16 +60,6 @@ class ProtocolError(SmolVMError):
         self.err = err
         self.code = code
 
-    @property
-    def guest_errno(self) -> int:
-        """Old name of `err`."""
-        return self.err
-
-    @property
-    def guest_code(self) -> int:
-        """Old name of `code`."""
-        return self.code
-
 
 class VMNotFoundError(SmolVMError, LookupError):
     """No VM with that id on this machine (deleted, never existed, or its VMM is gone)."""

@@ -65,12 +65,15 @@ def test_close_kills_the_command(nat: ModuleType, agent_sock: str, tmp_path: obj
 
 
 def test_cwd_error_carries_its_code(nat: ModuleType, agent_sock: str) -> None:
+    from smolvm.errors import ProtocolError, SmolVMError
+
+    assert nat.ProtocolError is ProtocolError and issubclass(ProtocolError, SmolVMError)
     with pytest.raises(nat.ProtocolError) as info:
         s = nat.exec_start(agent_sock, nat.AGENT_PORT, "pwd", "/nonexistent-smolvm", [], 0, 10_000)
         _drive(s)
-    assert info.value.guest_code == nat.ERRC_CWD and info.value.guest_errno == 2
+    assert info.value.code == nat.ERRC_CWD and info.value.err == 2
     with pytest.raises(nat.ProtocolError) as info:
         nat.exec(agent_sock, nat.AGENT_PORT, "pwd", "/nonexistent-smolvm", [], 0, 10_000)
-    assert info.value.guest_code == nat.ERRC_CWD
+    assert info.value.code == nat.ERRC_CWD
     with pytest.raises(TypeError):
         nat.exec_start(agent_sock, nat.AGENT_PORT, "cat", "", [], 0, 10_000, input="text")
