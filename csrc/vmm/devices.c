@@ -18,9 +18,16 @@
 #include "virtio/vsock.h"
 #include "vm.h"
 
-/* Hand d to the table; if it is full, free the device here. */
-static int devices_put(struct dev_table *t, const struct vmm_dev *d, char *err, size_t errlen)
+/* Hand d, its device opaque and (virtio devices) its window to the table; if it is full, free the device here. */
+static int devices_put(struct dev_table *t, struct vmm_dev *d, void *opaque, const struct virtio_mmio_window *win,
+		       char *err, size_t errlen)
 {
+	d->opaque = opaque;
+	if (win) {
+		d->base = win->base;
+		d->gsi = win->gsi;
+		d->index = win->index;
+	}
 	if (!dev_add(t, d))
 		return 0;
 	if (d->free)
@@ -52,29 +59,29 @@ int devices_add_legacy(struct dev_table *t, struct vm *vm, int console_fd, char 
 		.name = "serial", .bus = DEV_BUS_PIO, .base = SERIAL_PORT,
 		.save = devices_serial_save, .restore = devices_serial_restore, .free = devices_serial_free,
 	};
+	struct serial *s = serial_new(vm, console_fd);
 	int ret;
 
-	d.opaque = serial_new(vm, console_fd);
-	if (!d.opaque) {
+	if (!s) {
 		snprintf(err, errlen, "out of memory");
 		return -ENOMEM;
 	}
-	ret = vm_add_pio(vm, SERIAL_PORT, SERIAL_NR_PORTS, serial_pio, d.opaque);
+	ret = vm_add_pio(vm, SERIAL_PORT, SERIAL_NR_PORTS, serial_pio, s);
 	if (ret) {
-		serial_free(d.opaque);
+		serial_free(s);
 		snprintf(err, errlen, "serial port: %s", strerror(-ret));
 		return ret;
 	}
-	ret = devices_put(t, &d, err, errlen);
+	ret = devices_put(t, &d, s, NULL, err, errlen);
 	if (ret)
 		return ret;
-	d = (struct vmm_dev){ .name = "i8042", .bus = DEV_BUS_PIO, .base = I8042_PORT, .opaque = vm };
+	d = (struct vmm_dev){ .name = "i8042", .bus = DEV_BUS_PIO, .base = I8042_PORT };
 	ret = i8042_add(vm);
 	if (ret) {
 		snprintf(err, errlen, "i8042 port: %s", strerror(-ret));
 		return ret;
 	}
-	return devices_put(t, &d, err, errlen);
+	return devices_put(t, &d, vm, NULL, err, errlen);
 }
 
 static void devices_vsock_save(void *v, struct snap_writer *w, uint32_t index)
@@ -128,11 +135,7 @@ int devices_add_vsock(struct dev_table *t, struct vm *vm, struct vsock_config *c
 		return ret;
 	}
 	snprintf(d.label, sizeof(d.label), "vsock device");
-	d.base = win.base;
-	d.gsi = win.gsi;
-	d.index = win.index;
-	d.opaque = v;
-	ret = devices_put(t, &d, err, errlen);
+	ret = devices_put(t, &d, v, &win, err, errlen);
 	if (!ret)
 		*out = v;
 	return ret;
@@ -180,11 +183,7 @@ int devices_add_disk(struct dev_table *t, struct vm *vm, int nr, char *spec, cha
 		return ret;
 	}
 	snprintf(d.label, sizeof(d.label), "disk %d (%.120s)", nr, spec);
-	d.base = win.base;
-	d.gsi = win.gsi;
-	d.index = win.index;
-	d.opaque = b;
-	return devices_put(t, &d, err, errlen);
+	return devices_put(t, &d, b, &win, err, errlen);
 }
 
 /* The NIC and the backend process behind it. */
@@ -255,11 +254,7 @@ int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv,
 		goto out;
 	}
 	snprintf(d.label, sizeof(d.label), "network device");
-	d.base = win.base;
-	d.gsi = win.gsi;
-	d.index = win.index;
-	d.opaque = dn;
-	return devices_put(t, &d, err, errlen);
+	return devices_put(t, &d, dn, &win, err, errlen);
 out:
 	passt_stop(dn->passt);
 	free(dn);
