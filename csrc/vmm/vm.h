@@ -85,7 +85,8 @@ int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len,
 
 /*
  * Add a port range handled in user space. Accesses of 1, 2 or 4 bytes inside it go to
- * access(opaque, port - base, ...); ports nobody claims read as 0xff. Returns 0 or -errno.
+ * access(opaque, port - base, ...); ports nobody claims read as 0xff (0x61, port B, as 0).
+ * Setup thread, before the vCPUs run (they read the table without a lock). Returns 0 or -errno.
  */
 int vm_add_pio(struct vm *vm, uint16_t base, uint16_t len,
 	       void (*access)(void *, uint16_t, uint8_t *, uint32_t, bool), void *opaque);
