@@ -53,12 +53,16 @@ static void devices_serial_free(void *s)
 	serial_free(s);
 }
 
+static const struct vmm_dev devices_serial = {
+	.name = "serial", .bus = DEV_BUS_PIO, .base = SERIAL_PORT,
+	.save = devices_serial_save, .restore = devices_serial_restore, .free = devices_serial_free,
+};
+
+static const struct vmm_dev devices_i8042 = { .name = "i8042", .bus = DEV_BUS_PIO, .base = I8042_PORT };
+
 int devices_add_legacy(struct dev_table *t, struct vm *vm, int console_fd, char *err, size_t errlen)
 {
-	struct vmm_dev d = {
-		.name = "serial", .bus = DEV_BUS_PIO, .base = SERIAL_PORT,
-		.save = devices_serial_save, .restore = devices_serial_restore, .free = devices_serial_free,
-	};
+	struct vmm_dev d = devices_serial;
 	struct serial *s = serial_new(vm, console_fd);
 	int ret;
 
@@ -75,7 +79,7 @@ int devices_add_legacy(struct dev_table *t, struct vm *vm, int console_fd, char 
 	ret = devices_put(t, &d, s, NULL, err, errlen);
 	if (ret)
 		return ret;
-	d = (struct vmm_dev){ .name = "i8042", .bus = DEV_BUS_PIO, .base = I8042_PORT };
+	d = devices_i8042;
 	ret = i8042_add(vm);
 	if (ret) {
 		snprintf(err, errlen, "i8042 port: %s", strerror(-ret));
@@ -110,13 +114,15 @@ static void devices_vsock_free(void *v)
 	vsock_free(v);
 }
 
+static const struct vmm_dev devices_vsock = {
+	.name = "vsock", .label = "vsock device", .bus = DEV_BUS_VIRTIO_MMIO, .save = devices_vsock_save,
+	.restore = devices_vsock_restore, .reset = devices_vsock_reset, .free = devices_vsock_free,
+};
+
 int devices_add_vsock(struct dev_table *t, struct vm *vm, struct vsock_config *cfg, struct vsock **out,
 		      char *err, size_t errlen)
 {
-	struct vmm_dev d = {
-		.name = "vsock", .bus = DEV_BUS_VIRTIO_MMIO, .save = devices_vsock_save,
-		.restore = devices_vsock_restore, .reset = devices_vsock_reset, .free = devices_vsock_free,
-	};
+	struct vmm_dev d = devices_vsock;
 	struct virtio_mmio_window win;
 	struct vsock *v = NULL;
 	int ret;
@@ -134,7 +140,6 @@ int devices_add_vsock(struct dev_table *t, struct vm *vm, struct vsock_config *c
 		snprintf(err, errlen, "vsock device on %s: %s", cfg->uds_path, strerror(-ret));
 		return ret;
 	}
-	snprintf(d.label, sizeof(d.label), "vsock device");
 	ret = devices_put(t, &d, v, &win, err, errlen);
 	if (!ret)
 		*out = v;
@@ -156,14 +161,16 @@ static void devices_blk_free(void *b)
 	blk_free(b);
 }
 
+static const struct vmm_dev devices_blk = {
+	.name = "blk", .bus = DEV_BUS_VIRTIO_MMIO, .save = devices_blk_save, .restore = devices_blk_restore,
+	.free = devices_blk_free,
+};
+
 int devices_add_disk(struct dev_table *t, struct vm *vm, int nr, char *spec, char *err, size_t errlen)
 {
 	char *comma = strrchr(spec, ',');
 	struct blk_config bc = { .path = spec, .read_only = false, .serial = NULL };
-	struct vmm_dev d = {
-		.name = "blk", .bus = DEV_BUS_VIRTIO_MMIO, .save = devices_blk_save,
-		.restore = devices_blk_restore, .free = devices_blk_free,
-	};
+	struct vmm_dev d = devices_blk;
 	struct virtio_mmio_window win;
 	struct blk *b = NULL;
 	int ret;
@@ -215,15 +222,17 @@ static void devices_net_free(void *opaque)
 	free(dn);
 }
 
+static const struct vmm_dev devices_net = {
+	.name = "net", .label = "network device", .bus = DEV_BUS_VIRTIO_MMIO, .save = devices_net_save,
+	.restore = devices_net_restore, .free = devices_net_free,
+};
+
 int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, char *err,
 		    size_t errlen)
 {
 	static const uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
 	struct net_config nc = { .backend_fd = -1 };
-	struct vmm_dev d = {
-		.name = "net", .bus = DEV_BUS_VIRTIO_MMIO, .save = devices_net_save,
-		.restore = devices_net_restore, .free = devices_net_free,
-	};
+	struct vmm_dev d = devices_net;
 	struct virtio_mmio_window win;
 	struct devices_net *dn = NULL;
 	int ret;
@@ -253,7 +262,6 @@ int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv,
 		snprintf(err, errlen, "network device: %s", strerror(-ret));
 		goto out;
 	}
-	snprintf(d.label, sizeof(d.label), "network device");
 	return devices_put(t, &d, dn, &win, err, errlen);
 out:
 	passt_stop(dn->passt);
