@@ -7,12 +7,13 @@ import json
 import os
 import re
 import shutil
-import struct
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import _binaries
+from ._native import vmm_path
 from ._paths import data_dir, home
 from .build._cache import digest
 from .errors import SnapshotError
@@ -21,14 +22,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 META = "meta.json"
 STATE = "state.bin"
 MEMORY = "memory.bin"
-
-# state.bin starts with csrc/vmm/snapshot.c's struct snap_header (little-endian, 64 bytes):
-# magic, version, header_size, payload_len, checksum (FNV-1a 64 of the payload), mem_size,
-# nr_vcpus, 5 reserved u32.
-STATE_HEADER = struct.Struct("<8sIIQQQI20x")
-STATE_MAGIC = b"SMOLSNAP"
-STATE_VERSION = 1
-STATE_MAX = 64 << 20  # SNAP_MAX_STATE
+INSPECT_TIMEOUT_S = 60  # reading and checksumming at most 64 MiB of state
 
 
 @dataclass
@@ -124,51 +118,42 @@ def read_meta(path: Path) -> dict[str, object]:
         raise SnapshotError(f"{path / META} is corrupt: {e}") from None
 
 
-def _fnv1a64(data: bytes | memoryview) -> int:
-    h = 0xCBF29CE484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
+def inspect(path: Path) -> dict[str, object]:
+    """What the VMM makes of the snapshot folder at path, without restoring it.
+
+    The VMM is the one reader of its snapshot format: `smolvm-vmm --inspect` runs the checks
+    its restore runs (csrc/vmm/snapshot.c, snapshot_open) and prints csrc/vmm/inspect.h's JSON:
+    "problem" (None, or why it cannot be restored), "version", and for a whole snapshot
+    "mem_size", "vcpus" and "devices". It needs no /dev/kvm, so it runs here in every profile.
+    """
+    argv = [str(vmm_path()), "--inspect", str(path)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=INSPECT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SnapshotError(f"cannot check the snapshot at {path}: {argv[0]} --inspect: {e}") from None
+    try:
+        out = json.loads(done.stdout.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        out = None
+    if done.returncode != 0 or not isinstance(out, dict):
+        err = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+        raise SnapshotError(
+            f"cannot check the snapshot at {path}: {argv[0]} --inspect failed ({err}); "
+            "reinstall smolvm (`pip install .`)"
+        )
+    return out
 
 
 def problem(path: Path) -> str | None:
     """Why the snapshot folder at path cannot be restored, or None if its files look whole.
 
-    Checks what the VMM checks before it restores (csrc/vmm/snapshot.c): state.bin's magic,
-    version, length and checksum, and that memory.bin is exactly the guest's memory size.
+    meta.json is this package's; state.bin (magic, version, length, checksum) and memory.bin
+    (exactly the guest's memory size) are checked by the VMM itself, see inspect().
     """
-    state, memory = path / STATE, path / MEMORY
-    for f in (path / META, state, memory):
-        if not f.is_file():
-            return f"{f.name} is missing (incomplete snapshot)"
-    try:
-        size = state.stat().st_size
-        if size < STATE_HEADER.size:
-            return f"{state} is truncated ({size} bytes, shorter than its {STATE_HEADER.size}-byte header)"
-        if size > STATE_MAX:
-            return f"{state} is {size} bytes, more than any smolvm snapshot state: not a smolvm snapshot"
-        data = state.read_bytes()
-        mem_size = memory.stat().st_size
-    except OSError as e:
-        return f"cannot read it: {e}"
-    magic, version, header_size, payload_len, checksum, want_mem, vcpus = STATE_HEADER.unpack_from(data)
-    if magic != STATE_MAGIC:
-        return f"{state} is not a smolvm snapshot state (bad magic {magic!r})"
-    if version != STATE_VERSION or header_size != STATE_HEADER.size:
-        return f"{state} has snapshot format version {version}; this smolvm reads {STATE_VERSION}"
-    payload = memoryview(data)[STATE_HEADER.size :]
-    if len(payload) < payload_len:
-        return f"{state} is truncated ({len(payload)} of {payload_len} payload bytes)"
-    if len(payload) > payload_len:
-        return f"{state} has {len(payload) - payload_len} stray bytes after its payload (corrupt)"
-    if _fnv1a64(payload) != checksum:
-        return f"{state} fails its checksum (corrupt)"
-    if mem_size != want_mem:
-        what = "truncated" if mem_size < want_mem else "too long"
-        return f"{memory} is {what}: {mem_size} bytes, the guest has {want_mem}"
-    if vcpus == 0:
-        return f"{state} describes a VM without vCPUs (corrupt)"
-    return None
+    if not (path / META).is_file():
+        return f"{META} is missing (incomplete snapshot)"
+    why = inspect(path).get("problem")
+    return None if why is None else str(why)
 
 
 def check(path: Path, what: str, fix: str) -> None:

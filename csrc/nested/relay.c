@@ -19,6 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemonize.h"
+
 /*
  * Python starts this exactly as it would start smolvm-vmm (same argv after "--", the owner's
  * control socket on the fd that --ctl-fd names, fd 2 the VMM's stderr file). The relay starts
@@ -211,7 +213,7 @@ static void __attribute__((noreturn)) relay_exit(struct relay *r, int st, const 
 }
 
 /* argv for the host VM: sockets moved under run_dir, --daemonize dropped (the relay does it). */
-static int relay_argv(struct relay *r, char **argv, int argc, char *blob, size_t cap, int *daemonize)
+static int relay_argv(struct relay *r, char **argv, int argc, char *blob, size_t cap, int *want_daemon)
 {
 	size_t len = 0;
 	char stderr_path[4096] = "";
@@ -248,7 +250,7 @@ static int relay_argv(struct relay *r, char **argv, int argc, char *blob, size_t
 		const char *a = argv[i];
 
 		if (strcmp(a, "--daemonize") == 0) {
-			*daemonize = 1;
+			*want_daemon = 1;
 			continue;
 		}
 		if (i > 0 && strcmp(argv[i - 1], "--ctl-fd") == 0) {
@@ -297,7 +299,7 @@ int main(int argc, char **argv)
 	struct relay r = { .endpoint = NULL, .conn = -1, .owner = -1, .ctl_fd = -1 };
 	const char *token_file = NULL;
 	char why[512];
-	int c, len, daemonize = 0, conn, owner_open, ret;
+	int c, len, want_daemon = 0, conn, owner_open, ret;
 	struct timespec ts;
 
 	while ((c = getopt_long(argc, argv, "+", opts, NULL)) != -1) {
@@ -317,22 +319,15 @@ int main(int argc, char **argv)
 	clock_gettime(CLOCK_REALTIME, &ts);
 	snprintf(r.run_dir, sizeof(r.run_dir), "/run/smolvm-%d-%lx", (int)getpid(),
 		 (unsigned long)(ts.tv_nsec ^ ts.tv_sec));
-	len = relay_argv(&r, argv + optind, argc - optind, blob, sizeof(blob), &daemonize);
+	len = relay_argv(&r, argv + optind, argc - optind, blob, sizeof(blob), &want_daemon);
 	if (len < 0) {
 		fprintf(stderr, "smolvm-vmm-relay: arguments too long\n");
 		return 2;
 	}
 	owner_open = r.owner >= 0;
 	signal(SIGPIPE, SIG_IGN);
-	if (daemonize) { /* as smolvm-vmm does: the spawner reaps us at once, init adopts the relay */
-		pid_t pid = fork();
-
-		if (pid < 0)
-			return 1;
-		if (pid > 0)
-			_exit(0);
-		setsid();
-	}
+	if (want_daemon && daemonize() < 0) /* as smolvm-vmm does */
+		return 1;
 	struct sigaction sa = { .sa_handler = relay_on_signal };
 
 	sigaction(SIGTERM, &sa, NULL);

@@ -124,6 +124,17 @@ int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len,
 	return 0;
 }
 
+int vm_add_pio(struct vm *vm, uint16_t base, uint16_t len,
+	       void (*access)(void *, uint16_t, uint8_t *, uint32_t, bool), void *opaque)
+{
+	if (vm->nr_pio >= VM_MAX_PIO_DEVS)
+		return -ENOSPC;
+	if (!len || (uint32_t)base + len > 0x10000u)
+		return -EINVAL;
+	vm->pio[vm->nr_pio++] = (struct vm_pio_dev){ base, len, access, opaque };
+	return 0;
+}
+
 int vm_irq_line(struct vm *vm, uint32_t gsi, int level)
 {
 	struct kvm_irq_level irq = { .irq = gsi, .level = (uint32_t)level };

@@ -14,36 +14,29 @@
 #include <unistd.h>
 
 #include "boot.h"
+#include "daemonize.h"
 #include "ctl.h"
+#include "dev.h"
+#include "devices.h"
 #include "evloop.h"
+#include "inspect.h"
 #include "kvm.h"
 #include "mptable.h"
 #include "passt.h"
 #include "portfwd.h"
+#include "virtio/vsock.h"
 #include "proto.h"
-#include "serial.h"
 #include "snapshot.h"
 #include "vcpu.h"
-#include "virtio/blk.h"
-#include "virtio/mmio.h"
-#include "virtio/net.h"
-#include "virtio/vsock.h"
 #include "vm.h"
 
-#define VMM_VSOCK_BASE 0xd0000000ull
-#define VMM_VSOCK_GSI 5
 #define VMM_GUEST_CID 3
 #define VMM_MAX_DISKS 4
-#define VMM_BLK_BASE 0xd0001000ull /* disk i at VMM_BLK_BASE + i * 0x1000, GSI 6 + i */
-#define VMM_BLK_GSI 6
-#define VMM_NET_BASE 0xd0005000ull /* after the disks */
-#define VMM_NET_GSI 10
-#define VMM_NET_SLOT (1 + VMM_MAX_DISKS) /* snapshot section index */
 #define VMM_MEM_MIN_MIB 64ul    /* guest memory range: smolvm/_validate.py MEMORY_MIN_MIB..MEMORY_MAX_MIB */
 #define VMM_MEM_MAX_MIB 65536ul
 
 struct vmm_args {
-	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen;
+	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen, *inspect;
 	int daemonize, xstate_port;
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
@@ -56,11 +49,9 @@ struct vmm_args {
 struct vmm {
 	struct vm vm;
 	struct vmm_args a;
-	struct vsock *vsock;
+	struct dev_table devs; /* every device: save, restore and teardown walk it */
+	struct vsock *vsock;   /* in devs; the port forwards and the ready signal use it */
 	struct portfwd *fwd;
-	struct blk *blk[VMM_MAX_DISKS];
-	struct net *net;
-	pid_t passt_pid;
 	int sig_fd;
 	int paused; /* paused by a PAUSE command */
 	struct ctl *ctl;
@@ -79,7 +70,8 @@ static void vmm_usage(void)
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
-			"[--net-passt PASST [--net-passt ARG]...]\n");
+			"[--net-passt PASST [--net-passt ARG]...]\n"
+			"       smolvm-vmm --inspect SNAPSHOT_DIR_OR_FILE   (its checks and header as JSON; no KVM)\n");
 }
 
 /* A whole decimal number in [lo, hi] (no sign, no trailing characters) into *out; -EINVAL with a message otherwise. */
@@ -115,6 +107,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "xstate-port", no_argument, NULL, 'x' },
 		{ "disk", required_argument, NULL, 'b' },
 		{ "net-passt", required_argument, NULL, 'p' },
+		{ "inspect", required_argument, NULL, 'I' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -149,6 +142,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 				return -E2BIG;
 			a->disks[a->nr_disks++] = optarg;
 			break;
+		case 'I': a->inspect = optarg; break;
 		case 'p':
 			if (a->nr_passt >= PASST_MAX_ARGS)
 				return -E2BIG;
@@ -157,6 +151,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		default: return -EINVAL;
 		}
 	}
+	if (a->inspect)
+		return optind == argc ? 0 : -EINVAL;
 	if ((!a->kernel && !a->restore) || !a->vsock_uds)
 		return -EINVAL;
 	return 0;
@@ -190,12 +186,7 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 			return ret;
 		}
 	}
-	serial_save(v->vm.serial, &devs);
-	vsock_save(v->vsock, &devs);
-	for (int i = 0; i < v->a.nr_disks; i++)
-		blk_save(v->blk[i], &devs, 1 + (uint32_t)i);
-	if (v->net)
-		net_save(v->net, &devs, VMM_NET_SLOT);
+	dev_save_all(&v->devs, &devs);
 	ret = snapshot_save(&v->vm, dir, &devs, err, errlen);
 	free(devs.buf);
 	if (!v->paused)
@@ -306,90 +297,41 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	ret = evloop_new(&vm->loop);
 	if (ret)
 		VMM_FAIL(ret, "io_uring setup: %s", strerror(-ret));
-	vm->serial = serial_new(vm, vm->console_fd);
-	if (!vm->serial)
-		VMM_FAIL(-ENOMEM, "out of memory");
+	ret = devices_add_legacy(&v->devs, vm, vm->console_fd, vm->exit_msg, sizeof(vm->exit_msg));
+	if (ret)
+		goto out;
 	{
 		struct vsock_config vc = {
-			.base = VMM_VSOCK_BASE, .gsi = VMM_VSOCK_GSI, .guest_cid = VMM_GUEST_CID,
-			.uds_path = v->a.vsock_uds, .on_ready = vmm_on_ready, .opaque = v,
+			.guest_cid = VMM_GUEST_CID, .uds_path = v->a.vsock_uds, .on_ready = vmm_on_ready,
+			.opaque = v,
 		};
 
-		ret = vsock_new(vm, &vc, &v->vsock);
+		ret = devices_add_vsock(&v->devs, vm, &vc, &v->vsock, vm->exit_msg, sizeof(vm->exit_msg));
 		if (ret)
-			VMM_FAIL(ret, "vsock device on %s: %s", v->a.vsock_uds, strerror(-ret));
+			goto out;
 	}
 	ret = portfwd_new(vm->loop, v->vsock, &v->fwd);
 	if (ret)
 		VMM_FAIL(ret, "port forwards: %s", strerror(-ret));
 	for (int i = 0; i < v->a.nr_disks; i++) {
-		char *path = v->a.disks[i], *comma = strrchr(path, ',');
-		struct blk_config bc = {
-			.base = VMM_BLK_BASE + (uint64_t)i * 0x1000, .gsi = VMM_BLK_GSI + (uint32_t)i,
-			.path = path, .read_only = false, .serial = NULL,
-		};
-
-		if (comma && !strcmp(comma, ",ro")) {
-			*comma = 0;
-			bc.read_only = true;
-		}
-		ret = blk_new(vm, &bc, &v->blk[i]);
+		ret = devices_add_disk(&v->devs, vm, i, v->a.disks[i], vm->exit_msg, sizeof(vm->exit_msg));
 		if (ret)
-			VMM_FAIL(ret, "disk %s: %s", path, strerror(-ret));
+			goto out;
 	}
 	if (v->a.nr_passt) {
-		static const uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
-		struct net_config nc = { .base = VMM_NET_BASE, .gsi = VMM_NET_GSI, .backend_fd = -1 };
-
-		memcpy(nc.mac, mac, sizeof(mac));
-		ret = passt_start(v->a.passt, v->a.nr_passt, &nc.backend_fd, &v->passt_pid);
+		ret = devices_add_net(&v->devs, vm, v->a.passt, v->a.nr_passt, vm->exit_msg,
+				      sizeof(vm->exit_msg));
 		if (ret)
-			VMM_FAIL(ret, "network backend %s: %s", v->a.passt[0], strerror(-ret));
-		ret = net_new(vm, &nc, &v->net);
-		if (ret) {
-			close(nc.backend_fd);
-			VMM_FAIL(ret, "network device: %s", strerror(-ret));
-		}
+			goto out;
 	}
 	if (v->a.restore) {
-		if (serial_restore(vm->serial, &snap) || vsock_restore(v->vsock, &snap))
-			VMM_FAIL(-EINVAL, "snapshot %s: device state missing or invalid", v->a.restore);
-		for (int i = 0; i < v->a.nr_disks; i++)
-			if (blk_restore(v->blk[i], &snap, 1 + (uint32_t)i))
-				VMM_FAIL(-EINVAL, "snapshot %s: disk %d state missing or does not match %s",
-					 v->a.restore, i, v->a.disks[i]);
-		if (v->net && net_restore(v->net, &snap, VMM_NET_SLOT))
-			VMM_FAIL(-EINVAL, "snapshot %s: it has no network device (taken with networking off)",
-				 v->a.restore);
+		ret = dev_restore_all(&v->devs, &snap, v->a.restore, vm->exit_msg, sizeof(vm->exit_msg));
+		if (ret)
+			goto out;
 	} else {
-		size_t n = (size_t)snprintf(cmdline, cmdline_len, "%s ", v->a.cmdline);
-		int w;
-
-		if (n >= cmdline_len ||
-		    (w = virtio_mmio_cmdline(cmdline + n, cmdline_len - n, VMM_VSOCK_BASE,
-					     VMM_VSOCK_GSI)) < 0)
+		if ((size_t)snprintf(cmdline, cmdline_len, "%s", v->a.cmdline) >= cmdline_len ||
+		    dev_cmdline(&v->devs, cmdline, cmdline_len))
 			VMM_FAIL(-E2BIG, "kernel command line too long");
-		n += (size_t)w;
-		for (int i = 0; i < v->a.nr_disks; i++) {
-			if (n + 1 >= cmdline_len)
-				VMM_FAIL(-E2BIG, "kernel command line too long");
-			cmdline[n++] = ' ';
-			w = virtio_mmio_cmdline(cmdline + n, cmdline_len - n,
-						VMM_BLK_BASE + (uint64_t)i * 0x1000,
-						VMM_BLK_GSI + (uint32_t)i);
-			if (w < 0)
-				VMM_FAIL(-E2BIG, "kernel command line too long");
-			n += (size_t)w;
-		}
-		if (v->net) {
-			if (n + 1 >= cmdline_len)
-				VMM_FAIL(-E2BIG, "kernel command line too long");
-			cmdline[n++] = ' ';
-			w = virtio_mmio_cmdline(cmdline + n, cmdline_len - n, VMM_NET_BASE, VMM_NET_GSI);
-			if (w < 0)
-				VMM_FAIL(-E2BIG, "kernel command line too long");
-			n += (size_t)w;
-		}
 		ret = boot_load(vm, v->a.kernel, v->a.initrd, cmdline, &bi, vm->exit_msg,
 				sizeof(vm->exit_msg));
 		if (ret)
@@ -433,15 +375,11 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			VMM_FAIL(ret, "vCPU thread: %s", strerror(-ret));
 	}
 	if (v->a.restore) {
-		/*
-		 * Host ends of connections open at snapshot time are gone: the event
-		 * queue's transport reset makes the guest drop its ends (listening
-		 * sockets stay). Then the agent, listening at snapshot time, is ready.
-		 */
-		ret = vsock_reset_transport(v->vsock);
-		if (ret && ret != -ENOBUFS)
-			VMM_FAIL(ret, "vsock transport reset after restore: %s", strerror(-ret));
-		ret = 0;
+		/* Host-side state the snapshot could not carry is dropped (the vsock device's
+		 * connections); then the agent, listening at snapshot time, is ready. */
+		ret = dev_reset_all(&v->devs, vm->exit_msg, sizeof(vm->exit_msg));
+		if (ret)
+			goto out;
 		vmm_log(v, "t_restore_us", (vmm_now_ns() - vm->t_start_ns) / 1000);
 		vmm_on_ready(v);
 	}
@@ -471,22 +409,15 @@ int main(int argc, char **argv)
 
 	v.vm.t_start_ns = vmm_now_ns();
 	v.sig_fd = -1;
-	v.passt_pid = -1;
 	signal(SIGPIPE, SIG_IGN);
 	if (vmm_parse(argc, argv, &v.a)) {
 		vmm_usage();
 		return 2;
 	}
-	if (v.a.daemonize) {
-		/* Leave the spawner at once: it reaps us, init adopts the VMM. */
-		pid_t pid = fork();
-
-		if (pid < 0)
-			return 1;
-		if (pid > 0)
-			_exit(0);
-		setsid();
-	}
+	if (v.a.inspect)
+		return inspect_snapshot(v.a.inspect, stdout) ? 1 : 0;
+	if (v.a.daemonize && daemonize() < 0)
+		return 1;
 	if (v.a.ctl_fd >= 0)
 		dprintf(v.a.ctl_fd, "PID %d\n", (int)getpid());
 	if (vcpu_signals_init() < 0)
@@ -523,12 +454,8 @@ int main(int argc, char **argv)
 	v.vm.nr_vcpus = 0;
 	ctl_free(v.ctl);
 	portfwd_free(v.fwd);
-	vsock_free(v.vsock);
-	for (int i = 0; i < v.a.nr_disks; i++)
-		blk_free(v.blk[i]);
-	net_free(v.net);
-	passt_stop(v.passt_pid);
-	serial_free(v.vm.serial);
+	dev_free_all(&v.devs);
+	v.vsock = NULL;
 	kvm_vm_destroy(&v.vm);
 	evloop_free(v.vm.loop);
 	if (v.sig_fd >= 0)

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "snapshot.h"
@@ -192,6 +193,14 @@ void serial_io(struct serial *s, uint16_t off, uint8_t *data, bool is_write)
 		serial_read(s, off, data);
 	serial_update_irq(s);
 	pthread_mutex_unlock(&s->lock);
+}
+
+void serial_pio(void *s, uint16_t off, uint8_t *data, uint32_t size, bool is_write)
+{
+	if (size == 1)
+		serial_io(s, off, data, is_write);
+	else if (!is_write)
+		memset(data, 0xff, size);
 }
 
 struct serial_snap {

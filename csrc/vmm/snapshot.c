@@ -378,27 +378,71 @@ out:
 	return ret;
 }
 
+/* Python's repr of a bytes value, as the magic appears in messages: b'SMOLSNAP'. */
+static void snap_repr(const uint8_t *p, size_t n, char *out, size_t size)
+{
+	char q = memchr(p, '\'', n) && !memchr(p, '"', n) ? '"' : '\''; /* Python's choice of quote */
+	size_t o = 0;
+
+	o += (size_t)snprintf(out, size, "b%c", q);
+	for (size_t i = 0; i < n && o < size; i++) {
+		uint8_t c = p[i];
+
+		if (c == '\\' || c == q)
+			o += (size_t)snprintf(out + o, size - o, "\\%c", c);
+		else if (c == '\t' || c == '\n' || c == '\r')
+			o += (size_t)snprintf(out + o, size - o, "\\%c", c == '\t' ? 't' : c == '\n' ? 'n' : 'r');
+		else if (c >= 0x20 && c < 0x7f)
+			o += (size_t)snprintf(out + o, size - o, "%c", c);
+		else
+			o += (size_t)snprintf(out + o, size - o, "\\x%02x", c);
+	}
+	if (o < size)
+		snprintf(out + o, size - o, "%c", q);
+}
+
+/* A missing file is an incomplete snapshot (named as the file alone); other errors cannot be read. */
+static int snap_stat(const char *dir, const char *name, struct stat *st, char *err, size_t errlen)
+{
+	char path[4096];
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	if (stat(path, st) == 0)
+		return S_ISREG(st->st_mode) ? 0 : snap_err(err, errlen, -ENOENT, "%s is missing (incomplete snapshot)", name);
+	if (errno == ENOENT || errno == ENOTDIR)
+		return snap_err(err, errlen, -ENOENT, "%s is missing (incomplete snapshot)", name);
+	return snap_err(err, errlen, -errno, "cannot read it: %s: %s", path, strerror(errno));
+}
+
 int snapshot_open(const char *dir, struct snap_reader *r, struct snap_vm_info *info, char *err,
 		  size_t errlen)
 {
-	char path[4096];
+	char path[4096], magic[48];
 	struct snap_header h;
-	struct stat st;
+	struct stat st, mst;
 	const struct snap_vm_info *vi;
 	uint32_t len;
 	int fd = -1, ret = 0;
-	size_t got = 0;
+	size_t got = 0, payload;
 
 	r->buf = NULL;
 	r->len = 0;
+	ret = snap_stat(dir, SNAP_STATE_FILE, &st, err, errlen);
+	if (!ret)
+		ret = snap_stat(dir, SNAP_MEMORY_FILE, &mst, err, errlen);
+	if (ret)
+		return ret;
 	snprintf(path, sizeof(path), "%s/%s", dir, SNAP_STATE_FILE);
+	if (st.st_size < (off_t)sizeof(h))
+		return snap_err(err, errlen, -EINVAL, "%s is truncated (%lld bytes, shorter than its %zu-byte header)",
+				path, (long long)st.st_size, sizeof(h));
+	if (st.st_size > SNAP_MAX_STATE)
+		return snap_err(err, errlen, -EINVAL,
+				"%s is %lld bytes, more than any smolvm snapshot state: not a smolvm snapshot", path,
+				(long long)st.st_size);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
-		return snap_err(err, errlen, -errno, "snapshot state %s: %s", path, strerror(errno));
-	if (fstat(fd, &st) < 0 || st.st_size < (off_t)sizeof(h) || st.st_size > SNAP_MAX_STATE) {
-		ret = snap_err(err, errlen, -EINVAL, "snapshot state %s: bad size (truncated?)", path);
-		goto out;
-	}
+		return snap_err(err, errlen, -errno, "cannot read it: %s: %s", path, strerror(errno));
 	r->buf = malloc((size_t)st.st_size);
 	if (!r->buf) {
 		ret = -ENOMEM;
@@ -410,48 +454,55 @@ int snapshot_open(const char *dir, struct snap_reader *r, struct snap_vm_info *i
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
-			ret = snap_err(err, errlen, -EIO, "read %s failed", path);
+			ret = snap_err(err, errlen, -EIO, "cannot read it: %s: %s", path,
+				       n < 0 ? strerror(errno) : "file shrank while read");
 			goto out;
 		}
 		got += (size_t)n;
 	}
 	r->len = got;
+	payload = got - sizeof(h);
 	memcpy(&h, r->buf, sizeof(h));
 	if (memcmp(h.magic, SNAP_MAGIC, 8)) {
-		ret = snap_err(err, errlen, -EINVAL, "%s is not a smolvm snapshot", path);
+		snap_repr((const uint8_t *)h.magic, sizeof(h.magic), magic, sizeof(magic));
+		ret = snap_err(err, errlen, -EINVAL, "%s is not a smolvm snapshot state (bad magic %s)", path, magic);
 		goto out;
 	}
 	if (h.version != SNAP_VERSION || h.header_size != sizeof(h)) {
-		ret = snap_err(err, errlen, -EINVAL,
-			       "%s: snapshot format version %u, this smolvm reads %u: rebuild it",
-			       path, h.version, SNAP_VERSION);
+		ret = snap_err(err, errlen, -EINVAL, "%s has snapshot format version %u; this smolvm reads %u", path,
+			       h.version, SNAP_VERSION);
 		goto out;
 	}
-	if (h.payload_len != r->len - sizeof(h)) {
-		ret = snap_err(err, errlen, -EINVAL, "%s: truncated snapshot state", path);
+	if (payload < h.payload_len) {
+		ret = snap_err(err, errlen, -EINVAL, "%s is truncated (%zu of %llu payload bytes)", path, payload,
+			       (unsigned long long)h.payload_len);
 		goto out;
 	}
-	if (snap_fnv(r->buf + sizeof(h), r->len - sizeof(h)) != h.checksum) {
-		ret = snap_err(err, errlen, -EINVAL, "%s: snapshot state checksum mismatch (corrupt)",
-			       path);
+	if (payload > h.payload_len) {
+		ret = snap_err(err, errlen, -EINVAL, "%s has %llu stray bytes after its payload (corrupt)", path,
+			       (unsigned long long)(payload - h.payload_len));
+		goto out;
+	}
+	if (snap_fnv(r->buf + sizeof(h), payload) != h.checksum) {
+		ret = snap_err(err, errlen, -EINVAL, "%s fails its checksum (corrupt)", path);
+		goto out;
+	}
+	if (!h.nr_vcpus) {
+		ret = snap_err(err, errlen, -EINVAL, "%s describes a VM without vCPUs (corrupt)", path);
 		goto out;
 	}
 	vi = snap_get(r, SNAP_VM_INFO, 0, &len);
-	if (!vi || len != sizeof(*vi) || vi->mem_size != h.mem_size || !vi->nr_vcpus ||
+	if (!vi || len != sizeof(*vi) || vi->mem_size != h.mem_size || vi->nr_vcpus != h.nr_vcpus ||
 	    vi->nr_vcpus > VM_MAX_VCPUS) {
-		ret = snap_err(err, errlen, -EINVAL, "%s: snapshot VM description is invalid", path);
+		ret = snap_err(err, errlen, -EINVAL, "%s has an invalid VM description (corrupt)", path);
 		goto out;
 	}
 	*info = *vi;
-	snprintf(path, sizeof(path), "%s/%s", dir, SNAP_MEMORY_FILE);
-	if (stat(path, &st) < 0) {
-		ret = snap_err(err, errlen, -errno, "snapshot memory %s: %s", path, strerror(errno));
-		goto out;
-	}
-	if ((uint64_t)st.st_size != info->mem_size) {
-		ret = snap_err(err, errlen, -EINVAL,
-			       "snapshot memory %s: %lld bytes, expected %llu (truncated?)", path,
-			       (long long)st.st_size, (unsigned long long)info->mem_size);
+	if ((uint64_t)mst.st_size != info->mem_size) {
+		snprintf(path, sizeof(path), "%s/%s", dir, SNAP_MEMORY_FILE);
+		ret = snap_err(err, errlen, -EINVAL, "%s is %s: %lld bytes, the guest has %llu", path,
+			       (uint64_t)mst.st_size < info->mem_size ? "truncated" : "too long",
+			       (long long)mst.st_size, (unsigned long long)info->mem_size);
 		goto out;
 	}
 out:

@@ -8,7 +8,7 @@
 struct vm;
 
 #define SNAP_MAGIC "SMOLSNAP"
-#define SNAP_VERSION 1u
+#define SNAP_VERSION 2u /* 2: virtio windows in creation order, SNAP_DEV_LIST */
 #define SNAP_STATE_FILE "state.bin"
 #define SNAP_MEMORY_FILE "memory.bin"
 
@@ -34,6 +34,7 @@ enum snap_section {
 	SNAP_DEV_VSOCK, /* device state */
 	SNAP_DEV_BLK,
 	SNAP_DEV_NET,
+	SNAP_DEV_LIST, /* the device table's names in order, "serial,i8042,vsock,blk" (dev.h) */
 };
 
 struct snap_vm_info {
@@ -70,8 +71,10 @@ int snapshot_save(struct vm *vm, const char *dir, struct snap_writer *devices, c
 		  size_t errlen);
 
 /*
- * Open dir: verify magic, version, size and checksum of the state file and the
- * memory file's size. Fills r (free with snapshot_reader_free) and info.
+ * Open dir as a restore needs it, without KVM: both files present, the state file's size,
+ * magic, version, length, checksum and VM description, and the memory file's size. Fills r
+ * (free with snapshot_reader_free) and info, or returns -errno with the problem in err
+ * (these are the messages `smolvm snapshot ls` shows, through smolvm-vmm --inspect).
  */
 int snapshot_open(const char *dir, struct snap_reader *r, struct snap_vm_info *info, char *err,
 		  size_t errlen);

@@ -14,7 +14,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "serial.h"
 #include "vm.h"
 #include "xstate.h"
 
@@ -232,7 +231,7 @@ static void vcpu_xstate(struct vcpu *v, const uint8_t *data)
 	xstate_request(v->xstate, v->vm, v->fd, gpa);
 }
 
-/* Legacy ports: the UART at 0x3f8, i8042 reset, and quiet defaults for everything else. */
+/* Port I/O: the XSTATE port, then the devices on the port bus (vm_add_pio), then quiet defaults. */
 static void vcpu_pio(struct vcpu *v, uint16_t port, uint8_t *data, uint32_t size, int is_write)
 {
 	struct vm *vm = v->vm;
@@ -241,21 +240,16 @@ static void vcpu_pio(struct vcpu *v, uint16_t port, uint8_t *data, uint32_t size
 		vcpu_xstate(v, data);
 		return;
 	}
+	for (int i = 0; i < vm->nr_pio; i++) {
+		struct vm_pio_dev *d = &vm->pio[i];
 
-	if (port >= 0x3f8 && port < 0x400 && size == 1) {
-		serial_io(vm->serial, (uint16_t)(port - 0x3f8), data, is_write);
-		return;
+		if (port >= d->base && port - d->base < d->len) {
+			d->access(d->opaque, (uint16_t)(port - d->base), data, size, is_write);
+			return;
+		}
 	}
-	if (port == 0x64 && is_write && size == 1 && data[0] == 0xfe) {
-		vm_request_exit(vm, VM_EXIT_RESET, "guest reset (i8042)");
-		return;
-	}
-	if (!is_write) {
-		if (port == 0x64 || port == 0x61)
-			memset(data, 0, size); /* i8042: nothing pending; port B: quiet */
-		else
-			memset(data, 0xff, size);
-	}
+	if (!is_write)
+		memset(data, port == 0x61 ? 0 : 0xff, size); /* port B (0x61): quiet */
 }
 
 static void vcpu_mmio(struct vcpu *v, uint64_t addr, uint8_t *data, uint32_t len, int is_write)

@@ -9,6 +9,7 @@
 
 #define VM_MAX_VCPUS 16
 #define VM_MAX_MMIO_DEVS 8
+#define VM_MAX_PIO_DEVS 4
 
 struct evloop;
 struct vcpu;
@@ -17,6 +18,13 @@ struct vcpu;
 struct vm_mmio_dev {
 	uint64_t base, len;
 	void (*access)(void *opaque, uint64_t offset, void *data, uint32_t len, bool is_write);
+	void *opaque;
+};
+
+/* A device claiming I/O ports [base, base+len). Called on vCPU threads; it fills every read byte. */
+struct vm_pio_dev {
+	uint16_t base, len;
+	void (*access)(void *opaque, uint16_t offset, uint8_t *data, uint32_t size, bool is_write);
 	void *opaque;
 };
 
@@ -29,9 +37,11 @@ struct vm {
 	struct evloop *loop;
 	struct vm_mmio_dev mmio[VM_MAX_MMIO_DEVS];
 	int nr_mmio;
+	struct vm_pio_dev pio[VM_MAX_PIO_DEVS];
+	int nr_pio;
+	uint32_t nr_virtio; /* virtio-mmio windows handed out (virtio_mmio_alloc) */
 	int console_fd; /* serial output goes here; -1 = discard */
 	int xstate_port; /* serve XSTATE_PORT (compat profile guests only; xstate.h) */
-	struct serial *serial;
 	volatile int exit_reason; /* set once by a vCPU: VM_EXIT_* */
 	char exit_msg[256];
 	uint64_t t_start_ns; /* CLOCK_MONOTONIC when the VMM started, for timing lines */
@@ -72,6 +82,14 @@ static inline void *vm_gpa(struct vm *vm, uint64_t gpa, uint64_t len)
 /* Add an MMIO region handled in user space. Returns 0 or -errno. */
 int vm_add_mmio(struct vm *vm, uint64_t base, uint64_t len,
 		void (*access)(void *, uint64_t, void *, uint32_t, bool), void *opaque);
+
+/*
+ * Add a port range handled in user space. Accesses of 1, 2 or 4 bytes inside it go to
+ * access(opaque, port - base, ...); ports nobody claims read as 0xff (0x61, port B, as 0).
+ * Setup thread, before the vCPUs run (they read the table without a lock). Returns 0 or -errno.
+ */
+int vm_add_pio(struct vm *vm, uint16_t base, uint16_t len,
+	       void (*access)(void *, uint16_t, uint8_t *, uint32_t, bool), void *opaque);
 
 /* Raise or lower a GSI line of the in-kernel irqchip. Any thread. */
 int vm_irq_line(struct vm *vm, uint32_t gsi, int level);

@@ -68,8 +68,8 @@ struct snap_reader;
  * finish every request the guest has posted (waiting for the kernel), so the
  * used ring in guest memory is complete and nothing is in flight, then append
  * the transport (SNAP_DEV_MMIO/index) and device (SNAP_DEV_BLK/index)
- * sections. `index` is the device's virtio-mmio slot, distinct from every
- * other device's (vsock saves slot 0). The disk file is not copied: guest
+ * sections. `index` is the device's virtio-mmio window index
+ * (virtio_mmio_alloc), distinct from every other device's. The disk file is not copied: guest
  * writes acknowledged so far are in it (page cache), nothing more.
  */
 void blk_save(struct blk *b, struct snap_writer *w, uint32_t index);

@@ -436,6 +436,17 @@ void virtio_mmio_destroy(struct virtio_mmio *m)
 	m->lock_ok = false;
 }
 
+int virtio_mmio_alloc(struct vm *vm, struct virtio_mmio_window *out)
+{
+	uint32_t n = vm->nr_virtio;
+
+	if (n >= VIRTIO_MMIO_MAX_DEVS)
+		return -ENOSPC;
+	vm->nr_virtio = n + 1;
+	*out = (struct virtio_mmio_window){ VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_GSI + n, n };
+	return 0;
+}
+
 int virtio_mmio_cmdline(char *buf, size_t size, uint64_t base, uint32_t gsi)
 {
 	int n = snprintf(buf, size, "virtio_mmio.device=%u@0x%" PRIx64 ":%" PRIu32, VIRTIO_MMIO_SIZE, base, gsi);

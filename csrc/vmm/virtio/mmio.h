@@ -116,6 +116,26 @@ void virtio_mmio_save(struct virtio_mmio *m, struct snap_writer *w, uint32_t ind
 int virtio_mmio_restore(struct virtio_mmio *m, const struct snap_reader *r, uint32_t index);
 
 /*
+ * Where virtio-mmio devices live: the n-th one made (n = 0, 1, ...) gets the window at
+ * VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_STRIDE, GSI VIRTIO_MMIO_GSI + n, and n as its
+ * snapshot index (SNAP_DEV_MMIO/n and its device sections). The same devices made in the
+ * same order get the same places, which is what restoring a snapshot relies on.
+ */
+#define VIRTIO_MMIO_BASE 0xd0000000ull
+#define VIRTIO_MMIO_STRIDE 0x1000ull
+#define VIRTIO_MMIO_GSI 5u
+#define VIRTIO_MMIO_MAX_DEVS 8u
+
+struct virtio_mmio_window {
+	uint64_t base;
+	uint32_t gsi;
+	uint32_t index;
+};
+
+/* Hand out the next window of vm (counted in vm->nr_virtio). Setup thread. Returns 0 or -ENOSPC. */
+int virtio_mmio_alloc(struct vm *vm, struct virtio_mmio_window *out);
+
+/*
  * Kernel command-line word declaring the device to Linux's virtio_mmio:
  * "virtio_mmio.device=512@0x<base>:<gsi>". Returns its length, or -ENOSPC.
  */

@@ -64,7 +64,8 @@ int vsock_open(struct vsock *v, int fd, uint32_t guest_port, const void *preface
 struct snap_writer;
 struct snap_reader;
 
-/* Append the device's state (transport + vsock sections). VM paused, loop thread. */
+/* Append the device's state (transport + vsock sections, index 0: the VMM makes vsock its first
+ * virtio device, csrc/vmm/devices.h). VM paused, loop thread. */
 void vsock_save(struct vsock *v, struct snap_writer *w);
 
 /*
