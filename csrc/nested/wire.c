@@ -156,18 +156,26 @@ static int wire_parse_endpoint(const char *endpoint, struct sockaddr_in *sa)
 	return 0;
 }
 
-int wire_tcp_listen(const char *endpoint)
+/* A TCP socket for endpoint "A.B.C.D:PORT" with the option opt (level, name) set to 1: fd or -errno; sa filled. */
+static int wire_tcp_socket(const char *endpoint, struct sockaddr_in *sa, int level, int opt)
 {
-	struct sockaddr_in sa;
 	int fd, one = 1;
 
-	if (wire_parse_endpoint(endpoint, &sa))
+	if (wire_parse_endpoint(endpoint, sa))
 		return -EINVAL;
 	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
+	setsockopt(fd, level, opt, &one, sizeof(one));
+	return fd;
+}
+
+int wire_tcp_listen(const char *endpoint)
+{
+	struct sockaddr_in sa;
+	int fd = wire_tcp_socket(endpoint, &sa, SOL_SOCKET, SO_REUSEADDR);
+
+	if (fd >= 0 && (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)) {
 		int err = errno;
 
 		close(fd);
@@ -179,15 +187,9 @@ int wire_tcp_listen(const char *endpoint)
 int wire_tcp_connect(const char *endpoint)
 {
 	struct sockaddr_in sa;
-	int fd, one = 1;
+	int fd = wire_tcp_socket(endpoint, &sa, IPPROTO_TCP, TCP_NODELAY);
 
-	if (wire_parse_endpoint(endpoint, &sa))
-		return -EINVAL;
-	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return -errno;
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	while (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+	while (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		int err = errno;
 
 		if (err == EINTR)
