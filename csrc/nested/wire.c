@@ -7,48 +7,39 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-int wire_write_all(int fd, const void *buf, size_t n)
+/* All n bytes of buf written (writing) or read: 0, -errno, or -EPIPE for an end of file first. */
+static int wire_io_all(int fd, char *p, size_t n, bool writing)
 {
-	const char *p = buf;
-
 	while (n > 0) {
-		ssize_t w = write(fd, p, n);
+		ssize_t got = writing ? write(fd, p, n) : read(fd, p, n);
 
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0)
 			return -errno;
-		}
-		p += w;
-		n -= (size_t)w;
+		if (got == 0)
+			return -EPIPE;
+		p += got;
+		n -= (size_t)got;
 	}
 	return 0;
 }
 
+int wire_write_all(int fd, const void *buf, size_t n)
+{
+	return wire_io_all(fd, (char *)buf, n, true);
+}
+
 int wire_read_all(int fd, void *buf, size_t n)
 {
-	char *p = buf;
-
-	while (n > 0) {
-		ssize_t r = read(fd, p, n);
-
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (r == 0)
-			return -EPIPE;
-		p += r;
-		n -= (size_t)r;
-	}
-	return 0;
+	return wire_io_all(fd, buf, n, false);
 }
 
 int wire_send(int fd, uint32_t type, const void *data, uint32_t len)
