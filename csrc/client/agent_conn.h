@@ -1,4 +1,4 @@
-/* One connection to the guest agent, shared by every request (exec, setup, files): the VMM's vsock Unix socket, the CONNECT handshake, frames out, and the one frame reader. */
+/* One connection to the guest agent, shared by every request (exec, setup, files): the VMM's vsock Unix socket, the CONNECT handshake, frames out, the one frame reader, and the io_uring that drives its I/O. */
 #ifndef SMOLVM_AGENT_CONN_H
 #define SMOLVM_AGENT_CONN_H
 
@@ -13,6 +13,22 @@
 #define AGENT_CONN_SLICE_MS 100   /* agent_conn_run() asks interrupted() at least this often */
 #define AGENT_CONN_HDR sizeof(struct smolvm_frame)
 
+struct io_uring;
+
+/*
+ * I/O: agent_conn_run() drives the socket with a small io_uring of its own
+ * (made on first use, freed by agent_conn_close()): a RECV into the receive
+ * buffer, whose bytes then go through the frame reader, and a SEND of the
+ * queue's head, both in flight at once, and io_uring_wait_cqe_timeout() for
+ * the deadline and the interrupt slices. Whatever is in flight when it
+ * returns is cancelled and reaped first. agent_conn_step() uses plain
+ * nonblocking send()/recv() on the fd (which stays usable by an event loop)
+ * and agent_conn_wait() waits with a POLL_ADD on the same ring. Where
+ * io_uring is unavailable (io_uring_queue_init() fails: -ENOSYS, -EPERM
+ * under a seccomp filter, RLIMIT_MEMLOCK), both fall back to poll() and
+ * behave the same.
+ */
+
 /*
  * A request is a builder (it queues the first frame with agent_conn_frame())
  * and a handler: these callbacks, which the frame reader calls with the
@@ -22,7 +38,9 @@
  * reach the handler: the connection ends with -EPROTO and agent_conn.guest
  * holds the frame's err and code (struct smolvm_error), error[] its message.
  * Every callback returns 0 or -errno (with agent_conn_fail() for a message);
- * frame() returns 1 for the request's last frame.
+ * frame() returns 1 for the request's last frame. Only refill() (and the
+ * builder, before the first step or run) may queue frames: a SEND in flight
+ * points into the queue.
  */
 struct agent_conn_ops {
 	/* A header (magic and length already checked): is this type and length due now? NULL: any. */
@@ -71,6 +89,12 @@ struct agent_conn {
 	uint8_t small[AGENT_CONN_SMALL];
 	size_t small_len;
 	uint8_t *rbuf;
+	/* io_uring (agent_conn.c): NULL until first used, and where unavailable (ring_failed) */
+	struct io_uring *ring;
+	bool ring_failed;
+	unsigned ring_busy;       /* operations in flight, a bit each */
+	unsigned ring_poll_first; /* operations the kernel answered -EAGAIN (it may, on a nonblocking fd): POLL_ADD first */
+	unsigned ring_mask;       /* events of agent_conn_wait()'s POLL_ADD in flight */
 };
 
 /*
@@ -105,13 +129,23 @@ void agent_conn_frame_done(struct agent_conn *c, uint16_t type, size_t len);
 int agent_conn_step(struct agent_conn *c);
 bool agent_conn_wants_write(const struct agent_conn *c);
 
-/* Poll the socket up to max_ms (-1: no limit), never past the deadline: 0 (ready, the time passed, or a signal), -ETIMEDOUT, -errno. */
+/*
+ * Wait for the socket (readable, or writable while agent_conn_wants_write())
+ * up to max_ms (-1: no limit; 0: only check the deadline), never past the
+ * deadline: 0 (ready, the time passed, or a signal: signalled), -ETIMEDOUT,
+ * -errno. A wakeup may be spurious: step() then finds nothing.
+ */
 int agent_conn_wait(struct agent_conn *c, int max_ms);
 
-/* step and wait until the last frame: 0 or -errno as agent_conn_step(); interrupted(opaque) nonzero aborts with -EINTR. */
+/*
+ * Blocks until the last frame came: 0, or -errno as agent_conn_step(), or
+ * -ETIMEDOUT past the deadline. interrupted(opaque) is asked at least every
+ * AGENT_CONN_SLICE_MS and at once after a signal; nonzero aborts with -EINTR.
+ * Nothing is left in flight when it returns.
+ */
 int agent_conn_run(struct agent_conn *c, int (*interrupted)(void *), void *opaque);
 
-/* Close the socket and free the queue. Safe after a failed open and twice. */
+/* Cancel and reap what the ring has in flight, free it, close the socket, free the queue. Safe after a failed open, twice. */
 void agent_conn_close(struct agent_conn *c);
 
 /* Write a message to c->error and return err. */

@@ -3,14 +3,21 @@
 #define SMOLVM_AGENT_TEST_H
 
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <liburing.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -64,6 +71,76 @@ static inline int agent_test_wait_ready(void)
 	if (ret != 0)
 		fprintf(stderr, "agent not answering on %s: %d %s\n", test_sock, ret, o.error);
 	return ret;
+}
+
+/* ---- io_uring, and the poll() fallback where it is unavailable ---- */
+
+/* How many io_uring instances this process holds open. */
+static inline int agent_test_rings(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	while (d && (e = readdir(d))) {
+		char path[300], link[64];
+		ssize_t len;
+
+		snprintf(path, sizeof(path), "/proc/self/fd/%s", e->d_name);
+		len = readlink(path, link, sizeof(link) - 1);
+		if (len > 0) {
+			link[len] = 0;
+			n += strcmp(link, "anon_inode:[io_uring]") == 0;
+		}
+	}
+	if (d)
+		closedir(d);
+	return n;
+}
+
+/* Can this process make a ring? */
+static inline bool agent_test_have_uring(void)
+{
+	struct io_uring ring;
+
+	if (io_uring_queue_init(4, &ring, 0) < 0)
+		return false;
+	io_uring_queue_exit(&ring);
+	return true;
+}
+
+/*
+ * Run fn in a child where io_uring_setup fails with ENOSYS (a seccomp filter,
+ * as a container runtime may install), so the client takes its poll() path;
+ * CHECK that the child's tests passed. Skipped where seccomp is unavailable.
+ */
+static inline void agent_test_without_uring(void (*fn)(void))
+{
+	struct sock_filter f[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = { sizeof(f) / sizeof(f[0]), f };
+	int status = -1;
+	pid_t pid;
+
+	fflush(stdout);
+	fflush(stderr);
+	pid = fork();
+	if (pid == 0) {
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+		    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) {
+			fprintf(stderr, "no seccomp here (%s): the poll() fallback is not tested\n", strerror(errno));
+			_exit(0);
+		}
+		CHECK(!agent_test_have_uring(), "io_uring_setup still works under the filter");
+		fn();
+		exit(test_failures ? 1 : 0);
+	}
+	CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	      "without io_uring (see above): status 0x%x", status);
 }
 
 /* ---- raw protocol client ---- */

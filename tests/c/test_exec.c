@@ -1,4 +1,4 @@
-/* Host-only test of guest/agent/agent.c (run with --unix) against csrc/client/exec_client.c and setup_client.c: output, exit codes, timeouts, SETUP, bad frames. */
+/* Host-only test of guest/agent/agent.c (run with --unix) against csrc/client/exec_client.c and setup_client.c: output, exit codes, timeouts, SETUP, bad frames, how the client waits (io_uring or poll()). */
 #include "agent_test.h"
 
 #include <dirent.h>
@@ -595,6 +595,95 @@ static void test_host_side_limits(void)
 		free(vals[i]);
 }
 
+static void test_on_signal(int sig)
+{
+	(void)sig;
+}
+
+struct test_asks {
+	int calls, rings;
+};
+
+static int test_asks_cb(void *opaque)
+{
+	struct test_asks *a = opaque;
+
+	a->rings += agent_test_rings() > 0;
+	return ++a->calls >= 5;
+}
+
+/*
+ * How the client waits: exec_run() on a ring of its own where io_uring works
+ * (none left afterwards), interrupted() asked at once after a signal (one
+ * every 10 ms: 5 asks long before 5 slices of 100 ms); exec_stream_wait()
+ * blocks until output comes (no spinning) and serves a stream whose input
+ * and output interleave.
+ */
+static void test_waits(void)
+{
+	struct sigaction sa = { .sa_handler = test_on_signal }, old; /* no SA_RESTART, like Python's handlers */
+	struct itimerval every = { { 0, 10000 }, { 0, 10000 } }, off = { { 0, 0 }, { 0, 0 } };
+	struct exec_request r = { .command = "sleep 5" };
+	size_t len = (1u << 20) + 5, waits = 0;
+	bool ring = agent_test_have_uring();
+	struct test_asks a = { 0, 0 };
+	struct exec_stream *xs = NULL;
+	uint8_t *data = malloc(len);
+	struct exec_output o;
+	double t0 = test_now();
+	int ret;
+
+	sigaction(SIGALRM, &sa, &old);
+	setitimer(ITIMER_REAL, &every, NULL);
+	ret = exec_run(test_sock, SMOLVM_AGENT_PORT, &r, 10000, test_asks_cb, &a, &o);
+	setitimer(ITIMER_REAL, &off, NULL);
+	sigaction(SIGALRM, &old, NULL);
+	CHECK(ret == -EINTR && a.calls == 5 && test_now() - t0 < 0.4, "signals: ret %d, %d asks in %.2f s", ret,
+	      a.calls, test_now() - t0);
+	CHECK(a.rings == (ring ? a.calls : 0), "a ring during %d of %d asks (io_uring here: %d)", a.rings, a.calls,
+	      ring);
+	CHECK(agent_test_rings() == 0, "%d ring(s) left after exec_run()", agent_test_rings());
+	exec_output_free(&o);
+
+	r.command = "sleep 0.3; echo x";
+	ret = exec_stream_open(&xs, test_sock, SMOLVM_AGENT_PORT, &r, 60000, 0, &o);
+	while (ret == 0 && (ret = exec_stream_step(xs)) == 0 && waits < 1000) {
+		ret = exec_stream_wait(xs, 50);
+		waits++;
+	}
+	CHECK(ret == 1 && test_eq(o.out, o.out_len, "x\n") && waits >= 3 && waits < 100,
+	      "stream: ret %d after %zu waits of 50 ms %s", ret, waits, o.error);
+	exec_stream_free(xs);
+	exec_output_free(&o);
+
+	for (size_t i = 0; i < len; i++)
+		data[i] = (uint8_t)(i * 7 + i / 4093);
+	r = (struct exec_request){ .command = "cat", .has_input = true, .input = data, .input_len = len };
+	ret = exec_stream_open(&xs, test_sock, SMOLVM_AGENT_PORT, &r, 60000, 0, &o);
+	while (ret == 0 && (ret = exec_stream_step(xs)) == 0)
+		ret = exec_stream_wait(xs, 1000);
+	CHECK(ret == 1 && o.out_len == len && memcmp(o.out, data, len) == 0, "stream stdin: ret %d out %zu/%zu %s", ret,
+	      o.out_len, len, o.error);
+	exec_stream_free(xs);
+	exec_output_free(&o);
+	CHECK(agent_test_rings() == 0, "%d ring(s) left after exec_stream_free()", agent_test_rings());
+	free(data);
+}
+
+static void test_no_uring_body(void)
+{
+	test_big_output();
+	test_stdin();
+	test_host_side_limits();
+	test_waits();
+}
+
+/* Where io_uring is unavailable, the same requests work through poll(). */
+static void test_no_uring(void)
+{
+	agent_test_without_uring(test_no_uring_body);
+}
+
 /* Every exited child of the agent (it is a subreaper here, as PID 1 in the guest) is reaped. */
 static void test_no_zombies(void)
 {
@@ -673,6 +762,8 @@ int main(int argc, char **argv)
 		{ "host_close", test_host_close },
 		{ "backpressure", test_backpressure },
 		{ "host_side_limits", test_host_side_limits },
+		{ "waits", test_waits },
+		{ "no_uring", test_no_uring },
 		{ "no_zombies", test_no_zombies },
 	};
 

@@ -459,6 +459,18 @@ static void test_get_shrinks(void)
 	unlink(guest);
 }
 
+static void test_no_uring_body(void)
+{
+	test_round_trips();
+	test_errors();
+}
+
+/* Where io_uring is unavailable, transfers work through poll(). */
+static void test_no_uring(void)
+{
+	agent_test_without_uring(test_no_uring_body);
+}
+
 static int test_start_agent(const char *agent)
 {
 	char *argv[] = { (char *)agent, "--unix", test_sock, NULL };
@@ -493,6 +505,7 @@ int main(int argc, char **argv)
 		{ "cut_put", test_cut_put },
 		{ "bad_frames", test_bad_frames },
 		{ "get_shrinks", test_get_shrinks },
+		{ "no_uring", test_no_uring },
 	};
 
 	return agent_test_main(argc, argv, "files", tests, sizeof(tests) / sizeof(tests[0]), test_start_agent, NULL);
