@@ -80,8 +80,8 @@ void exec_output_free(struct exec_output *out);
  * when more is to come (wait for exec_stream_fd() to be readable, or writable
  * while exec_stream_wants_write()), or an exec_run() error code.
  *
- * exec_stream_wait() waits on the socket (agent_conn_wait: the ring, or poll) for up to max_ms (-1: no limit), never
- * past the host deadline: 0 (ready, or the time passed), -ETIMEDOUT past the
+ * exec_stream_wait() waits on the socket (agent_conn_wait(): the ring, or
+ * poll) for up to max_ms (-1: no limit), never past the host deadline: 0 (ready, or the time passed), -ETIMEDOUT past the
  * deadline, -errno. EINTR returns 0 so the caller can check signals.
  *
  * exec_stream_events() gives the chunks logged since the last
