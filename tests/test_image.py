@@ -150,10 +150,19 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def builders_of(marker: str) -> list[str]:
-    """Processes whose command line mentions marker (our interrupted mmdebstrap or tar)."""
+def builders_of(marker: str, home: Path) -> list[str]:
+    """Processes whose command line mentions marker (our interrupted mmdebstrap or tar) and
+    that work for this test: their command line or environment (TMPDIR) names its build
+    folders, so another suite's build on the same machine does not count."""
+    ours = (f"smolvm-image.{os.getpid()}.".encode(), str(home).encode())
     found = []
     for pid, cmdline in processes_naming(marker):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            environ = b""  # gone meanwhile: its command line decides
+        if not any(o in cmdline or o in environ for o in ours):
+            continue
         shown = cmdline.replace(b"\0", b" ").decode(errors="replace")
         found.append(f"{pid}: {shown[:200]}")
     return found
@@ -191,9 +200,9 @@ def test_interrupted_build_is_rebuilt_not_used(tmp_path: Path, monkeypatch: pyte
     assert sorted(p.name for p in images.iterdir()) == [unfinished.name]
     assert not list(image.TMPFS.glob(f"smolvm-image.{os.getpid()}.*"))
     deadline = time.monotonic() + 30
-    while builders_of("--include=less,netbase") and time.monotonic() < deadline:
+    while builders_of("--include=less,netbase", tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not builders_of("--include=less,netbase"), "the interrupted mmdebstrap is still running"
+    assert not builders_of("--include=less,netbase", tmp_path), "the interrupted mmdebstrap is still running"
     assert list_images() == []
     with pytest.raises(ImageNotFoundError, match="built images: none yet"):
         image_path(name)
@@ -205,7 +214,7 @@ def test_interrupted_build_is_rebuilt_not_used(tmp_path: Path, monkeypatch: pyte
     assert superblock(built) == (EXT4_MAGIC, "smolvm-root")
     fsck_clean(built)
     assert inode(built, "/usr/bin/less")["type"] == "regular"
-    assert not builders_of("--include=less,netbase")
+    assert not builders_of("--include=less,netbase", tmp_path)
     assert list_images() == [name]
     assert image_path(name) == built
     assert ensure_image(name) == built  # the recorded packages are reused
