@@ -41,11 +41,8 @@ def sources(name: str, root: Path) -> list[Path]:
     """Every C file of binary name under root, its main file first."""
     b = BINARIES[name]
     folder = root / b.folder
-    others = _mains_beside(name)
-    rest = sorted(
-        p for p in folder.rglob("*.c")
-        if p.relative_to(folder).as_posix() not in others and p.relative_to(folder).as_posix() != b.main
-    )  # fmt: skip
+    skip = _mains_beside(name) | {b.main}
+    rest = sorted(p for p in folder.rglob("*.c") if p.relative_to(folder).as_posix() not in skip)
     return [folder / b.main, *rest]
 
 

@@ -152,10 +152,9 @@ def restore_argv(m: Machine, vmm: Path, snap: Path) -> list[str]:
         return argv
     image_file = snapshot_image(image)
     if image_file is None:
-        image_file = Path(str(image.get("path", "")))
         raise SnapshotError(
             f"snapshot {snap.name!r} was taken with the image {image.get('name')!r} at "
-            f"{image_file}, which has since been rebuilt or removed; take the snapshot again"
+            f"{image.get('path', '')}, which has since been rebuilt or removed; take the snapshot again"
         )
     m.files.path.mkdir(parents=True, exist_ok=False)
     saved = snap / registry.DISK_FILE  # a user snapshot's disk; a base snapshot has none

@@ -12,10 +12,10 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     try:
         from ..integrations import mcp_server
 
-        mcp_server.build_server()  # the mcp package is there (else: say what to install)
-    except ImportError as e:
+        server = mcp_server.build_server()
+    except ImportError as e:  # no mcp package: say what to install
         return fail(str(e), EXIT_USAGE, "smolvm mcp")
-    mcp_server.serve()
+    mcp_server.serve(server)
     return 0
 
 

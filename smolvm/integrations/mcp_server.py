@@ -156,14 +156,16 @@ def build_server() -> Any:
     return server
 
 
-def serve() -> None:
-    """Serve over stdio until the client closes it. The protocol keeps the real stdout; fd 1
-    becomes stderr, so nothing a child process (a VMM, a build tool) prints can break it."""
-    server = build_server()
+def serve(server: Any = None) -> None:
+    """Serve server (default: build_server()) over stdio until the client closes it. The
+    protocol keeps the real stdout; fd 1 becomes stderr, so nothing a child process (a VMM, a
+    build tool) prints can break it."""
+    if server is None:
+        server = build_server()
     protocol = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = open(protocol, "w", encoding="utf-8", closefd=True)  # noqa: SIM115 (lives as long as the server)
     server.run()
 
 
-__all__ = ["SmolVMError", "TOOLS", "build_server", "serve"]
+__all__ = ["TOOLS", "build_server", "serve"]
