@@ -59,7 +59,10 @@ def processes_naming(text: str) -> Iterator[tuple[int, bytes]]:
 
 # ---- Ray nodes on this host --------------------------------------------------------------
 
-RAY_SHARED = ("kernel", "images", "agent", "initramfs")  # caches every node reads from this home
+# Caches every node reads from this home, and the nested profile's host VM ("host": its
+# lock, token and state; "hostvm": its kernel and initramfs): nodes on one machine share one
+# host VM as processes of one home do, instead of starting a QEMU each.
+RAY_SHARED = ("kernel", "images", "agent", "initramfs", "hostvm", "host")
 
 
 def ray_node_home(i: int) -> Path:

@@ -46,9 +46,14 @@ def _wait_gone(pids: set[int], seconds: float = 60.0) -> set[int]:
 def cluster() -> Iterator[tuple[object, object, list[Path]]]:
     """Head and worker node, each with `smolvm` resource and SMOLVM_HOME of its own."""
     # Two Ray nodes plus their guests did not finish the 30-command map on a loaded 2-core
-    # compat host (2026-12-01); until they have passed in CI time they run when asked for.
-    if os.environ.get("SMOLVM_RAY_TESTS") != "1":
-        pytest.skip("the two-node Ray cluster tests run with SMOLVM_RAY_TESTS=1")
+    # compat host (2026-12-01); nested ran this module in 167 s on the same host with five other
+    # suites running. So compat runs it only when asked for.
+    from smolvm.profile import detect
+
+    profile = detect().name
+    if profile == "compat" and os.environ.get("SMOLVM_RAY_TESTS") != "1":
+        pytest.skip("compat profile: the two-node Ray cluster is too slow here for the suite's time; "
+                    "SMOLVM_RAY_TESTS=1 runs it anyway")
     from smolvm.build.image import ensure_image
     from smolvm.build.initramfs import ensure_initramfs
     from smolvm.build.kernel import ensure_kernel
