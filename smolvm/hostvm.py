@@ -17,6 +17,7 @@ import functools
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -268,13 +269,23 @@ def _start() -> HostVM:
 
 
 def _kill(pid: int, grace: float = 5.0) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
+    """SIGTERM, then SIGKILL after `grace` s, through a pidfd taken once: if QEMU ends and its
+    pid is reused meanwhile, the signals cannot reach the newcomer."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            signal.pidfd_send_signal(fd, signal.SIGTERM)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)  # readable once the process has ended
+        if not poller.poll(int(grace * 1000)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            poller.poll(int(grace * 1000))
+    finally:
+        os.close(fd)
 
 
 def stop() -> bool:
