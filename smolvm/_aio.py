@@ -10,7 +10,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import _stream
+from . import _pty, _stream
 from ._native import native
 from .result import RunResult
 
@@ -91,6 +91,16 @@ class AsyncMixin:
             await asyncio.to_thread(self._start, False)
         return await run(self, self._request(call), call.data, call.on_stdout, call.on_stderr)
 
+    async def async_pty(  # type: ignore[misc]
+        self: SmolVM, cmd: str = "bash", rows: int = 24, cols: int = 80, **options: Any
+    ) -> _pty.AsyncPtySession:
+        """pty() for asyncio (the same arguments; env=, cwd=, timeout=): an AsyncPtySession
+        whose read/write/wait are coroutines waiting on the event loop."""
+        return await _pty.open_async(
+            self, cmd, rows, cols, options.pop("env", None), options.pop("cwd", None),
+            options.pop("timeout", None), **options,
+        )  # fmt: skip
+
     async def async_wait_for_ready(self: SmolVM, timeout: float = 60.0) -> SmolVM:  # type: ignore[misc]
         await asyncio.to_thread(self.wait_for_ready, timeout)
         return self
@@ -148,6 +158,9 @@ class AsyncSmolVM:
 
     async def run(self, command: str, timeout: float = 30, **kwargs: Any) -> RunResult:
         return await self.sync.async_run(command, timeout, **kwargs)
+
+    async def pty(self, cmd: str = "bash", rows: int = 24, cols: int = 80, **kwargs: Any) -> _pty.AsyncPtySession:
+        return await self.sync.async_pty(cmd, rows, cols, **kwargs)
 
     async def wait_for_ready(self, timeout: float = 60.0) -> AsyncSmolVM:
         await self.sync.async_wait_for_ready(timeout)

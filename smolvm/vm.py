@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import _agent, _boot, _ctl, _stream, _validate, _vmm, disk, network, ports, registry, snapshots
+from . import _agent, _boot, _ctl, _pty, _stream, _validate, _vmm, disk, network, ports, registry, snapshots
 from ._agent import HOST_GRACE_MS, SETUP_ENTROPY_BYTES, SETUP_TIMEOUT_MS, TRANSFER_TIMEOUT_S
 from ._aio import AsyncMixin
 from ._boot import DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, IMAGE_ARG, base_key, boot_cmdline
@@ -554,6 +554,30 @@ class SmolVM(AsyncMixin):
                 raise TypeError(f"stream() got an unexpected keyword argument {name!r}")
         call = _stream.check(command, timeout, **options)
         return _stream.chunks(self, self._request(call), call.data)
+
+    def pty(
+        self,
+        cmd: str = "bash",
+        rows: int = 24,
+        cols: int = 80,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> _pty.PtySession:
+        """Start `/bin/sh -c cmd` on a new guest terminal of rows x cols and return the session.
+
+        >>> with vm.pty("bash") as t:
+        ...     t.write("tty; exit 7\n"); print(t.wait(), t.read())
+
+        The command leads a new session whose controlling terminal, stdin, stdout and stderr
+        is the pty (TERM=xterm-256color unless env sets it; env and cwd as in run()).
+        write() types, read() returns output as it comes (stdout and stderr are one
+        stream), resize() changes the size, wait() gives the exit code, close() (or leaving
+        `with`) kills every process of the session. timeout (seconds, default none) kills
+        it like run()'s. Starts the VM first if needed.
+        """
+        return _pty.open_sync(self, cmd, rows, cols, env, cwd, timeout)
 
     def _request(self, call: _stream.Call) -> _stream.ExecRequest:
         """Start the VM if needed, and give the request to send for a checked command."""
