@@ -11,6 +11,7 @@ import builtins
 import os
 import secrets
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -68,8 +69,9 @@ class SmolVM(AsyncMixin):
     RAM instead, without a disk.
 
     The VM boots on start() (or the first run(), or entering `with`), lives in its own
-    smolvm-vmm process and dies with close(), garbage collection, interpreter exit, or
-    the death of this process (the VMM exits when its control socket closes).
+    smolvm-vmm process and dies with close(), garbage collection, interpreter exit,
+    SIGTERM (unless the program set its own handler), or the death of this process (the
+    VMM exits when its control socket closes).
     run() may be called from several threads at once.
     """
 
@@ -289,6 +291,8 @@ class SmolVM(AsyncMixin):
             )  # fmt: skip
             registry.save(self._record)
             _live.add(self)
+            if not persistent:
+                _watch_sigterm()
             return self
 
     def _machine(self, profile: Profile) -> _boot.Machine:
@@ -863,6 +867,32 @@ def _close_all() -> None:
             vm.close()
         except Exception:
             pass
+
+
+_sigterm_watched = False
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM (a Jupyter kernel restart that timed out, `kill`, a supervisor): close this
+    process's ephemeral VMs (their VMMs would end anyway, but leave their state folders),
+    then die of the signal as if no handler had been there."""
+    _close_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _watch_sigterm() -> None:
+    """Once, when this process starts its first ephemeral VM from the main thread: take
+    SIGTERM if nobody else did (its disposition is still the default)."""
+    global _sigterm_watched
+    if _sigterm_watched or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_watched = True
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # an embedded interpreter without signal handling
+        pass
 
 
 def _forget_in_child() -> None:
