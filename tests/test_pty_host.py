@@ -1,4 +1,4 @@
-"""PTY sessions without a VM: smolvm._smolvm.pty_start/PtySession against the agent in --unix mode."""
+"""PTY sessions without a VM: tests/c/test_pty.c (plain and ASan+UBSan) and smolvm._smolvm.pty_start/PtySession against the agent in --unix mode."""
 
 from __future__ import annotations
 
@@ -6,13 +6,20 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from agent_host import VARIANTS, run_client_against_agent
 from test_files_host import agent_sock, nat  # noqa: F401  (fixtures)
 
 BASH = shutil.which("bash")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pty_client_against_agent(variant: str, tmp_path: Path) -> None:
+    run_client_against_agent(variant, tmp_path, "test_pty.c")
 
 
 def _until(s: object, pattern: bytes, seen: bytearray, limit: float = 20.0) -> re.Match[bytes]:
