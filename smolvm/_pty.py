@@ -56,6 +56,10 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def _not_started(vm: SmolVM) -> AgentError:
+    return AgentError(f"the guest agent of {vm.vm_id} did not start the PTY within {START_TIMEOUT_S:.0f} s")
+
+
 class _Base:
     """What the sync and async sessions share: the native session, its request, status."""
 
@@ -100,12 +104,31 @@ class _Base:
 
     def _check_open(self, what: str) -> None:
         if self._closed:
-            raise PtyClosedError(f"{what}: the PTY session of {self._vm.vm_id} was closed; open a new one with vm.pty()")
+            raise PtyClosedError(
+                f"{what}: the PTY session of {self._vm.vm_id} was closed; open a new one with vm.pty()"
+            )
         if self._s.done:
             raise PtyClosedError(
                 f"{what}: the PTY session's command in {self._vm.vm_id} has exited "
                 f"(exit code {self.exit_code}); open a new one with vm.pty()"
             )
+
+    def _wait_left(self, deadline: float | None, timeout: float | None) -> float | None:
+        """wait()'s next slice: seconds left (None: no limit); raises once it cannot go on."""
+        if self._closed:
+            raise PtyClosedError(
+                f"wait: the PTY session of {self._vm.vm_id} was closed before its command exited"
+            )
+        left = _left(deadline)
+        if left == 0.0:
+            raise TimeoutError(f"the PTY session's command in {self._vm.vm_id} still runs after {timeout} s")
+        return left
+
+    def _exit_code(self) -> int:
+        code = self.exit_code
+        if code is None:  # the connection failed, and that raised already; closed meanwhile
+            raise PtyClosedError(f"wait: the PTY session of {self._vm.vm_id} ended without an exit status")
+        return code
 
     def _take(self, n: int) -> bytes:
         out: bytes = self._s.read(n)
@@ -117,7 +140,8 @@ class _Base:
         self._s.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "running" if self.exit_code is None else f"exit_code={self.exit_code}"
+        code = self.exit_code
+        state = "closed" if self._closed else "running" if code is None else f"exit_code={code}"
         return f"<{type(self).__name__} {self._vm.vm_id} pid={self.pid} {state}>"
 
 
@@ -168,16 +192,9 @@ class PtySession(_Base):
         TimeoutError after timeout seconds (the session goes on)."""
         deadline = _deadline(timeout)
         while not self._s.done:
-            if self._closed:
-                raise PtyClosedError(f"wait: the PTY session of {self._vm.vm_id} was closed before its command exited")
-            left = _left(deadline)
-            if left == 0.0:
-                raise TimeoutError(f"the PTY session's command in {self._vm.vm_id} still runs after {timeout} s")
+            left = self._wait_left(deadline, timeout)
             self._pump(PUMP_SLICE_S if left is None else min(left, PUMP_SLICE_S))
-        code = self.exit_code
-        if code is None:
-            raise PtyClosedError(f"wait: the PTY session of {self._vm.vm_id} was closed before its command exited")
-        return code
+        return self._exit_code()
 
     def fileno(self) -> int:
         """The connection's socket (readable when output or the exit may have come), for select()."""
@@ -224,7 +241,8 @@ class AsyncPtySession(_Base):
         self._pump(0)
         if self._s.done or self._s.available:
             return
-        await _ready(self._s.fileno(), self._s.wants_write(), WAKE_S if timeout is None else min(timeout, WAKE_S))
+        wake = WAKE_S if timeout is None else min(timeout, WAKE_S)
+        await _ready(self._s.fileno(), self._s.wants_write(), wake)
         if not self._closed:
             self._pump(0)
 
@@ -233,7 +251,7 @@ class AsyncPtySession(_Base):
         while self.pid is None and not self._s.done:
             if time.monotonic() > deadline:
                 self.close()
-                raise AgentError(f"the guest agent of {self._vm.vm_id} did not start the PTY within {START_TIMEOUT_S:.0f} s")
+                raise _not_started(self._vm)
             await self._step(_left(deadline))
         return self
 
@@ -274,16 +292,8 @@ class AsyncPtySession(_Base):
         """As PtySession.wait()."""
         deadline = _deadline(timeout)
         while not self._s.done:
-            if self._closed:
-                raise PtyClosedError(f"wait: the PTY session of {self._vm.vm_id} was closed before its command exited")
-            left = _left(deadline)
-            if left == 0.0:
-                raise TimeoutError(f"the PTY session's command in {self._vm.vm_id} still runs after {timeout} s")
-            await self._step(left)
-        code = self.exit_code
-        if code is None:
-            raise PtyClosedError(f"wait: the PTY session of {self._vm.vm_id} was closed before its command exited")
-        return code
+            await self._step(self._wait_left(deadline, timeout))
+        return self._exit_code()
 
     async def aclose(self) -> None:
         self.close()
@@ -323,7 +333,7 @@ def open_sync(
     try:
         while session.pid is None and not s.done:
             if time.monotonic() > deadline:
-                raise AgentError(f"the guest agent of {vm.vm_id} did not start the PTY within {START_TIMEOUT_S:.0f} s")
+                raise _not_started(vm)
             session._pump(PUMP_SLICE_S)
     except BaseException:
         session.close()
