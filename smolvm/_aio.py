@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _pty, _stream
@@ -92,14 +93,12 @@ class AsyncMixin:
         return await run(self, self._request(call), call.data, call.on_stdout, call.on_stderr)
 
     async def async_pty(  # type: ignore[misc]
-        self: SmolVM, cmd: str = "bash", rows: int = 24, cols: int = 80, **options: Any
-    ) -> _pty.AsyncPtySession:
-        """pty() for asyncio (the same arguments; env=, cwd=, timeout=): an AsyncPtySession
-        whose read/write/wait are coroutines waiting on the event loop."""
-        return await _pty.open_async(
-            self, cmd, rows, cols, options.pop("env", None), options.pop("cwd", None),
-            options.pop("timeout", None), **options,
-        )  # fmt: skip
+        self: SmolVM, cmd: str = "bash", rows: int = 24, cols: int = 80,
+        env: Mapping[str, str] | None = None, cwd: str | None = None, *, timeout: float | None = None,
+    ) -> _pty.AsyncPtySession:  # fmt: skip
+        """pty() for asyncio (the same arguments): an AsyncPtySession whose read/write/wait
+        are coroutines waiting on the event loop (no thread per session)."""
+        return await _pty.open_async(self, cmd, rows, cols, env, cwd, timeout)
 
     async def async_wait_for_ready(self: SmolVM, timeout: float = 60.0) -> SmolVM:  # type: ignore[misc]
         await asyncio.to_thread(self.wait_for_ready, timeout)

@@ -564,9 +564,9 @@ class SmolVM(AsyncMixin):
         cmd: str = "bash",
         rows: int = 24,
         cols: int = 80,
-        *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        *,
         timeout: float | None = None,
     ) -> _pty.PtySession:
         """Start `/bin/sh -c cmd` on a new guest terminal of rows x cols and return the session.

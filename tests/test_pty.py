@@ -68,6 +68,12 @@ def test_close_leaves_no_guest_process(vm: SmolVM) -> None:
 
 @pytest.mark.vm
 def test_signal_death_timeout_and_bad_input(vm: SmolVM) -> None:
+    with vm.pty("echo A=$A; pwd", 24, 80, {"A": "x1"}, "/tmp") as t:  # the positional order others rely on
+        assert t.wait(timeout=SLOW) == 0
+        out = b""
+        while chunk := t.read(timeout=1):
+            out += chunk
+        assert b"A=x1\r\n/tmp\r\n" in out, out
     with vm.pty("kill -9 $$") as t:
         assert t.wait(timeout=SLOW) == 137 and t.signal == 9  # as run() reports it
     with vm.pty("sleep 100", timeout=1) as t:
@@ -91,7 +97,7 @@ def test_signal_death_timeout_and_bad_input(vm: SmolVM) -> None:
 @pytest.mark.vm
 def test_async_pty_on_the_event_loop(vm: SmolVM) -> None:
     async def main() -> tuple[int, bytes]:
-        t = await vm.async_pty("sh", rows=30, cols=90)
+        t = await vm.async_pty("sh", 30, 90)
         async with t:
             await t.write("stty size; exit 3\n")
             seen = b""
