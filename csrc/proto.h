@@ -5,8 +5,8 @@
 #include <stdint.h>
 
 /*
- * Transport: one vsock stream connection per request (EXEC, SETUP, PUT or
- * GET). The host reaches the guest through the VMM's Unix socket by writing
+ * Transport: one vsock stream connection per request (EXEC, PTY, SETUP,
+ * PUT or GET). The host reaches the guest through the VMM's Unix socket by writing
  * "CONNECT <port>\n" and reading "OK <n>\n" (Firecracker's convention);
  * after that the stream is the guest's.
  *
@@ -14,7 +14,7 @@
  * bytes, len <= SMOLVM_MAX_PAYLOAD. A peer that receives a bad magic, an
  * unknown type or an oversized length closes the connection.
  */
-#define SMOLVM_PROTO_MAGIC 0x33564d53u /* "SMV3": bump the digit on any change */
+#define SMOLVM_PROTO_MAGIC 0x34564d53u /* "SMV4": bump the digit on any change */
 #define SMOLVM_AGENT_PORT 52u           /* agent listens here (guest side) */
 #define SMOLVM_READY_PORT 53u           /* agent connects to host CID 2 here once listening */
 #define SMOLVM_MAX_PAYLOAD (1u << 20)
@@ -27,10 +27,12 @@ enum smolvm_frame_type {
 	SMOLVM_ERROR = 5,  /* guest -> host: struct smolvm_error + UTF-8 message; last frame */
 	SMOLVM_SETUP = 6,  /* host -> guest: struct smolvm_setup + data; answered by EXIT or ERROR */
 	SMOLVM_PUT = 7,    /* host -> guest: struct smolvm_put + NUL-terminated absolute path; see "Files" */
-	SMOLVM_READY = 8,  /* guest -> host: PUT accepted (empty) / GET accepted (struct smolvm_file) */
+	SMOLVM_READY = 8,  /* guest -> host: PUT accepted (empty) / GET accepted (struct smolvm_file) / PTY started (struct smolvm_pty_ready) */
 	SMOLVM_DATA = 9,   /* either way: raw file bytes */
 	SMOLVM_GET = 10,   /* host -> guest: NUL-terminated absolute path */
 	SMOLVM_STDIN = 11, /* host -> guest: bytes for the command's stdin (EXEC with SMOLVM_EXEC_STDIN); empty = end of input */
+	SMOLVM_PTY = 12,   /* host -> guest: struct smolvm_pty + strings; see "PTY" */
+	SMOLVM_RESIZE = 13, /* host -> guest: struct smolvm_winsize (PTY only) */
 	SMOLVM_FORWARD = 20, /* host -> guest: struct smolvm_forward; then raw TCP bytes both ways */
 };
 
@@ -61,6 +63,42 @@ struct smolvm_exec {
 	uint32_t timeout_ms; /* 0: no timeout */
 	uint32_t n_env;
 	uint32_t flags; /* SMOLVM_EXEC_* */
+} __attribute__((packed));
+
+/*
+ * PTY: a command on a new pseudo-terminal, for interactive programs. The
+ * payload is this struct, then the strings of EXEC (command run as
+ * `/bin/sh -c COMMAND`, cwd, n_env entries; TERM=xterm-256color unless an
+ * entry sets it). The agent opens a pty of rows x cols, starts the command
+ * as the leader of a new session with the pty as its controlling terminal
+ * and stdin/stdout/stderr, and answers READY (struct smolvm_pty_ready), or
+ * ERROR (as EXEC: ERRC_CWD for the working directory; EINVAL for a size out
+ * of 1..SMOLVM_PTY_MAX_DIM or unknown flags). Then the terminal's output
+ * comes in STDOUT frames as it is produced (stdout and stderr are the same
+ * terminal), and EXIT ends the connection when the command exits (what it
+ * wrote before is sent first). The host sends STDIN frames (bytes typed on
+ * the terminal, in order; empty ones are ignored: end of input on a
+ * terminal is the byte ^D) and RESIZE frames (a new size, as TIOCSWINSZ:
+ * the foreground job gets SIGWINCH) in any order. Any other frame: ERROR
+ * (err 0). Closing the connection kills every process of the session.
+ */
+#define SMOLVM_PTY_MAX_DIM 4096u
+
+struct smolvm_pty {
+	uint32_t timeout_ms; /* 0: no timeout; then the session is killed and EXIT says 124 */
+	uint32_t n_env;
+	uint16_t rows, cols; /* 1..SMOLVM_PTY_MAX_DIM */
+	uint32_t flags;      /* 0 */
+} __attribute__((packed));
+
+struct smolvm_winsize {
+	uint16_t rows, cols; /* 1..SMOLVM_PTY_MAX_DIM; others: ERROR EINVAL */
+	uint32_t reserved;   /* 0 */
+} __attribute__((packed));
+
+struct smolvm_pty_ready {
+	int32_t pid;       /* the session leader (the shell) in the guest */
+	uint32_t reserved; /* 0 */
 } __attribute__((packed));
 
 /*

@@ -19,6 +19,7 @@ from .errors import (
     BrowserSessionError,
     BrowserSessionNotFoundError,
     KVMUnavailableError,
+    PtyClosedError,
     SmolVMError,
     VMGoneError,
     VMNotRunningError,
@@ -29,9 +30,11 @@ from .info import VMInfo, VMState
 from .profile import Profile
 from .result import RunResult
 from ._aio import AsyncSmolVM
+from ._pty import AsyncPtySession, PtySession
 from .vm import SmolVM
 
 __all__ = [
+    "AsyncPtySession",
     "AsyncSmolVM",
     "AgentError",
     "BrowserSession",
@@ -44,6 +47,8 @@ __all__ = [
     "PortInUseError",
     "PortNotExposedError",
     "Profile",
+    "PtyClosedError",
+    "PtySession",
     "RunResult",
     "SmolVM",
     "SmolVMError",

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _stream
+from . import _pty, _stream
 from ._native import native
 from .result import RunResult
 
@@ -91,6 +92,14 @@ class AsyncMixin:
             await asyncio.to_thread(self._start, False)
         return await run(self, self._request(call), call.data, call.on_stdout, call.on_stderr)
 
+    async def async_pty(  # type: ignore[misc]
+        self: SmolVM, cmd: str = "bash", rows: int = 24, cols: int = 80,
+        env: Mapping[str, str] | None = None, cwd: str | None = None, *, timeout: float | None = None,
+    ) -> _pty.AsyncPtySession:  # fmt: skip
+        """pty() for asyncio (the same arguments): an AsyncPtySession whose read/write/wait
+        are coroutines waiting on the event loop (no thread per session)."""
+        return await _pty.open_async(self, cmd, rows, cols, env, cwd, timeout)
+
     async def async_wait_for_ready(self: SmolVM, timeout: float = 60.0) -> SmolVM:  # type: ignore[misc]
         await asyncio.to_thread(self.wait_for_ready, timeout)
         return self
@@ -148,6 +157,9 @@ class AsyncSmolVM:
 
     async def run(self, command: str, timeout: float = 30, **kwargs: Any) -> RunResult:
         return await self.sync.async_run(command, timeout, **kwargs)
+
+    async def pty(self, cmd: str = "bash", rows: int = 24, cols: int = 80, **kwargs: Any) -> _pty.AsyncPtySession:
+        return await self.sync.async_pty(cmd, rows, cols, **kwargs)
 
     async def wait_for_ready(self, timeout: float = 60.0) -> AsyncSmolVM:
         await self.sync.async_wait_for_ready(timeout)

@@ -41,6 +41,10 @@ class VMNotRunningError(SmolVMError):
     """The VM was closed; create a new SmolVM to run more commands."""
 
 
+class PtyClosedError(SmolVMError):
+    """A PTY session was used after close() or after its command exited; open a new one with vm.pty()."""
+
+
 class AgentError(SmolVMError):
     """The guest agent broke the protocol, dropped the connection or stopped answering."""
 

@@ -11,6 +11,7 @@ import builtins
 import os
 import secrets
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import _agent, _boot, _ctl, _stream, _validate, _vmm, disk, network, ports, registry, snapshots
+from . import _agent, _boot, _ctl, _pty, _stream, _validate, _vmm, disk, network, ports, registry, snapshots
 from ._agent import HOST_GRACE_MS, SETUP_ENTROPY_BYTES, SETUP_TIMEOUT_MS, TRANSFER_TIMEOUT_S
 from ._aio import AsyncMixin
 from ._boot import DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, IMAGE_ARG, base_key, boot_cmdline
@@ -68,8 +69,9 @@ class SmolVM(AsyncMixin):
     RAM instead, without a disk.
 
     The VM boots on start() (or the first run(), or entering `with`), lives in its own
-    smolvm-vmm process and dies with close(), garbage collection, interpreter exit, or
-    the death of this process (the VMM exits when its control socket closes).
+    smolvm-vmm process and dies with close(), garbage collection, interpreter exit,
+    SIGTERM (unless the program set its own handler), or the death of this process (the
+    VMM exits when its control socket closes).
     run() may be called from several threads at once.
     """
 
@@ -289,6 +291,8 @@ class SmolVM(AsyncMixin):
             )  # fmt: skip
             registry.save(self._record)
             _live.add(self)
+            if not persistent:
+                _watch_sigterm()
             return self
 
     def _machine(self, profile: Profile) -> _boot.Machine:
@@ -554,6 +558,30 @@ class SmolVM(AsyncMixin):
                 raise TypeError(f"stream() got an unexpected keyword argument {name!r}")
         call = _stream.check(command, timeout, **options)
         return _stream.chunks(self, self._request(call), call.data)
+
+    def pty(
+        self,
+        cmd: str = "bash",
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> _pty.PtySession:
+        """Start `/bin/sh -c cmd` on a new guest terminal of rows x cols and return the session.
+
+        >>> with vm.pty("bash") as t:
+        ...     t.write("tty; exit 7\n"); print(t.wait(), t.read())
+
+        The command leads a new session whose controlling terminal, stdin, stdout and stderr
+        is the pty (TERM=xterm-256color unless env sets it; env and cwd as in run()).
+        write() types, read() returns output as it comes (stdout and stderr are one
+        stream), resize() changes the size, wait() gives the exit code, close() (or leaving
+        `with`) kills every process of the session. timeout (seconds, default none) kills
+        it like run()'s. Starts the VM first if needed.
+        """
+        return _pty.open_sync(self, cmd, rows, cols, env, cwd, timeout)
 
     def _request(self, call: _stream.Call) -> _stream.ExecRequest:
         """Start the VM if needed, and give the request to send for a checked command."""
@@ -839,6 +867,32 @@ def _close_all() -> None:
             vm.close()
         except Exception:
             pass
+
+
+_sigterm_watched = False
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM (a Jupyter kernel restart that timed out, `kill`, a supervisor): close this
+    process's ephemeral VMs (their VMMs would end anyway, but leave their state folders),
+    then die of the signal as if no handler had been there."""
+    _close_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _watch_sigterm() -> None:
+    """Once, when this process starts its first ephemeral VM from the main thread: take
+    SIGTERM if nobody else did (its disposition is still the default)."""
+    global _sigterm_watched
+    if _sigterm_watched or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_watched = True
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # an embedded interpreter without signal handling
+        pass
 
 
 def _forget_in_child() -> None:

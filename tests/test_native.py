@@ -17,7 +17,7 @@ import pytest
 from _helpers import run_threads, serve_in_background
 from smolvm._native import native
 
-MAGIC = 0x33564D53  # "SMV3"
+MAGIC = 0x34564D53  # "SMV4"
 HDR = struct.Struct("<IHHI")
 T_EXEC, T_STDOUT, T_STDERR, T_EXIT, T_ERROR = 1, 2, 3, 4, 5
 

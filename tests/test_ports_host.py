@@ -17,7 +17,7 @@ from _helpers import serve_in_background
 from agent_host import WARN, VARIANTS, need_toolchain
 from smolvm.build import agent as agent_build
 
-MAGIC = 0x33564D53  # "SMV3"
+MAGIC = 0x34564D53  # "SMV4"
 T_FORWARD = 20
 
 

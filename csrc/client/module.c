@@ -1,4 +1,4 @@
-/* smolvm._smolvm: the only file that speaks CPython; spawns VMM processes, runs commands (exec_client), sets the guest up (setup_client) and moves files (file_client). */
+/* smolvm._smolvm: the only file that speaks CPython; spawns VMM processes, runs commands (exec_client), drives terminals (pty_client), sets the guest up (setup_client) and moves files (file_client). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -18,6 +18,7 @@
 
 #include "exec_client.h"
 #include "file_client.h"
+#include "pty_client.h"
 #include "setup_client.h"
 #include "proto.h"
 
@@ -30,6 +31,7 @@ extern char **environ;
 typedef struct {
 	PyObject *protocol_error; /* smolvm.errors.ProtocolError, also smolvm._smolvm.ProtocolError */
 	PyObject *exec_stream_type; /* smolvm._smolvm.ExecStream */
+	PyObject *pty_session_type; /* smolvm._smolvm.PtySession */
 } module_state;
 
 static module_state *module_get_state(PyObject *module)
@@ -783,6 +785,353 @@ cleanup:
 	return (PyObject *)ms;
 }
 
+/* ---- PtySession: one terminal session driven from Python ------------------ */
+
+typedef struct {
+	PyObject_HEAD
+	PyObject *module;        /* owning module (for ProtocolError) */
+	struct pty_session *ps;  /* NULL once closed */
+	struct pty_status st;
+	int state;               /* 0 running, 1 done (EXIT came), -1 failed or closed */
+	int busy;                /* a pump() has the GIL released: no second caller */
+} module_pty;
+
+static void module_pty_release(module_pty *mp)
+{
+	pty_session_free(mp->ps); /* closes the connection: the agent kills the session */
+	mp->ps = NULL;
+}
+
+static void module_pty_dealloc(PyObject *self)
+{
+	module_pty *mp = (module_pty *)self;
+	PyTypeObject *tp = Py_TYPE(self);
+
+	PyObject_GC_UnTrack(self);
+	module_pty_release(mp);
+	Py_CLEAR(mp->module);
+	tp->tp_free(self);
+	Py_DECREF(tp);
+}
+
+static int module_pty_traverse(PyObject *self, visitproc visit, void *arg)
+{
+	Py_VISIT(Py_TYPE(self));
+	Py_VISIT(((module_pty *)self)->module);
+	return 0;
+}
+
+/* The session is usable for I/O (not closed, not busy in another thread); else an exception set. */
+static int module_pty_usable(module_pty *mp, const char *what)
+{
+	if (mp->busy) {
+		PyErr_Format(PyExc_RuntimeError, "PtySession.%s() while pump() runs in another thread", what);
+		return -1;
+	}
+	if (mp->ps == NULL) {
+		PyErr_Format(PyExc_ValueError, "PtySession.%s(): the session is closed", what);
+		return -1;
+	}
+	return 0;
+}
+
+/* A failed step or wait: the connection is closed and the error raised. */
+static void module_pty_raise(module_pty *mp, int rc)
+{
+	struct agent_error guest = { rc == -EPROTO, mp->st.guest_err, mp->st.guest_code };
+
+	mp->state = -1;
+	module_pty_release(mp);
+	module_raise(mp->module, rc, mp->st.error, sizeof(mp->st.error), &guest, NULL, NULL);
+}
+
+PyDoc_STRVAR(pty_pump_doc,
+"pump(timeout) -> bool\n\n"
+"Send what the socket takes (input, resizes), read what came, and if nothing\n"
+"changed wait up to timeout seconds (0: not at all; at most 0.1 s is advised,\n"
+"so that signals are seen) with the GIL released, then read again. Returns\n"
+"True once the session ended (EXIT came). Raises like exec(); the session is\n"
+"then closed.");
+
+static PyObject *module_pty_pump(PyObject *self, PyObject *args)
+{
+	module_pty *mp = (module_pty *)self;
+	double timeout;
+	int rc, wait_ms;
+
+	if (!PyArg_ParseTuple(args, "d:pump", &timeout))
+		return NULL;
+	if (mp->state != 0)
+		return PyBool_FromLong(mp->state == 1);
+	if (module_pty_usable(mp, "pump") < 0)
+		return NULL;
+	wait_ms = !(timeout > 0) ? 0 : timeout > 3600 ? 3600000 : (int)(timeout * 1000.0 + 0.5);
+	mp->busy = 1;
+	Py_BEGIN_ALLOW_THREADS
+	size_t before;
+	pty_session_output(mp->ps, &before);
+	rc = pty_session_step(mp->ps);
+	if (rc == 0) {
+		size_t after;
+
+		pty_session_output(mp->ps, &after);
+		rc = pty_session_wait(mp->ps, after == before ? wait_ms : 0);
+		if (rc == 0)
+			rc = pty_session_step(mp->ps);
+	}
+	Py_END_ALLOW_THREADS
+	mp->busy = 0;
+	if (rc < 0) {
+		module_pty_raise(mp, rc);
+		return NULL;
+	}
+	if (rc == 1)
+		mp->state = 1;
+	if (PyErr_CheckSignals() < 0)
+		return NULL;
+	return PyBool_FromLong(mp->state == 1);
+}
+
+static PyObject *module_pty_read(PyObject *self, PyObject *args)
+{
+	module_pty *mp = (module_pty *)self;
+	Py_ssize_t n;
+	const uint8_t *p;
+	size_t len;
+	PyObject *b;
+
+	if (!PyArg_ParseTuple(args, "n:read", &n))
+		return NULL;
+	if (n < 0) {
+		PyErr_SetString(PyExc_ValueError, "read(n): n must be >= 0");
+		return NULL;
+	}
+	if (mp->ps == NULL)
+		return PyBytes_FromStringAndSize("", 0);
+	p = pty_session_output(mp->ps, &len);
+	if ((size_t)n < len)
+		len = (size_t)n;
+	b = PyBytes_FromStringAndSize(len ? (const char *)p : "", (Py_ssize_t)len);
+	if (b != NULL)
+		pty_session_consume(mp->ps, len);
+	return b;
+}
+
+static PyObject *module_pty_write(PyObject *self, PyObject *args)
+{
+	module_pty *mp = (module_pty *)self;
+	Py_buffer buf;
+	int rc;
+
+	if (!PyArg_ParseTuple(args, "y*:write", &buf))
+		return NULL;
+	if (module_pty_usable(mp, "write") < 0 || mp->state != 0) {
+		if (!PyErr_Occurred())
+			PyErr_SetString(PyExc_ValueError, "PtySession.write(): the session has ended");
+		PyBuffer_Release(&buf);
+		return NULL;
+	}
+	rc = pty_session_write(mp->ps, buf.buf, (size_t)buf.len);
+	PyBuffer_Release(&buf);
+	if (rc < 0)
+		return PyErr_NoMemory();
+	Py_RETURN_NONE;
+}
+
+static PyObject *module_pty_resize(PyObject *self, PyObject *args)
+{
+	module_pty *mp = (module_pty *)self;
+	unsigned int rows, cols;
+
+	if (!PyArg_ParseTuple(args, "II:resize", &rows, &cols))
+		return NULL;
+	if (module_pty_usable(mp, "resize") < 0)
+		return NULL;
+	if (rows > UINT16_MAX || cols > UINT16_MAX || pty_session_resize(mp->ps, (uint16_t)rows, (uint16_t)cols) < 0) {
+		PyErr_Format(PyExc_ValueError, "terminal size %ux%u: rows and cols must be in 1..%u", rows, cols,
+			     SMOLVM_PTY_MAX_DIM);
+		return NULL;
+	}
+	Py_RETURN_NONE;
+}
+
+static PyObject *module_pty_fileno(PyObject *self, PyObject *unused)
+{
+	module_pty *mp = (module_pty *)self;
+
+	(void)unused;
+	if (mp->ps == NULL) {
+		PyErr_SetString(PyExc_ValueError, "PtySession is closed");
+		return NULL;
+	}
+	return PyLong_FromLong(pty_session_fd(mp->ps));
+}
+
+static PyObject *module_pty_wants_write(PyObject *self, PyObject *unused)
+{
+	module_pty *mp = (module_pty *)self;
+
+	(void)unused;
+	return PyBool_FromLong(mp->ps != NULL && mp->state == 0 && pty_session_wants_write(mp->ps));
+}
+
+static PyObject *module_pty_close(PyObject *self, PyObject *unused)
+{
+	module_pty *mp = (module_pty *)self;
+
+	(void)unused;
+	if (mp->busy) {
+		PyErr_SetString(PyExc_RuntimeError, "PtySession.close() while pump() runs in another thread");
+		return NULL;
+	}
+	if (mp->state == 0)
+		mp->state = -1;
+	module_pty_release(mp);
+	Py_RETURN_NONE;
+}
+
+static PyObject *module_pty_get_done(PyObject *self, void *closure)
+{
+	(void)closure;
+	return PyBool_FromLong(((module_pty *)self)->state != 0);
+}
+
+static PyObject *module_pty_get_pid(PyObject *self, void *closure)
+{
+	module_pty *mp = (module_pty *)self;
+
+	(void)closure;
+	if (!mp->st.pid)
+		Py_RETURN_NONE;
+	return PyLong_FromLong(mp->st.pid);
+}
+
+static PyObject *module_pty_get_pending(PyObject *self, void *closure)
+{
+	module_pty *mp = (module_pty *)self;
+
+	(void)closure;
+	return PyLong_FromSize_t(mp->ps ? pty_session_pending(mp->ps) : 0);
+}
+
+static PyObject *module_pty_get_available(PyObject *self, void *closure)
+{
+	module_pty *mp = (module_pty *)self;
+	size_t len = 0;
+
+	(void)closure;
+	if (mp->ps)
+		pty_session_output(mp->ps, &len);
+	return PyLong_FromSize_t(len);
+}
+
+/* (exit_code, signal, timed_out) once EXIT came, else None. */
+static PyObject *module_pty_get_status(PyObject *self, void *closure)
+{
+	module_pty *mp = (module_pty *)self;
+
+	(void)closure;
+	if (mp->state != 1)
+		Py_RETURN_NONE;
+	return Py_BuildValue("(iiO)", mp->st.exit_code, mp->st.signal, mp->st.timed_out ? Py_True : Py_False);
+}
+
+static PyMethodDef module_pty_methods[] = {
+	{"pump", module_pty_pump, METH_VARARGS, pty_pump_doc},
+	{"read", module_pty_read, METH_VARARGS, "read(n) -> bytes: up to n bytes of the terminal output that came (no I/O)."},
+	{"write", module_pty_write, METH_VARARGS, "write(bytes): queue input for the terminal; pump() sends it."},
+	{"resize", module_pty_resize, METH_VARARGS, "resize(rows, cols): queue a new terminal size; pump() sends it."},
+	{"fileno", module_pty_fileno, METH_NOARGS, "The socket, for an event loop's add_reader()/add_writer()."},
+	{"wants_write", module_pty_wants_write, METH_NOARGS, "True while queued frames wait for the socket."},
+	{"close", module_pty_close, METH_NOARGS, "Close the connection; the agent kills every process of the session."},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef module_pty_getset[] = {
+	{"done", module_pty_get_done, NULL, "True once the session ended, failed or was closed.", NULL},
+	{"pid", module_pty_get_pid, NULL, "The session leader's pid in the guest (None until the agent said).", NULL},
+	{"pending", module_pty_get_pending, NULL, "Input bytes (and frames) not yet taken by the socket.", NULL},
+	{"available", module_pty_get_available, NULL, "Output bytes waiting for read().", NULL},
+	{"status", module_pty_get_status, NULL, "(exit_code, signal, timed_out) once the session ended, else None.", NULL},
+	{NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot module_pty_slots[] = {
+	{Py_tp_dealloc, module_pty_dealloc},
+	{Py_tp_traverse, module_pty_traverse},
+	{Py_tp_methods, module_pty_methods},
+	{Py_tp_getset, module_pty_getset},
+	{Py_tp_doc, "One command on a guest pseudo-terminal, driven by pump(); made by pty_start()."},
+	{0, NULL},
+};
+
+static PyType_Spec module_pty_spec = {
+	.name = "smolvm._smolvm.PtySession",
+	.basicsize = sizeof(module_pty),
+	.flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+	.slots = module_pty_slots,
+};
+
+PyDoc_STRVAR(pty_start_doc,
+"pty_start(uds_path, port, command, cwd, env, timeout_ms, host_timeout_ms, rows, cols) -> PtySession\n\n"
+"Connect and queue a PTY request: `/bin/sh -c command` on a new guest\n"
+"terminal of rows x cols (1..PTY_MAX_DIM). Drive it with pump(); .pid is set\n"
+"once the agent started it. Raises OSError when nothing listens at uds_path,\n"
+"ValueError for a bad size.");
+
+static PyObject *module_pty_start(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+	static char *kwlist[] = {"uds_path", "port", "command", "cwd", "env", "timeout_ms", "host_timeout_ms",
+				 "rows", "cols", NULL};
+	module_state *st = module_get_state(module);
+	PyObject *uds = NULL, *command = NULL, *cwd = NULL, *env_obj = NULL;
+	struct module_strv env = {0};
+	unsigned int port, timeout_ms, rows, cols;
+	int host_timeout_ms, rc;
+	struct pty_request req;
+	module_pty *mp = NULL;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&IO&O&OIiII:pty_start", kwlist, PyUnicode_FSConverter, &uds,
+					 &port, module_conv_cstr, &command, module_conv_cstr, &cwd, &env_obj,
+					 &timeout_ms, &host_timeout_ms, &rows, &cols))
+		goto cleanup;
+	if (rows < 1 || cols < 1 || rows > SMOLVM_PTY_MAX_DIM || cols > SMOLVM_PTY_MAX_DIM) {
+		PyErr_Format(PyExc_ValueError, "terminal size %ux%u: rows and cols must be in 1..%u", rows, cols,
+			     SMOLVM_PTY_MAX_DIM);
+		goto cleanup;
+	}
+	if (module_strv_from(env_obj, "env", &env) < 0)
+		goto cleanup;
+	if ((size_t)env.n > UINT32_MAX) {
+		PyErr_SetString(PyExc_OverflowError, "too many environment entries");
+		goto cleanup;
+	}
+	req = (struct pty_request){ PyBytes_AS_STRING(command), PyBytes_AS_STRING(cwd), (const char *const *)env.v,
+				    (uint32_t)env.n, timeout_ms, (uint16_t)rows, (uint16_t)cols };
+	mp = PyObject_GC_New(module_pty, (PyTypeObject *)st->pty_session_type);
+	if (mp == NULL)
+		goto cleanup;
+	mp->module = Py_NewRef(module);
+	mp->ps = NULL;
+	memset(&mp->st, 0, sizeof(mp->st));
+	mp->state = 0;
+	mp->busy = 0;
+	PyObject_GC_Track((PyObject *)mp);
+	Py_BEGIN_ALLOW_THREADS
+	rc = pty_session_open(&mp->ps, PyBytes_AS_STRING(uds), port, &req, host_timeout_ms, &mp->st);
+	Py_END_ALLOW_THREADS
+	if (rc < 0) {
+		module_raise(module, rc, mp->st.error, sizeof(mp->st.error), NULL, NULL, NULL);
+		Py_CLEAR(mp);
+	}
+cleanup:
+	module_strv_free(&env);
+	Py_XDECREF(uds);
+	Py_XDECREF(command);
+	Py_XDECREF(cwd);
+	return (PyObject *)mp;
+}
+
 /* ---- setup ------------------------------------------------------------ */
 
 PyDoc_STRVAR(setup_doc,
@@ -1024,6 +1373,7 @@ static PyMethodDef module_methods[] = {
 	{"wait_line", module_wait_line, METH_VARARGS, wait_line_doc},
 	{"exec", module_exec, METH_VARARGS, exec_doc},
 	{"exec_start", (PyCFunction)(void (*)(void))module_exec_start, METH_VARARGS | METH_KEYWORDS, exec_start_doc},
+	{"pty_start", (PyCFunction)(void (*)(void))module_pty_start, METH_VARARGS | METH_KEYWORDS, pty_start_doc},
 	{"setup", module_setup, METH_VARARGS, setup_doc},
 	{"put_file", module_put_file, METH_VARARGS, put_file_doc},
 	{"get_file", module_get_file, METH_VARARGS, get_file_doc},
@@ -1050,6 +1400,12 @@ static int module_exec_slot(PyObject *module)
 		return -1;
 	if (PyModule_AddObjectRef(module, "ExecStream", st->exec_stream_type) < 0)
 		return -1;
+	st->pty_session_type = PyType_FromModuleAndSpec(module, &module_pty_spec, NULL);
+	if (st->pty_session_type == NULL)
+		return -1;
+	if (PyModule_AddObjectRef(module, "PtySession", st->pty_session_type) < 0 ||
+	    PyModule_AddIntConstant(module, "PTY_MAX_DIM", SMOLVM_PTY_MAX_DIM) < 0)
+		return -1;
 	if (PyModule_AddIntConstant(module, "STDOUT", SMOLVM_STDOUT) < 0 ||
 	    PyModule_AddIntConstant(module, "STDERR", SMOLVM_STDERR) < 0 ||
 	    PyModule_AddIntConstant(module, "ERRC_REQUEST", SMOLVM_ERRC_REQUEST) < 0 ||
@@ -1071,6 +1427,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
 	module_state *st = module_get_state(module);
 	Py_VISIT(st->protocol_error);
 	Py_VISIT(st->exec_stream_type);
+	Py_VISIT(st->pty_session_type);
 	return 0;
 }
 
@@ -1079,6 +1436,7 @@ static int module_clear(PyObject *module)
 	module_state *st = module_get_state(module);
 	Py_CLEAR(st->protocol_error);
 	Py_CLEAR(st->exec_stream_type);
+	Py_CLEAR(st->pty_session_type);
 	return 0;
 }
 

@@ -13,7 +13,7 @@
 /*
  * Files: main.c (the loop, the dispatch, logging: prefix agent_), init.c (PID 1: mounts, reaping,
  * readiness: init_), conn.c (connections, the output queue, request frames: conn_), exec.c (EXEC:
- * exec_), files.c (PUT/GET: files_), setup.c (SETUP: setup_). Everything runs on one thread, in
+ * exec_), pty.c (PTY: pty_), files.c (PUT/GET: files_), setup.c (SETUP: setup_). Everything runs on one thread, in
  * the epoll loop of agent_run(); no handler waits for the host or for a command.
  *
  * A handler's return value: 0 when the connection goes on (an ERROR or EXIT may be queued, and
@@ -33,7 +33,7 @@ enum agent_watch_kind {
 	AGENT_W_SIGNAL,
 	AGENT_W_READY,
 	AGENT_W_SOCK,
-	AGENT_W_STDOUT,
+	AGENT_W_STDOUT, /* also a PTY's master: its output is STDOUT frames */
 	AGENT_W_STDERR,
 	AGENT_W_STDIN,
 	AGENT_W_PEER, /* FORWARD: the guest TCP connection, in `out` */
@@ -70,7 +70,7 @@ enum agent_conn_state {
 struct agent_conn {
 	struct agent_conn *next;
 	struct agent_watch sock, out, err;
-	struct agent_watch in; /* EXEC with SMOLVM_EXEC_STDIN: the write end of the command's stdin; fd -1 once closed */
+	struct agent_watch in; /* EXEC with SMOLVM_EXEC_STDIN: the write end of the command's stdin; PTY: a dup of the master; fd -1 once closed */
 	enum agent_conn_state state;
 	char line[32]; /* handshake line */
 	size_t line_len;
@@ -99,7 +99,9 @@ struct agent_conn {
 	uint64_t poll_at_ms;
 	struct relay relay; /* FORWARD (its b is out.fd) */
 	/* EXEC with SMOLVM_EXEC_STDIN: the STDIN frame being read and written to the pipe */
-	bool stdin_on;            /* STDIN frames follow EXEC */
+	bool stdin_on;            /* STDIN frames follow EXEC (always for PTY) */
+	bool pty;                 /* a PTY request: RESIZE frames too; its session dies with the connection */
+	pid_t pty_sid;            /* PTY: the session to kill on close (the leader's pid), or 0 */
 	bool stdin_eof;           /* the empty STDIN frame came */
 	struct smolvm_frame ihdr;
 	uint32_t igot;            /* bytes of ihdr read; AGENT_HDR = in a payload */
@@ -213,6 +215,22 @@ int conn_forward(struct agent_conn *c);
 
 /* ---- exec.c ---- */
 
+/* An EXEC or PTY request, checked. The strings point into the connection's payload. */
+struct exec_req {
+	const char *cmd, *cwd;
+	const char **envp; /* the base environment with the request's entries over it; NULL-terminated, malloc'd */
+	bool stdin_on;
+	uint32_t timeout_ms;
+};
+
+/*
+ * The strings of an EXEC or PTY payload from byte off (command, cwd, n_env KEY=VALUE entries
+ * over the base environment, whose TERM is term if not NULL) into req, and the cwd checked;
+ * what names the frame in messages. The caller frees req->envp. 0, or ERROR queued, or -ENOMEM.
+ */
+int exec_parse_strings(struct agent_conn *c, const char *what, uint32_t off, uint32_t n_env, const char *term,
+		       struct exec_req *req);
+
 /* EXEC request: check the payload (else ERROR) and spawn `/bin/sh -c` (AGENT_C_RUNNING). */
 int exec_start(struct agent *a, struct agent_conn *c);
 /* One read from an output pipe w into a queued frame. Bytes read, 0 at EOF (w closed), -EAGAIN or -errno. */
@@ -225,6 +243,15 @@ int exec_read_stdin(struct agent *a, struct agent_conn *c);
 void exec_stdin_event(struct agent *a, struct agent_conn *c);
 /* A whole STDIN frame waits for the command to read it: read nothing more from the host until it does. */
 bool exec_stdin_full(const struct agent_conn *c);
+
+/* ---- pty.c ---- */
+
+/* PTY request: check it, open a pty, start the command as a session leader on it, answer READY (AGENT_C_RUNNING). */
+int pty_start(struct agent *a, struct agent_conn *c);
+/* A whole RESIZE payload: set the terminal's size. 0, or -EINVAL for a size out of range. */
+int pty_resize(struct agent_conn *c, const uint8_t *payload);
+/* SIGKILL every process of session sid (the PTY's, when its connection closes). */
+void pty_kill_session(pid_t sid);
 
 /* ---- files.c ---- */
 

@@ -238,6 +238,9 @@ void conn_close(struct agent *a, struct agent_conn *c)
 	if (c->pid > 0)
 		kill(-c->pid, SIGKILL); /* the host went away: stop the whole process group */
 	c->pid = 0;
+	if (c->pty_sid > 0)
+		pty_kill_session(c->pty_sid); /* a PTY: every job of its shell, in whatever group */
+	c->pty_sid = 0;
 	files_drop(c); /* a cut PUT leaves no file behind */
 	if (a->root_conn == c)
 		a->root_conn = NULL;
@@ -400,15 +403,18 @@ static int conn_request_header(struct agent_conn *c)
 	if (type == SMOLVM_FORWARD && len != sizeof(struct smolvm_forward))
 		return -EINVAL; /* FORWARD gets no answer: just close */
 	if (type != SMOLVM_EXEC && type != SMOLVM_SETUP && type != SMOLVM_PUT && type != SMOLVM_GET &&
-	    type != SMOLVM_FORWARD)
-		return conn_fail(c, 0, "bad frame: type %u, want EXEC (%u), SETUP (%u), PUT (%u) or GET (%u)", type,
-				 SMOLVM_EXEC, SMOLVM_SETUP, SMOLVM_PUT, SMOLVM_GET);
+	    type != SMOLVM_FORWARD && type != SMOLVM_PTY)
+		return conn_fail(c, 0, "bad frame: type %u, want EXEC (%u), SETUP (%u), PUT (%u), GET (%u) or PTY (%u)",
+				 type, SMOLVM_EXEC, SMOLVM_SETUP, SMOLVM_PUT, SMOLVM_GET, SMOLVM_PTY);
 	if (len > SMOLVM_MAX_PAYLOAD)
 		return conn_fail(c, 0, "bad request frame: payload of %u bytes is over the limit of %u", len,
 				 SMOLVM_MAX_PAYLOAD);
 	if (type == SMOLVM_EXEC && len < sizeof(struct smolvm_exec))
 		return conn_fail(c, 0, "bad EXEC frame: payload of %u bytes is shorter than its %zu-byte header", len,
 				 sizeof(struct smolvm_exec));
+	if (type == SMOLVM_PTY && len < sizeof(struct smolvm_pty))
+		return conn_fail(c, 0, "bad PTY frame: payload of %u bytes is shorter than its %zu-byte header", len,
+				 sizeof(struct smolvm_pty));
 	if ((type == SMOLVM_PUT || type == SMOLVM_GET) && len > sizeof(struct smolvm_put) + AGENT_PATH_MAX)
 		return conn_fail(c, ENAMETOOLONG, "bad %s frame: payload of %u bytes, the path is too long",
 				 type == SMOLVM_PUT ? "PUT" : "GET", len);

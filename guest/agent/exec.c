@@ -26,14 +26,6 @@ static const char *const exec_base_env[] = {
 };
 #define EXEC_N_BASE_ENV (sizeof(exec_base_env) / sizeof(exec_base_env[0]))
 
-/* An EXEC request, checked. The strings point into the connection's payload. */
-struct exec_req {
-	const char *cmd, *cwd;
-	const char **envp; /* the base environment with the request's entries over it; NULL-terminated, malloc'd */
-	bool stdin_on;
-	uint32_t timeout_ms;
-};
-
 /* The next NUL-terminated string of the payload at *off, or NULL if it runs past the end. */
 static const char *exec_next_string(const uint8_t *p, uint32_t len, uint32_t *off)
 {
@@ -58,42 +50,40 @@ static int exec_set_nonblock(int fd)
 	return 0;
 }
 
-/*
- * Check the EXEC payload (its length is at least struct smolvm_exec, conn_read_request saw to
- * that) and fill req; the caller frees req->envp. 0, or ERROR queued (AGENT_C_CLOSING), or -ENOMEM.
- */
-static int exec_parse(struct agent_conn *c, struct exec_req *req)
+int exec_parse_strings(struct agent_conn *c, const char *what, uint32_t off, uint32_t n_env, const char *term,
+		       struct exec_req *req)
 {
 	const uint8_t *p = c->payload;
-	uint32_t len = le32toh(c->hdr.len), off = sizeof(struct smolvm_exec), n_env, nvars, i;
-	struct smolvm_exec ex;
+	uint32_t len = le32toh(c->hdr.len), nvars, i;
 	struct stat st;
 
-	memcpy(&ex, p, sizeof(ex));
-	n_env = le32toh(ex.n_env);
 	req->cmd = exec_next_string(p, len, &off);
 	if (!req->cmd)
-		return conn_fail(c, 0, "bad EXEC frame: the command string is not NUL-terminated inside the payload");
+		return conn_fail(c, 0, "bad %s frame: the command string is not NUL-terminated inside the payload", what);
 	req->cwd = exec_next_string(p, len, &off);
 	if (!req->cwd)
-		return conn_fail(c, 0, "bad EXEC frame: the cwd string is missing or not NUL-terminated");
+		return conn_fail(c, 0, "bad %s frame: the cwd string is missing or not NUL-terminated", what);
 	if (n_env > EXEC_MAX_ENV)
-		return conn_fail(c, 0, "bad EXEC frame: n_env=%u exceeds the limit of %u", n_env, EXEC_MAX_ENV);
+		return conn_fail(c, 0, "bad %s frame: n_env=%u exceeds the limit of %u", what, n_env, EXEC_MAX_ENV);
 	req->envp = calloc(EXEC_N_BASE_ENV + n_env + 1, sizeof(*req->envp));
 	if (!req->envp)
 		return -ENOMEM;
 	memcpy(req->envp, exec_base_env, sizeof(exec_base_env));
 	nvars = EXEC_N_BASE_ENV;
+	for (i = 0; term && i < nvars; i++) {
+		if (strncmp(req->envp[i], "TERM=", 5) == 0)
+			req->envp[i] = term;
+	}
 	for (i = 0; i < n_env; i++) {
 		const char *kv = exec_next_string(p, len, &off), *eq;
 		uint32_t j;
 
 		if (!kv)
-			return conn_fail(c, 0, "bad EXEC frame: n_env=%u but env entry %u is missing or not NUL-terminated",
-					 n_env, i);
+			return conn_fail(c, 0, "bad %s frame: n_env=%u but env entry %u is missing or not NUL-terminated",
+					 what, n_env, i);
 		eq = strchr(kv, '=');
 		if (!eq || eq == kv)
-			return conn_fail(c, 0, "bad EXEC frame: env entry %u \"%.60s\" is not KEY=VALUE", i, kv);
+			return conn_fail(c, 0, "bad %s frame: env entry %u \"%.60s\" is not KEY=VALUE", what, i, kv);
 		for (j = 0; j < nvars; j++) {
 			if (strncmp(req->envp[j], kv, (size_t)(eq - kv) + 1) == 0)
 				break;
@@ -103,7 +93,7 @@ static int exec_parse(struct agent_conn *c, struct exec_req *req)
 			nvars++;
 	}
 	if (off != len)
-		return conn_fail(c, 0, "bad EXEC frame: %u bytes after the command, cwd and n_env=%u env entries",
+		return conn_fail(c, 0, "bad %s frame: %u bytes after the command, cwd and n_env=%u env entries", what,
 				 len - off, n_env);
 	if (!req->cwd[0])
 		req->cwd = "/";
@@ -111,6 +101,22 @@ static int exec_parse(struct agent_conn *c, struct exec_req *req)
 		return conn_fail_code(c, errno, SMOLVM_ERRC_CWD, "cwd %s: %s", req->cwd, strerror(errno));
 	if (!S_ISDIR(st.st_mode))
 		return conn_fail_code(c, ENOTDIR, SMOLVM_ERRC_CWD, "cwd %s: %s", req->cwd, strerror(ENOTDIR));
+	return 0;
+}
+
+/*
+ * Check the EXEC payload (its length is at least struct smolvm_exec, conn_read_request saw to
+ * that) and fill req; the caller frees req->envp. 0, or ERROR queued (AGENT_C_CLOSING), or -ENOMEM.
+ */
+static int exec_parse(struct agent_conn *c, struct exec_req *req)
+{
+	struct smolvm_exec ex;
+	int ret;
+
+	memcpy(&ex, c->payload, sizeof(ex));
+	ret = exec_parse_strings(c, "EXEC", sizeof(ex), le32toh(ex.n_env), NULL, req);
+	if (ret < 0 || c->state == AGENT_C_CLOSING)
+		return ret;
 	if (le32toh(ex.flags) & ~SMOLVM_EXEC_STDIN)
 		return conn_fail(c, EINVAL, "bad EXEC frame: unknown flags 0x%x", le32toh(ex.flags));
 	req->stdin_on = le32toh(ex.flags) & SMOLVM_EXEC_STDIN;
@@ -324,6 +330,7 @@ static void exec_stdin_frame_end(struct agent_conn *c)
 
 int exec_read_stdin(struct agent *a, struct agent_conn *c)
 {
+	bool resize;
 	ssize_t n;
 
 	while (!exec_stdin_full(c)) {
@@ -340,10 +347,17 @@ int exec_read_stdin(struct agent *a, struct agent_conn *c)
 			if (c->igot < AGENT_HDR)
 				continue;
 			len = le32toh(c->ihdr.len);
-			if (le32toh(c->ihdr.magic) != SMOLVM_PROTO_MAGIC || le16toh(c->ihdr.type) != SMOLVM_STDIN ||
-			    len > SMOLVM_MAX_PAYLOAD || c->stdin_eof)
+			resize = c->pty && le16toh(c->ihdr.type) == SMOLVM_RESIZE;
+			if (le32toh(c->ihdr.magic) != SMOLVM_PROTO_MAGIC ||
+			    (le16toh(c->ihdr.type) != SMOLVM_STDIN && !resize) || len > SMOLVM_MAX_PAYLOAD ||
+			    c->stdin_eof || (resize && len != sizeof(struct smolvm_winsize)))
 				return conn_fail(c, 0, "bad frame while the command runs: type %u, length %u (want STDIN%s)",
-						 le16toh(c->ihdr.type), len, c->stdin_eof ? ", and none after the empty one" : "");
+						 le16toh(c->ihdr.type), len,
+						 c->pty ? " or RESIZE" : c->stdin_eof ? ", and none after the empty one" : "");
+			if (len == 0 && c->pty) {
+				c->igot = 0; /* a terminal's end of input is ^D: nothing to do */
+				continue;
+			}
 			if (len == 0) {
 				c->stdin_eof = true;
 				agent_watch_close(a, &c->in); /* the command sees end of file */
@@ -358,7 +372,15 @@ int exec_read_stdin(struct agent *a, struct agent_conn *c)
 			continue;
 		}
 		c->iread += (uint32_t)n;
-		exec_stdin_write(a, c);
+		if (le16toh(c->ihdr.type) == SMOLVM_RESIZE) {
+			if (c->iread < c->ilen)
+				continue;
+			c->iwritten = c->ilen;
+			if (pty_resize(c, c->ibuf) < 0)
+				return conn_fail(c, EINVAL, "bad RESIZE frame: a size out of 1..%u", SMOLVM_PTY_MAX_DIM);
+		} else {
+			exec_stdin_write(a, c);
+		}
 		exec_stdin_frame_end(c);
 	}
 	return 0;

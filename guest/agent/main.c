@@ -92,6 +92,8 @@ static int agent_request(struct agent *a, struct agent_conn *c)
 		return files_get_start(c);
 	case SMOLVM_FORWARD:
 		return conn_forward(c);
+	case SMOLVM_PTY:
+		return pty_start(a, c);
 	default:
 		return exec_start(a, c);
 	}

@@ -233,6 +233,7 @@ static __attribute__((unused)) int fuzz_connect(int fd, const struct sockaddr *s
 #include "../../guest/agent/files.c"
 #include "../../guest/agent/init.c"
 #include "../../guest/agent/netcfg.c"
+#include "../../guest/agent/pty.c"
 #include "../../guest/agent/relay.c"
 #include "../../guest/agent/setup.c"
 

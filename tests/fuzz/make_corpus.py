@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # the protocol version of the tree: seeds follow csrc/proto.h (rerun this script after a bump)
 MAGIC = int(re.search(r"#define SMOLVM_PROTO_MAGIC (0x[0-9a-fA-F]+)u", (HERE.parents[1] / "csrc" / "proto.h").read_text())[1], 16)
-EXEC, STDOUT, STDERR, EXIT, ERROR, SETUP, PUT, READY, DATA, GET = range(1, 11)
+EXEC, STDOUT, STDERR, EXIT, ERROR, SETUP, PUT, READY, DATA, GET, STDIN, PTY, RESIZE = range(1, 14)
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
@@ -139,6 +139,8 @@ def agent_seeds() -> dict[str, bytes]:
     su = frame(SETUP, struct.pack("<QIIII", 1, 16, 6, 0, 0) + bytes(range(16)) + b"smolvm")
     put = frame(PUT, struct.pack("<QII", 10, 0o644, 0) + b"/tmp/x\0") + frame(DATA, b"01234") + frame(DATA, b"56789")
     get = frame(GET, b"/tmp/somefile\0")
+    pty = frame(PTY, struct.pack("<IIHHI", 0, 1, 24, 80, 0) + b"bash\0/tmp\0A=1\0")
+    pty += frame(STDIN, b"ls\n") + frame(RESIZE, struct.pack("<HHI", 40, 100, 0)) + frame(STDIN, b"")
     return {
         "exec_unix": b"\1" + hs + ex,
         "exec_vsock": b"\0" + ex,
@@ -147,6 +149,7 @@ def agent_seeds() -> dict[str, bytes]:
         "put_empty": b"\0" + frame(PUT, struct.pack("<QII", 0, 0o600, 0) + b"/tmp/empty\0"),
         "get": b"\0" + get,
         "get_dir": b"\1" + hs + frame(GET, b"/tmp/\0"),
+        "pty": b"\0" + pty,
     }
 
 
