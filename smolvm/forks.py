@@ -36,23 +36,25 @@ class Capture:
     vmm_us: int  # the VMM's time for the capture, in microseconds
     missed: int | None  # SMOLVM_FORK_VERIFY=1: written pages the dirty log missed
     why_full: str  # why it is a full capture, if it is
+    parts_us: dict[str, int]  # the VMM's time by step: log (dirty log), link, overlay, state
+    wall_s: float = 0.0  # the parent's pause: PAUSE to RESUME, disk copy included
 
     @staticmethod
     def parse(path: Path, reply: str) -> Capture:
-        """"layered pages=N missed=N|- us=N [why]" into a Capture."""
+        """"layered|full pages=N missed=N|- us=N log=N ... [why]" into a Capture."""
         words = reply.split()
         kind, fields, rest = (words[0] if words else ""), {}, []
         for w in words[1:]:
             key, eq, value = w.partition("=")
-            if eq and key in ("pages", "missed", "us") and not rest:
+            if eq and key.isalpha() and not rest:
                 fields[key] = value
             else:
                 rest.append(w)
-        missed = fields.get("missed", "-")
+        missed = fields.pop("missed", "-")
         return Capture(
-            path=path, layered=kind == "layered", pages=int(fields.get("pages", 0)),
-            vmm_us=int(fields.get("us", 0)), missed=None if missed == "-" else int(missed),
-            why_full=" ".join(rest),
+            path=path, layered=kind == "layered", pages=int(fields.pop("pages", 0)),
+            vmm_us=int(fields.pop("us", 0)), missed=None if missed == "-" else int(missed),
+            why_full=" ".join(rest), parts_us={k: int(v) for k, v in fields.items() if v.isdigit()},
         )  # fmt: skip
 
 

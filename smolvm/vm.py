@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import concurrent.futures
+import dataclasses
 import json
 import os
 import secrets
@@ -55,6 +57,7 @@ elif TYPE_CHECKING:
     from typing_extensions import Unpack
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
+FORK_START_THREADS = 4  # fork(n) starts this many children at once
 _T = TypeVar("_T")
 
 class SmolVM(AsyncMixin):
@@ -475,7 +478,10 @@ class SmolVM(AsyncMixin):
                 child._net = self._net
                 child._env = self._current_env()
                 children.append(child)
-                child._start(persistent=persistent)
+            # restores wait mostly on their VMM and agent: start a few at once
+            with concurrent.futures.ThreadPoolExecutor(min(n, FORK_START_THREADS)) as pool:
+                for done in [pool.submit(c._start, persistent) for c in children]:
+                    done.result()
         except BaseException:
             for child in children:
                 child.delete()
@@ -490,6 +496,7 @@ class SmolVM(AsyncMixin):
         """PAUSE, FORK into a new capture folder, copy the disk, RESUME (lock held)."""
         was_paused = self.status == "paused"
         path = forks.new()
+        t0 = time.monotonic()
         try:
             if not was_paused:
                 try:
@@ -504,11 +511,12 @@ class SmolVM(AsyncMixin):
             finally:
                 if not was_paused:
                     self._command("RESUME")
+            wall = time.monotonic() - t0
             (path / snapshots.META).write_text(json.dumps(self._meta(), indent=1))
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
-        self.last_fork = forks.Capture.parse(path, reply)
+        self.last_fork = dataclasses.replace(forks.Capture.parse(path, reply), wall_s=wall)
         return self.last_fork
 
     @classmethod

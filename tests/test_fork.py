@@ -27,7 +27,13 @@ COUNTER = (
 
 
 def _count(vm: SmolVM) -> int:
-    return int(vm.run("cat /tmp/count", timeout=T).stdout)
+    """The counter's value (0 before its first tick; a read between its truncate and its write
+    sees an empty file, so read again)."""
+    for _ in range(20):
+        out = vm.run("cat /tmp/count 2>/dev/null || echo 0", timeout=T).stdout.strip()
+        if out:
+            return int(out)
+    raise AssertionError(f"/tmp/count stays empty in {vm.vm_id}")
 
 
 def _wait_count_above(vm: SmolVM, value: int, timeout: float = 60) -> int:

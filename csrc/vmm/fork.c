@@ -1,4 +1,4 @@
-/* Forking a running VM: pages written since restore (KVM dirty log + the VMM's own), layered capture and its restore. */
+/* Forking a running VM: pages written since restore (KVM dirty log + VMM marks), layered capture, its restore. */
 #define _GNU_SOURCE
 #include "fork.h"
 
@@ -255,8 +255,7 @@ static int fork_write_overlay(struct vm *vm, const char *path, uint64_t *count, 
 			goto out;
 		p = end;
 	}
-	if (fsync(fd) < 0)
-		ret = -errno;
+	/* no fsync: a capture serves children started now, none after a host crash */
 out:
 	if (ret)
 		fork_err(err, errlen, ret, "write %s: %s", path, strerror(-ret));
@@ -270,6 +269,7 @@ static int fork_layered(struct fork_state *f, struct vm *vm, const char *dir, st
 {
 	uint64_t words = (vm->mem_size / FORK_PAGE + 63) / 64;
 	char src[64], path[4096];
+	uint64_t t = fork_now_us();
 	int ret;
 
 	ret = kvm_dirty_log_collect(vm, vm->dirty);
@@ -280,6 +280,8 @@ static int fork_layered(struct fork_state *f, struct vm *vm, const char *dir, st
 	}
 	if (f->verify)
 		st->missed = fork_pagemap_check(vm);
+	st->t_log_us = fork_now_us() - t;
+	t = fork_now_us();
 	/* the very file this VM maps, even if its snapshot was replaced or removed since */
 	snprintf(src, sizeof(src), "/proc/self/fd/%d", f->base_fd);
 	snprintf(path, sizeof(path), "%s/%s", dir, SNAP_MEMORY_FILE);
@@ -287,13 +289,19 @@ static int fork_layered(struct fork_state *f, struct vm *vm, const char *dir, st
 		snprintf(f->why, sizeof(f->why), "cannot link the base memory file: %s", strerror(errno));
 		return 1;
 	}
+	st->t_link_us = fork_now_us() - t;
+	t = fork_now_us();
 	snprintf(path, sizeof(path), "%s/%s", dir, FORK_OVERLAY_FILE);
 	ret = fork_write_overlay(vm, path, &st->pages, err, errlen);
 	if (ret)
 		return ret;
+	st->t_overlay_us = fork_now_us() - t;
+	t = fork_now_us();
 	snap_put(sections, SNAP_MEM_OVERLAY, 0, vm->dirty, (uint32_t)(words * sizeof(uint64_t)));
 	st->layered = true;
-	return snapshot_save_state(vm, dir, sections, err, errlen);
+	ret = snapshot_save_state(vm, dir, sections, err, errlen);
+	st->t_state_us = fork_now_us() - t;
+	return ret;
 }
 
 int fork_capture(struct fork_state *f, struct vm *vm, const char *dir, struct snap_writer *sections,

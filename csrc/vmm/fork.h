@@ -31,6 +31,7 @@ struct fork_stats {
 	uint64_t pages;       /* pages in the overlay (layered) or the guest's pages (full) */
 	uint64_t missed;      /* verify: pages the log missed (UINT64_MAX: not checked) */
 	uint64_t t_us;
+	uint64_t t_log_us, t_link_us, t_overlay_us, t_state_us; /* its parts (layered) */
 };
 
 /*

@@ -254,14 +254,17 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 
 		ret = vmm_fork(v, line + 5, &st, err, sizeof(err));
 		if (!ret) {
-			/* OK layered|full pages=N missed=N|- us=N [why a full capture] */
+			/* OK layered|full pages=N missed=N|- us=N log=N link=N overlay=N state=N [why a full capture] */
 			char missed[24] = "-";
 
 			if (st.missed != UINT64_MAX)
 				snprintf(missed, sizeof(missed), "%llu", (unsigned long long)st.missed);
-			ctl_reply(conn, "OK %s pages=%llu missed=%s us=%llu%s%s", st.layered ? "layered" : "full",
-				  (unsigned long long)st.pages, missed, (unsigned long long)st.t_us,
-				  st.layered ? "" : " ", st.layered ? "" : v->fork.why);
+			ctl_reply(conn, "OK %s pages=%llu missed=%s us=%llu log=%llu link=%llu overlay=%llu state=%llu%s%s",
+				  st.layered ? "layered" : "full", (unsigned long long)st.pages, missed,
+				  (unsigned long long)st.t_us, (unsigned long long)st.t_log_us,
+				  (unsigned long long)st.t_link_us, (unsigned long long)st.t_overlay_us,
+				  (unsigned long long)st.t_state_us, st.layered ? "" : " ",
+				  st.layered ? "" : v->fork.why);
 			return;
 		}
 	} else if (!strncmp(line, "FWD ", 4)) {
