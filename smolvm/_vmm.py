@@ -44,8 +44,15 @@ def boot_argv(
 
 
 def restore_argv(vmm: Path, snap: Path) -> list[str]:
-    """The start of a restore's argv (common_argv() and the disks follow)."""
-    return [str(vmm), "--restore", str(snap)]
+    """The start of a restore's argv (common_argv() and the disks follow). SMOLVM_FORK_VERIFY=1
+    makes fork() check the VMM's dirty-page log against the kernel's page map (tests);
+    SMOLVM_DIRTY_LOG=0 turns write tracking off (benchmarks: its cost)."""
+    argv = [str(vmm), "--restore", str(snap)]
+    if os.environ.get("SMOLVM_FORK_VERIFY") == "1":
+        argv.append("--fork-verify")
+    if os.environ.get("SMOLVM_DIRTY_LOG") == "0":  # no write tracking: fork() captures everything
+        argv.append("--no-dirty-log")
+    return argv
 
 
 def disk_args(image_file: Path, disk: Path) -> list[str]:

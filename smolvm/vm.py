@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import concurrent.futures
+import dataclasses
+import json
 import os
 import secrets
 import shutil
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import _agent, _boot, _ctl, _pty, _stream, _validate, _vmm, disk, network, ports, registry, snapshots
+from . import _agent, _boot, _ctl, _pty, _stream, _validate, _vmm, disk, forks, network, ports, registry, snapshots
 from ._agent import HOST_GRACE_MS, SETUP_ENTROPY_BYTES, SETUP_TIMEOUT_MS, TRANSFER_TIMEOUT_S
 from ._aio import AsyncMixin
 from ._boot import DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, IMAGE_ARG, base_key, boot_cmdline
@@ -55,6 +58,7 @@ elif TYPE_CHECKING:
     from typing_extensions import Unpack
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
+FORK_START_THREADS = 4  # fork(n) starts this many children at once
 _T = TypeVar("_T")
 
 class SmolVM(AsyncMixin):
@@ -111,6 +115,7 @@ class SmolVM(AsyncMixin):
         self._gone: VMGoneError | None = None
         self._profile: Profile | None = None
         self._boot_time: float | None = None
+        self.last_fork: forks.Capture | None = None  # what this VM's last fork() captured
 
     # ---- properties -------------------------------------------------------------
 
@@ -404,6 +409,8 @@ class SmolVM(AsyncMixin):
             self._vmm.close_ctl()
             self._vmm.pid = None
             registry.remove(self._vm_id)
+            if forks.of(rec.source) is not None:
+                forks.collect()  # this VM may have been the last child of its capture
 
     def stop(self) -> None:
         """Shut the VM down (same as delete(): a stopped microVM keeps nothing worth keeping)."""
@@ -446,6 +453,75 @@ class SmolVM(AsyncMixin):
             if self._image is not None and not was_paused:
                 self._command("RESUME")
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def fork(self, n: int = 1, *, persistent: bool = False) -> builtins.list[SmolVM]:
+        """n new sandboxes that start from this instant of this one: same memory, same running
+        processes, same files. The VM is paused while its state is captured, then goes on
+        (a paused VM stays paused; its children run).
+
+        Each child is a restore of that capture: its own copy-on-write memory, its own sparse
+        copy of the disk, fresh entropy, its own vm_id and hostname, a fresh network (passt)
+        and no port forwards (expose_local() again in a child). persistent=False children end
+        with this process or their `with` block like SmolVM(); persistent=True ones last until
+        delete(). A VM restored from a snapshot (any SmolVM(), a child) writes only the pages
+        it changed since its restore (self.last_fork says how many); a cold-booted one writes
+        its whole memory. The capture's files go when the last child is deleted.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+            raise ValueError(f"fork(n): n must be a whole number from 1 to 64, got {n!r}")
+        with self._lock:
+            if self._status != "running":
+                self._raise_if_stopped()
+                raise VMNotRunningError(f"VM {self._vm_id} is not running: start() it before fork()")
+            forks.collect()
+            capture = self._capture_for_fork()
+        children: builtins.list[SmolVM] = []
+        try:
+            for _ in range(n):
+                child = SmolVM.from_snapshot_dir(capture.path, boot_timeout=self._boot_timeout)
+                child._net = self._net
+                child._env = self._current_env()
+                children.append(child)
+            # restores wait mostly on their VMM and agent: start a few at once
+            with concurrent.futures.ThreadPoolExecutor(min(n, FORK_START_THREADS)) as pool:
+                for done in [pool.submit(c._start, persistent) for c in children]:
+                    done.result()
+        except BaseException:
+            for child in children:
+                child.delete()
+            raise
+        finally:
+            forks.done_creating(capture.path)
+            if not children or all(c._status != "running" for c in children):
+                forks.collect()
+        return children
+
+    def _capture_for_fork(self) -> forks.Capture:
+        """PAUSE, FORK into a new capture folder, copy the disk, RESUME (lock held)."""
+        was_paused = self.status == "paused"
+        path = forks.new()
+        t0 = time.monotonic()
+        try:
+            if not was_paused:
+                try:
+                    self._command("PAUSE")  # the disk copy must match the memory image
+                except SmolVMError:
+                    self._raise_if_gone()  # a dead VM: VMGoneError naming it
+                    raise
+            try:
+                reply = self._command(f"FORK {path}")
+                if self._image is not None:
+                    disk.copy_sparse(self._vmm.files.disk, path / DISK_FILE)
+            finally:
+                if not was_paused:
+                    self._command("RESUME")
+            wall = time.monotonic() - t0
+            (path / snapshots.META).write_text(json.dumps(self._meta(), indent=1))
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self.last_fork = dataclasses.replace(forks.Capture.parse(path, reply), wall_s=wall)
+        return self.last_fork
 
     @classmethod
     def from_snapshot(cls, name: str, *, boot_timeout: float | None = None) -> SmolVM:
@@ -858,7 +934,10 @@ class SmolVM(AsyncMixin):
         """Close ctl, reap (SIGKILL after grace), read tails, remove the state dir."""
         self._status = "stopped"
         _live.discard(self)
-        return self._vmm.teardown(grace, keep_logs)
+        status = self._vmm.teardown(grace, keep_logs)
+        if forks.of(self._source) is not None and os.getpid() == self._owner_pid:
+            forks.collect()  # this VM may have been the last child of its capture
+        return status
 
 
 def _close_all() -> None:

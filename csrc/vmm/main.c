@@ -19,6 +19,7 @@
 #include "dev.h"
 #include "devices.h"
 #include "evloop.h"
+#include "fork.h"
 #include "inspect.h"
 #include "kvm.h"
 #include "mptable.h"
@@ -37,7 +38,7 @@
 
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen, *inspect;
-	int daemonize, xstate_port;
+	int daemonize, xstate_port, no_dirty_log, fork_verify;
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
 	int nr_disks;
@@ -54,6 +55,7 @@ struct vmm {
 	struct portfwd *fwd;
 	int sig_fd;
 	int paused; /* paused by a PAUSE command */
+	struct fork_state fork; /* pages written since restore, for FORK (fork.h) */
 	struct ctl *ctl;
 };
 
@@ -70,7 +72,7 @@ static void vmm_usage(void)
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
-			"[--net-passt PASST [--net-passt ARG]...]\n"
+			"[--net-passt PASST [--net-passt ARG]...] [--no-dirty-log] [--fork-verify]\n"
 			"       smolvm-vmm --inspect SNAPSHOT_DIR_OR_FILE   (its checks and header as JSON; no KVM)\n");
 }
 
@@ -108,6 +110,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "disk", required_argument, NULL, 'b' },
 		{ "net-passt", required_argument, NULL, 'p' },
 		{ "inspect", required_argument, NULL, 'I' },
+		{ "no-dirty-log", no_argument, NULL, 'D' },
+		{ "fork-verify", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -143,6 +147,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 			a->disks[a->nr_disks++] = optarg;
 			break;
 		case 'I': a->inspect = optarg; break;
+		case 'D': a->no_dirty_log = 1; break;
+		case 'V': a->fork_verify = 1; break;
 		case 'p':
 			if (a->nr_passt >= PASST_MAX_ARGS)
 				return -E2BIG;
@@ -195,8 +201,30 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 	return ret;
 }
 
+/* Capture the VM for forks (fork.h): layered over the memory file it was restored from when it can. */
+static int vmm_fork(struct vmm *v, const char *dir, struct fork_stats *st, char *err, size_t errlen)
+{
+	struct snap_writer devs = { 0 };
+	int ret;
+
+	if (!v->paused) {
+		ret = vm_pause(&v->vm);
+		if (ret) {
+			snprintf(err, errlen, "pause failed: %s", strerror(-ret));
+			return ret;
+		}
+	}
+	dev_save_all(&v->devs, &devs);
+	ret = fork_capture(&v->fork, &v->vm, dir, &devs, st, err, errlen);
+	free(devs.buf);
+	if (!v->paused)
+		vm_resume(&v->vm);
+	vmm_log(v, "t_fork_us", st->t_us);
+	return ret;
+}
+
 /*
- * One control command: PING, PAUSE, RESUME, SNAPSHOT <dir>, DETACH (outlive
+ * One control command: PING, PAUSE, RESUME, SNAPSHOT <dir>, FORK <dir>, DETACH (outlive
  * the owner), STOP, FWD ADD|DEL|LIST (csrc/vmm/portfwd.h). Answers OK [value] or
  * ERR <why> on the asking connection.
  */
@@ -221,6 +249,24 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 		v->paused = 0;
 	} else if (!strncmp(line, "SNAPSHOT ", 9) && line[9] == '/') {
 		ret = vmm_snapshot(v, line + 9, err, sizeof(err));
+	} else if (!strncmp(line, "FORK ", 5) && line[5] == '/') {
+		struct fork_stats st;
+
+		ret = vmm_fork(v, line + 5, &st, err, sizeof(err));
+		if (!ret) {
+			/* OK layered|full pages=N missed=N|- us=N log=N link=N overlay=N state=N [why a full capture] */
+			char missed[24] = "-";
+
+			if (st.missed != UINT64_MAX)
+				snprintf(missed, sizeof(missed), "%llu", (unsigned long long)st.missed);
+			ctl_reply(conn, "OK %s pages=%llu missed=%s us=%llu log=%llu link=%llu overlay=%llu state=%llu%s%s",
+				  st.layered ? "layered" : "full", (unsigned long long)st.pages, missed,
+				  (unsigned long long)st.t_us, (unsigned long long)st.t_log_us,
+				  (unsigned long long)st.t_link_us, (unsigned long long)st.t_overlay_us,
+				  (unsigned long long)st.t_state_us, st.layered ? "" : " ",
+				  st.layered ? "" : v->fork.why);
+			return;
+		}
 	} else if (!strncmp(line, "FWD ", 4)) {
 		char out[PORTFWD_MAX * 12 + 1];
 
@@ -293,6 +339,15 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	ret = kvm_vm_create(vm, info.mem_size, mem_fd);
 	if (ret)
 		goto out;
+	if (v->a.restore) {
+		v->fork.verify = v->a.fork_verify;
+		ret = fork_restore(&v->fork, vm, &snap, v->a.restore, mem_fd, !v->a.no_dirty_log,
+				   vm->exit_msg, sizeof(vm->exit_msg));
+		if (ret)
+			goto out;
+	} else {
+		snprintf(v->fork.why, sizeof(v->fork.why), "the VM was booted, not restored");
+	}
 	vm->xstate_port = v->a.xstate_port;
 	ret = evloop_new(&vm->loop);
 	if (ret)
@@ -409,6 +464,7 @@ int main(int argc, char **argv)
 
 	v.vm.t_start_ns = vmm_now_ns();
 	v.sig_fd = -1;
+	v.fork.base_fd = -1;
 	signal(SIGPIPE, SIG_IGN);
 	if (vmm_parse(argc, argv, &v.a)) {
 		vmm_usage();
@@ -457,6 +513,7 @@ int main(int argc, char **argv)
 	dev_free_all(&v.devs);
 	v.vsock = NULL;
 	kvm_vm_destroy(&v.vm);
+	fork_free(&v.fork, &v.vm);
 	evloop_free(v.vm.loop);
 	if (v.sig_fd >= 0)
 		close(v.sig_fd);

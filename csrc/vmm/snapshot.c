@@ -308,8 +308,8 @@ out:
 	return ret;
 }
 
-int snapshot_save(struct vm *vm, const char *dir, struct snap_writer *devices, char *err,
-		  size_t errlen)
+static int snap_save(struct vm *vm, const char *dir, struct snap_writer *devices, bool memory,
+		     char *err, size_t errlen)
 {
 	struct snap_writer w = { 0 };
 	struct snap_header h;
@@ -345,7 +345,7 @@ int snapshot_save(struct vm *vm, const char *dir, struct snap_writer *devices, c
 		goto out;
 	}
 	snprintf(path, sizeof(path), "%s/%s", dir, SNAP_MEMORY_FILE);
-	ret = snap_write_memory(vm, path, err, errlen);
+	ret = memory ? snap_write_memory(vm, path, err, errlen) : 0;
 	if (ret)
 		goto out;
 
@@ -376,6 +376,18 @@ out:
 		close(fd);
 	free(w.buf);
 	return ret;
+}
+
+int snapshot_save(struct vm *vm, const char *dir, struct snap_writer *devices, char *err,
+		  size_t errlen)
+{
+	return snap_save(vm, dir, devices, true, err, errlen);
+}
+
+int snapshot_save_state(struct vm *vm, const char *dir, struct snap_writer *sections, char *err,
+			size_t errlen)
+{
+	return snap_save(vm, dir, sections, false, err, errlen);
 }
 
 /* Python's repr of a bytes value, as the magic appears in messages: b'SMOLSNAP'. */

@@ -35,6 +35,7 @@ enum snap_section {
 	SNAP_DEV_BLK,
 	SNAP_DEV_NET,
 	SNAP_DEV_LIST, /* the device table's names in order, "serial,i8042,vsock,blk" (dev.h) */
+	SNAP_MEM_OVERLAY = 64, /* a fork capture (fork.h): bitmap of the pages overlay.bin replaces */
 };
 
 struct snap_vm_info {
@@ -69,6 +70,13 @@ const void *snap_get(const struct snap_reader *r, uint32_t type, uint32_t index,
  */
 int snapshot_save(struct vm *vm, const char *dir, struct snap_writer *devices, char *err,
 		  size_t errlen);
+
+/*
+ * snapshot_save() without the memory file: the caller puts memory.bin in dir itself (a fork
+ * capture links the memory file it was restored from there and writes an overlay, fork.h).
+ */
+int snapshot_save_state(struct vm *vm, const char *dir, struct snap_writer *sections, char *err,
+			size_t errlen);
 
 /*
  * Open dir as a restore needs it, without KVM: both files present, the state file's size,

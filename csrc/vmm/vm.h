@@ -32,6 +32,9 @@ struct vm {
 	int kvm_fd, vm_fd;
 	uint8_t *mem;      /* host mapping of guest RAM at GPA 0 */
 	uint64_t mem_size; /* bytes; RAM is [0, mem_size) below the 32-bit gap */
+	/* One bit per 4 KiB page of vm->mem the VMM may have written since a restore (fork.h):
+	 * vm_gpa() sets the bits of every range it hands out; NULL = not tracked. */
+	uint64_t *dirty;
 	int nr_vcpus;
 	struct vcpu *vcpus[VM_MAX_VCPUS];
 	struct evloop *loop;
@@ -56,10 +59,25 @@ enum { VM_RUNNING = 0, VM_EXIT_RESET, VM_EXIT_SHUTDOWN, VM_EXIT_ERROR, VM_EXIT_S
 #define VM_GAP_START 0xc0000000ull
 #define VM_GAP_END 0x100000000ull
 
+/* Mark the pages of [off, off+len) of vm->mem as written (a range vm_gpa() checked). Any thread. */
+static inline void vm_mark_dirty(struct vm *vm, uint64_t off, uint64_t len)
+{
+	if (!vm->dirty || !len)
+		return;
+	for (uint64_t pg = off >> 12, last = (off + len - 1) >> 12; pg <= last; pg++) {
+		uint64_t bit = 1ull << (pg & 63);
+
+		if (!(__atomic_load_n(&vm->dirty[pg >> 6], __ATOMIC_RELAXED) & bit))
+			__atomic_fetch_or(&vm->dirty[pg >> 6], bit, __ATOMIC_RELAXED);
+	}
+}
+
 /*
  * The only way to turn a guest physical address into a pointer: returns the
  * host address of [gpa, gpa+len) if the whole range lies in one block of guest
- * RAM (overflow-checked), else NULL. len 0 is allowed.
+ * RAM (overflow-checked), else NULL. len 0 is allowed. When the VM tracks its
+ * writes (vm->dirty), the range counts as written: a pointer from here may be
+ * written through at any later time, and KVM's dirty log sees only vCPU writes.
  */
 static inline void *vm_gpa(struct vm *vm, uint64_t gpa, uint64_t len)
 {
@@ -69,6 +87,7 @@ static inline void *vm_gpa(struct vm *vm, uint64_t gpa, uint64_t len)
 	if (gpa < VM_GAP_START) {
 		if (gpa > low || len > low - gpa)
 			return NULL;
+		vm_mark_dirty(vm, gpa, len);
 		return vm->mem + gpa;
 	}
 	if (gpa < VM_GAP_END)
@@ -76,6 +95,7 @@ static inline void *vm_gpa(struct vm *vm, uint64_t gpa, uint64_t len)
 	off = gpa - VM_GAP_END;
 	if (off > high || len > high - off)
 		return NULL;
+	vm_mark_dirty(vm, low + off, len);
 	return vm->mem + low + off;
 }
 

@@ -207,6 +207,9 @@ def doctor_report() -> dict[str, Any]:
 
     live, gone = registry.scan()
     rep["vms"] = {"running": len(live), "ids": [r.vm_id for r in live], "gone_cleaned_up": gone}
+    from .. import forks
+
+    rep["forks"] = forks.report()  # vm.fork() captures kept for live children; orphans removed
     for kind in ("kernel", "agent", "initramfs"):
         if not rep["cache"][kind]["built"]:
             rep.setdefault("hints", []).append(f"{kind} not built yet: run `smolvm build`")
@@ -284,6 +287,9 @@ def _print_doctor(rep: dict[str, Any]) -> None:
     if vms["gone_cleaned_up"]:
         line("", f"cleaned up the records of {len(vms['gone_cleaned_up'])} VM(s) whose VMM had ended: "
              + ", ".join(vms["gone_cleaned_up"]))  # fmt: skip
+    fk = rep["forks"]
+    line("fork caps", f"{fk['count']} kept for live children, {mib(fk['bytes'])} on disk"
+         + (f"; removed {len(fk['removed_orphans'])} orphaned" if fk["removed_orphans"] else ""))  # fmt: skip
     print("OK: this host can run smolvm VMs" if rep["ok"] else "PROBLEMS:\n  - " + "\n  - ".join(rep["problems"]))
 
 

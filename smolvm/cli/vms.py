@@ -1,4 +1,4 @@
-"""`smolvm run` (a VM for one command) and `smolvm ls|exec|rm` for the running VMs of this machine."""
+"""`smolvm run` (a VM for one command) and `smolvm ls|exec|fork|rm` for the running VMs of this machine."""
 
 from __future__ import annotations
 
@@ -177,6 +177,40 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_fork(args: argparse.Namespace) -> int:
+    def fork(vm: SmolVM) -> int:
+        kids = vm.fork(args.n, persistent=True)  # this process ends now: children must outlive it
+        cap = vm.last_fork
+        if args.json:
+            print_json({
+                "parent": vm.vm_id, "children": [k.vm_id for k in kids],
+                "layered": bool(cap and cap.layered), "pages": cap.pages if cap else 0,
+                "vmm_ms": round(cap.vmm_us / 1000, 1) if cap else None,
+            })  # fmt: skip
+        else:
+            for k in kids:
+                print(k.vm_id)
+            if cap is not None:
+                how = "layered" if cap.layered else f"full ({cap.why_full})"
+                print(f"smolvm: forked {vm.vm_id} into {len(kids)}: {how} capture of {cap.pages} pages "
+                      f"in {cap.vmm_us / 1000:.1f} ms", file=sys.stderr)  # fmt: skip
+        for k in kids:
+            k.close()
+        return 0
+
+    return on_vm(args.vm_id, fork, errors=(ValueError,))
+
+
+def cmd_rm_and_collect(args: argparse.Namespace) -> int:
+    from .. import forks
+
+    rc = cmd_rm(args)
+    removed = forks.collect()
+    if removed:
+        print(f"smolvm: removed {len(removed)} fork capture(s) no VM needs any more", file=sys.stderr)
+    return rc
+
+
 def add_parser(sub: Any) -> None:
     from ..build.image import DEFAULT_IMAGE
     from ..vm import DEFAULT_DISK_MIB
@@ -202,6 +236,11 @@ def add_parser(sub: Any) -> None:
     e.add_argument("vm_id", metavar="ID")
     e.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
-    rm = add_command(sub, "rm", cmd_rm, "delete VMs (stop them and remove their state)")
+    f = add_command(sub, "fork", cmd_fork, "fork a running VM: N persistent copies starting from this instant",
+                    json_help='machine-readable: {"parent", "children": [...], "layered", "pages", "vmm_ms"}')  # fmt: skip
+    f.add_argument("vm_id", metavar="ID")
+    f.add_argument("-n", type=int, default=1, help="how many children (default 1)")
+
+    rm = add_command(sub, "rm", cmd_rm_and_collect, "delete VMs (stop them and remove their state)")
     rm.add_argument("vm_ids", nargs="*", metavar="ID")
     rm.add_argument("--all", action="store_true", help="delete every VM on this machine")
