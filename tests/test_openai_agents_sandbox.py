@@ -91,7 +91,8 @@ def _driver(command: str, seen: list[str]) -> Any:
     def respond(call: Any) -> Any:
         outs = _outputs(call)
         if not outs:
-            return [function_call("exec_command", {"cmd": command, "yield_time_ms": WAIT_MS}, call_id="c0")]
+            args = {"cmd": command, "yield_time_ms": WAIT_MS}
+            return [function_call("exec_command", args, call_id="c0")]
         seen.append(outs[-1])
         running = re.search(r"Process running with session ID (\d+)", outs[-1])
         if running:
@@ -107,7 +108,8 @@ def test_sandbox_agent_runs_tools_in_the_vm(run: _Loop, session: Any) -> None:
     """SandboxAgent + SandboxRunConfig(session=...): the agent's command writes a file in the VM
     (read back with smolvm) and its output comes back to the model."""
     seen: list[str] = []
-    model = ScriptedModel([ModelStep.respond(_driver("cat seed.txt && echo agent-was-here > note.txt && uname -s", seen))] * 6)
+    command = "cat seed.txt && echo agent-was-here > note.txt && uname -s"
+    model = ScriptedModel([ModelStep.respond(_driver(command, seen))] * 6)
     agent = SandboxAgent(name="dev", model=model, instructions="Work in the sandbox.")
     cfg = RunConfig(sandbox=SandboxRunConfig(session=session), tracing_disabled=True)
     result = run(Runner.run(agent, "Leave a note.", run_config=cfg))

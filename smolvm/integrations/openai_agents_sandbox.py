@@ -83,7 +83,6 @@ BACKEND = "smolvm"
 PTY_ROWS, PTY_COLS = 24, 80
 PTY_READ_CHUNK = 65536
 PTY_READ_WAKE_S = 0.5  # a PTY reader thread checks this often whether its session was closed
-PTY_EXIT_WAIT_S = 5.0  # after EOF, how long to wait for the PTY's exit status
 
 
 class SmolVMSandboxClientOptions(BaseSandboxClientOptions):
@@ -425,19 +424,23 @@ class SmolVMSandboxSession(BaseSandboxSession):
         try:
             while not entry.done.is_set():
                 chunk = pty.read(PTY_READ_CHUNK, timeout=PTY_READ_WAKE_S)
-                if chunk == b"" and getattr(pty, "exit_code", None) is not None:
-                    break
-                if chunk == b"":
-                    try:
-                        entry.exit_code = pty.wait(PTY_EXIT_WAIT_S)
-                    except Exception:
-                        pass
-                    if entry.exit_code is not None:
-                        break
+                if chunk:
+                    asyncio.run_coroutine_threadsafe(self._push(entry, chunk), loop).result()
                     continue
-                asyncio.run_coroutine_threadsafe(self._push(entry, chunk), loop).result()
+                # nothing within the wake interval, or EOF: has the command ended?
+                code = getattr(pty, "exit_code", None)
+                if code is None:
+                    try:
+                        code = pty.wait(PTY_READ_WAKE_S)
+                    except Exception:  # still running (a wait timeout)
+                        code = None
+                if code is not None:
+                    entry.exit_code = code
+                    break
         except Exception as e:
-            asyncio.run_coroutine_threadsafe(self._push(entry, f"\nsmolvm: pty failed: {e}\n".encode()), loop)
+            if not entry.done.is_set():  # not our own close()
+                note = f"\nsmolvm: the pty failed: {e}\n".encode()
+                asyncio.run_coroutine_threadsafe(self._push(entry, note), loop).result()
         finally:
             if entry.exit_code is None:
                 entry.exit_code = getattr(pty, "exit_code", None)
@@ -475,12 +478,11 @@ class SmolVMSandboxSession(BaseSandboxSession):
     async def _terminate(self, entry: _ExecSession) -> None:
         """End a session's command (cancelling async_run kills it in the guest) and its reader."""
         if entry.pty is not None:
-            if not entry.done.is_set():
-                try:
-                    await asyncio.to_thread(entry.pty.close)
-                except Exception:
-                    pass
             entry.done.set()  # the reader thread stops at its next wake
+            try:
+                await asyncio.to_thread(entry.pty.close)  # ends a running command too
+            except Exception:
+                pass
         if entry.task is not None and not entry.task.done():
             if entry.pty is None:
                 entry.task.cancel()
