@@ -3,7 +3,9 @@
 The model is the SDK's own ScriptedModel (agents.testing): no network, no API key. Its
 tool calls go through the SDK's real tools (exec_command, write_stdin) into one persistent
 VM that the module shares; the test then checks the VM with smolvm itself. Resuming from a
-serialized state happens in a second process, as the SDK's RunState allows.
+serialized state happens in a second process, as the SDK's RunState allows; a state whose VM
+is gone resumes into a new VM hydrated from the session's snapshot. tty=true runs once
+SmolVM.pty exists (else it must be refused clearly).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ agents = pytest.importorskip(
 from agents import RunConfig, Runner  # noqa: E402
 from agents.sandbox import Manifest, SandboxAgent, SandboxRunConfig  # noqa: E402
 from agents.sandbox.entries import File  # noqa: E402
-from agents.sandbox.errors import ExposedPortUnavailableError, WorkspaceReadNotFoundError  # noqa: E402
+from agents.sandbox.errors import (  # noqa: E402
+    ExecTransportError,
+    ExposedPortUnavailableError,
+    WorkspaceReadNotFoundError,
+)
+from agents.sandbox.snapshot import LocalSnapshotSpec  # noqa: E402
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call  # noqa: E402
 
 from smolvm import SmolVM  # noqa: E402
@@ -166,6 +173,31 @@ def test_files_ports_and_exec_sessions(run: _Loop, session: Any) -> None:
 
 
 @pytest.mark.vm
+@pytest.mark.skipif(not hasattr(SmolVM, "pty"), reason="this smolvm has no SmolVM.pty: tty=true is refused")
+def test_tty_exec_session(run: _Loop, session: Any) -> None:
+    """exec_command with tty=true: a PTY (SmolVM.pty) that write_stdin types into."""
+    update = run(session.pty_exec_start("bash", tty=True, yield_time_s=1))
+    out = update.output
+    assert update.process_id is not None
+    sid = update.process_id
+    update = run(session.pty_write_stdin(session_id=sid, chars="tty; exit 3\n", yield_time_s=30))
+    out += update.output
+    while update.exit_code is None:
+        update = run(session.pty_write_stdin(session_id=sid, chars="", yield_time_s=30))
+        out += update.output
+    assert update.exit_code == 3
+    assert re.search(rb"/dev/pts/\d+", out), out
+
+
+@pytest.mark.vm
+def test_tty_refused_without_pty(run: _Loop, session: Any) -> None:
+    if hasattr(SmolVM, "pty"):
+        pytest.skip("this smolvm has SmolVM.pty: test_tty_exec_session covers tty=true")
+    with pytest.raises(ExecTransportError, match="tty=true is not supported"):
+        run(session.pty_exec_start("bash", tty=True, yield_time_s=1))
+
+
+@pytest.mark.vm
 def test_resume_in_another_process_then_delete(run: _Loop, client: SmolVMSandboxClient, session: Any) -> None:
     """A serialized state resumes in a second process (SmolVM.from_id underneath) and sees the
     workspace; a resumed session's delete() ends the VM."""
@@ -199,6 +231,29 @@ def test_resume_in_another_process_then_delete(run: _Loop, client: SmolVMSandbox
     run(client.delete(resumed))
     with pytest.raises(VMNotFoundError):
         SmolVM.from_id(session.state.vm_id)
+
+
+@pytest.mark.vm
+def test_resume_after_the_vm_is_gone_restores_the_snapshot(
+    run: _Loop, client: SmolVMSandboxClient, tmp_path: Path
+) -> None:
+    """stop() persists the workspace (a tar from the guest) into a LocalSnapshot; with the VM
+    gone, resume() starts a new VM and start() hydrates its workspace from the snapshot."""
+    s = run(client.create(snapshot=LocalSnapshotSpec(base_path=tmp_path)))
+    replacement = None
+    try:
+        run(s.start())
+        run(s.write(Path("work/result.txt"), io.BytesIO(b"survives the VM\n")))
+        run(s.aclose())  # stop(): the snapshot; shutdown(): lets go of the VM
+        assert list(tmp_path.iterdir()), "no snapshot written"
+        SmolVM.from_id(s.state.vm_id).delete()  # the VM dies behind the SDK's back
+        payload = client.serialize_session_state(s.state)
+        replacement = run(client.resume(client.deserialize_session_state(payload)))
+        assert replacement.state.vm_id != s.state.vm_id
+        run(replacement.start())
+        assert run(replacement.read(Path("work/result.txt"))).read() == b"survives the VM\n"
+    finally:
+        run(client.delete(replacement if replacement is not None else s))
 
 
 @pytest.mark.vm
