@@ -244,15 +244,15 @@ def test_openai_agents_function_tool(runtime: SmolVMRuntime) -> None:
 
 
 @pytest.mark.parametrize(
-    ("integration", "blocked", "package"),
+    ("integration", "blocked", "package", "extra"),
     [
-        ("pydantic_ai", "pydantic_ai", "pydantic-ai-slim"),
-        ("langchain", "langchain_core", "langchain-core"),
-        ("openai_agents", "agents", "openai-agents"),
+        ("pydantic_ai", "pydantic_ai", "pydantic-ai-slim", "pydantic-ai"),
+        ("langchain", "langchain_core", "langchain-core", "langchain"),
+        ("openai_agents", "agents", "openai-agents", "openai-agents"),
     ],
 )
 def test_missing_framework_error(
-    monkeypatch: pytest.MonkeyPatch, integration: str, blocked: str, package: str
+    monkeypatch: pytest.MonkeyPatch, integration: str, blocked: str, package: str, extra: str
 ) -> None:
     import importlib
 
@@ -263,7 +263,8 @@ def test_missing_framework_error(
     with pytest.raises(ImportError) as err:
         mod.smolvm_tool()
     msg = str(err.value)
-    assert 'pip install "smolvm[examples]"' in msg and package in msg
+    assert f'pip install "smolvm[{extra}]"' in msg and package in msg
+    assert 'pip install "smolvm[examples]"' in msg  # every framework at once
 
 
 @pytest.mark.vm

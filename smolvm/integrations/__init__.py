@@ -7,8 +7,9 @@
 Each `smolvm_tool(runtime=None)` runs the model's commands in `runtime`'s VM (one VM
 reused across calls, see smolvm.runtime.SmolVMRuntime) or, with no runtime, in a fresh
 ephemeral `with SmolVM()` per call. The frameworks are optional: they are imported only
-when a tool is built, and a missing one raises ImportError saying what to install
-(`pip install "smolvm[examples]"`).
+when a tool is built, and a missing one raises ImportError naming the extra to install
+(`smolvm[pydantic-ai]`, `smolvm[langchain]`, `smolvm[openai-agents]`; `smolvm[examples]` has
+them all).
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def make_run_function(runtime: SmolVMRuntime | None = None) -> Callable[[str, in
     return run_in_smolvm_runtime
 
 
-def require(module: str, package: str) -> ModuleType:
-    """Import `module` of an optional framework, or raise ImportError naming what to install."""
+def require(module: str, package: str, extra: str) -> ModuleType:
+    """Import `module` of an optional framework, or raise ImportError naming the extra to install."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
             f"{module} is not installed: this SmolVM integration needs {package}. "
-            f'Install it with `pip install "smolvm[examples]"` (or `pip install {package}`).'
+            f'Install it with `pip install "smolvm[{extra}]"` (or `pip install {package}`; '
+            f'`pip install "smolvm[examples]"` installs every framework the examples use).'
         ) from e

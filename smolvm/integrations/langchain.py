@@ -19,7 +19,7 @@ def smolvm_tool(runtime: SmolVMRuntime | None = None, *, name: str = TOOL_NAME) 
 
     Arguments (`command`, `timeout`) and their descriptions come from the google-style docstring.
     """
-    tools = require("langchain_core.tools", "langchain-core")
+    tools = require("langchain_core.tools", "langchain-core", "langchain")
     return tools.StructuredTool.from_function(
         make_run_function(runtime), name=name, parse_docstring=True
     )

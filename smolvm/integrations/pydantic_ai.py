@@ -21,7 +21,7 @@ def smolvm_tool(runtime: SmolVMRuntime | None = None, *, name: str = TOOL_NAME) 
     The tool's description and parameter descriptions come from the function's google-style
     docstring.
     """
-    tools = require("pydantic_ai.tools", "pydantic-ai-slim")
+    tools = require("pydantic_ai.tools", "pydantic-ai-slim", "pydantic-ai")
     return tools.Tool(
         make_run_function(runtime),
         takes_ctx=False,
