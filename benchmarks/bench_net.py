@@ -109,7 +109,7 @@ def vmm_cpu_s(vm: SmolVM) -> float:
 
 def bench_smolvm(srv: Server, mib: int, runs: int, policy: dict[str, Any] | None) -> dict[str, Any]:
     kw: dict[str, Any] = {"internet_settings": policy} if policy else {}
-    with SmolVM(image=None, **kw) as vm:
+    with SmolVM(image=None, memory=256, **kw) as vm:
         r = vm.run(loop_script(srv.port, 1, "warm"), timeout=600)
         assert r.ok, r
         srv.take()
@@ -155,8 +155,8 @@ poweroff -f
 RUNNER = """
 set -u
 cd {work}
-{passt} --socket {work}/passt.sock --pid {work}/passt.pid >passt.log 2>&1
-i=0; while [ ! -S {work}/passt.sock ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+{passt} --socket {sock} --pid {sock}.pid >passt.log 2>&1
+i=0; while [ ! -S {sock} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
 {qemu} >qemu.log 2>&1 &
 Q=$!
 until grep -q BENCH-BLOB serial.log 2>/dev/null || ! kill -0 $Q 2>/dev/null; do sleep 0.02; done
@@ -165,7 +165,8 @@ until grep -q BENCH-DONE serial.log 2>/dev/null || ! kill -0 $Q 2>/dev/null; do 
 cat /proc/$Q/stat >cpu1 2>/dev/null
 getconf CLK_TCK >clk
 wait $Q
-kill $(cat {work}/passt.pid) 2>/dev/null
+kill $(cat {sock}.pid) 2>/dev/null
+rm -f {sock} {sock}.pid
 echo finished >done
 """
 
@@ -178,6 +179,8 @@ def bench_qemu(srv: Server, mib: int, runs: int, nested: bool, timeout: float) -
     work = Path(tempfile.mkdtemp(prefix="bench-net-qemu-", dir=home if nested else None))  # the host VM sees home
     work.chmod(0o777)  # passt drops to nobody
     try:
+        # Unix sockets need a local file system: in the host VM its /dev/shm, not the 9p share
+        sock = f"/dev/shm/smolvm-bench-net-{os.getpid()}.sock" if nested else f"{work}/passt.sock"
         init = GUEST_INIT.format(
             mtu=network.MTU, addr=network.GUEST_ADDR, prefix=network.PREFIX, gw=GW,
             warm=loop_script(srv.port, 1, "warm"), loop=loop_script(srv.port, runs, "q"), blob=blob_script(srv.port),
@@ -188,21 +191,25 @@ def bench_qemu(srv: Server, mib: int, runs: int, nested: bool, timeout: float) -
         kernel = ensure_kernel() / "vmlinux"
         cmdline = kernel_cmdline(detect()) + " rdinit=/bench-init"
         qemu_argv = [
-            qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm,x-option-roms=off,rtc=off",
-            "-m", "512", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm,rtc=off",
+            "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-serial", f"file:{work}/serial.log", "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-            "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={work}/passt.sock",
+            "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
             "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
         ]  # fmt: skip
         passt = [w for w in network.passt_argv(network.NetworkPolicy(), nested) if w != "--foreground"]
-        script = RUNNER.format(work=shlex.quote(str(work)), passt=shlex.join(passt), qemu=shlex.join(qemu_argv))
+        script = RUNNER.format(work=shlex.quote(str(work)), sock=shlex.quote(sock), passt=shlex.join(passt),
+                               qemu=shlex.join(qemu_argv))  # fmt: skip
         argv = ["/bin/sh", "-c", script]
         if nested:
             from smolvm import hostvm
 
             argv = hostvm.relay_argv(argv)
         srv.take()
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as e:
+            done = subprocess.CompletedProcess(argv, -1, e.stdout or b"", e.stderr or b"")
         serial = (work / "serial.log").read_text(errors="replace") if (work / "serial.log").exists() else ""
         if "BENCH-DONE 0" not in serial:
             return {"available": False, "reason": f"the QEMU guest did not finish (status {done.returncode})",
