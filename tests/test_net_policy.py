@@ -13,10 +13,8 @@ import json
 import shlex
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from test_disk import _wheel
 
 from smolvm import SmolVM, snapshots
 from smolvm.network import GATEWAY, HOST_ALIAS
@@ -211,36 +209,3 @@ def test_allowed_cidr_holds_the_gateway(vm: SmolVM, servers: tuple[int, int]) ->
         r = v.run("ls /sys/class/net; grep -c smolvm.internal /etc/hosts; grep -c api.test /etc/hosts", timeout=T)
         assert r.stdout.split()[:3] == ["eth0", "lo", "1"], r.stdout  # extra_hosts answered by the VMM, not the file
 
-
-@pytest.mark.guest_only
-@pytest.mark.vm
-def test_pip_install_from_a_local_index_under_a_policy(vm: SmolVM, tmp_path: Path) -> None:
-    """pip through an allowed name to a simple index on the host's loopback; no public index is ever asked."""
-    wheel = _wheel(tmp_path)
-    simple = tmp_path / "simple" / "smolvm-hello"
-    simple.mkdir(parents=True)
-    (simple / wheel.name).write_bytes(wheel.read_bytes())
-    (simple / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>\n')
-    handler = lambda *a, **k: _QuietFiles(*a, directory=str(tmp_path), **k)  # noqa: E731
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        with SmolVM(internet_settings={"allowed_domains": ["pypi.test"]}, extra_hosts={"pypi.test": GATEWAY}) as v:
-            port = srv.server_address[1]
-            r = v.run(
-                "python3 -m venv --without-pip --system-site-packages /root/venv && "
-                "/root/venv/bin/python -m pip install -q --no-deps --no-cache-dir --no-compile "
-                f"--disable-pip-version-check --index-url http://pypi.test:{port}/simple/ smolvm-hello && "
-                "/root/venv/bin/python -c 'import smolvm_hello; print(smolvm_hello.greet())'",
-                timeout=1800,
-            )
-            assert r.ok, r
-            assert r.stdout.strip().splitlines()[-1] == "hello from a wheel", r
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-class _QuietFiles(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
