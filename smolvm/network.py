@@ -27,7 +27,9 @@ HOST_ALIAS = "host.smolvm.internal"
 SETUP_NET = 1 << 8  # csrc/proto.h SMOLVM_SETUP_NET
 MAX_HOSTS_TEXT = 16 << 10  # csrc/proto.h SMOLVM_SETUP_MAX_HOSTS
 INSTALL_HINT = "apt-get install passt"
-MODES = ("open", "off")
+MODES = ("open", "off", "restricted")
+MAX_RULES = 256  # csrc/vmm/net_filter.h NETF_MAX_DOMAINS / NETF_MAX_CIDRS / NETF_MAX_HOSTS
+DNS_TTL_S = 300  # csrc/vmm/net_filter.h NETF_TTL_S: getaddrinfo gives no TTL
 _NAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*$")
 
 
@@ -39,25 +41,36 @@ class NetworkUnavailableError(SmolVMError):
 class NetworkPolicy:
     """What a VM may reach. Fixed when the VM is created; kept in its record and snapshots."""
 
-    mode: str = "open"  # "open": egress allowed; "off": no network device at all
+    mode: str = "open"  # "open": egress allowed; "off": no network device; "restricted": the allow-lists
     extra_hosts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    allowed_domains: tuple[str, ...] = ()  # "restricted": names the VMM's DNS answers ("name", "*.name")
+    allowed_cidrs: tuple[str, ...] = ()  # "restricted": IPv4 networks reachable without a DNS answer
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    @property
+    def restricted(self) -> bool:
+        return self.mode == "restricted"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "extra_hosts": dict(self.extra_hosts)}
+        out: dict[str, Any] = {"mode": self.mode, "extra_hosts": dict(self.extra_hosts)}
+        if self.restricted:
+            out["allowed_domains"] = list(self.allowed_domains)
+            out["allowed_cidrs"] = list(self.allowed_cidrs)
+        return out
 
     @classmethod
     def from_dict(cls, data: object) -> NetworkPolicy:
-        """A policy read back from a record or snapshot; anything unreadable means no network."""
+        """A policy read back from a record or snapshot; anything unreadable means no network (fail closed)."""
         if not isinstance(data, dict) or data.get("mode") not in MODES:
             return cls(mode="off")
-        hosts = data.get("extra_hosts") or {}
-        if not isinstance(hosts, dict):
-            hosts = {}
-        return cls(mode=str(data["mode"]), extra_hosts=tuple(sorted((str(k), str(v)) for k, v in hosts.items())))
+        settings = {k: data[k] for k in ("mode", "allowed_domains", "allowed_cidrs") if k in data}
+        try:
+            return policy(data["mode"] != "off", settings, data.get("extra_hosts") or None)
+        except (TypeError, ValueError):
+            return cls(mode="off")
 
 
 def policy(internet: object, internet_settings: object, extra_hosts: object) -> NetworkPolicy:
@@ -77,13 +90,14 @@ def policy(internet: object, internet_settings: object, extra_hosts: object) -> 
                 f"internet_settings: unknown key(s) {', '.join(map(repr, unknown))}; "
                 "known: 'mode', 'allowed_domains', 'allowed_cidrs'"
             )
-        want = internet_settings.get("mode", "open")
+        lists = "allowed_domains" in internet_settings or "allowed_cidrs" in internet_settings
+        want = internet_settings.get("mode", "restricted" if lists else "open")
         if want not in MODES:
             raise ValueError(f"internet_settings['mode'] must be one of {', '.join(map(repr, MODES))}, got {want!r}")
-        if internet_settings.get("allowed_domains") or internet_settings.get("allowed_cidrs"):
-            raise NetworkUnavailableError(
-                "internet_settings allow-lists (allowed_domains, allowed_cidrs) are not supported by this "
-                "smolvm yet; use {'mode': 'open'} or {'mode': 'off'}"
+        if lists and want != "restricted":
+            raise ValueError(
+                f"internet_settings: allowed_domains / allowed_cidrs need mode 'restricted' (or no mode), "
+                f"not {want!r}; drop the lists or the mode"
             )
         if not internet and want != "off":
             raise ValueError("internet=False conflicts with internet_settings['mode'] = "
@@ -92,7 +106,81 @@ def policy(internet: object, internet_settings: object, extra_hosts: object) -> 
     hosts = _extra_hosts(extra_hosts)
     if hosts and mode == "off":
         raise ValueError("extra_hosts needs a network: this VM has none (internet=False or mode 'off')")
-    return NetworkPolicy(mode=mode, extra_hosts=hosts)
+    if mode != "restricted":
+        return NetworkPolicy(mode=mode, extra_hosts=hosts)
+    assert isinstance(internet_settings, Mapping)
+    domains = _domains(internet_settings.get("allowed_domains", ()))
+    cidrs = _cidrs(internet_settings.get("allowed_cidrs", ()))
+    if not domains and not cidrs:
+        raise ValueError(
+            "internet_settings mode 'restricted' needs allowed_domains or allowed_cidrs; "
+            "use {'mode': 'off'} for no network at all"
+        )
+    return NetworkPolicy(mode=mode, extra_hosts=hosts, allowed_domains=domains, allowed_cidrs=cidrs)
+
+
+def _string_list(key: str, value: object) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"internet_settings[{key!r}] must be a list of strings, not {value!r}")
+    if len(value) > MAX_RULES:
+        raise ValueError(f"internet_settings[{key!r}]: {len(value)} entries; at most {MAX_RULES}")
+    return list(value)
+
+
+def _domains(value: object) -> tuple[str, ...]:
+    """allowed_domains: host names, or "*.name" for every name below name (not name itself)."""
+    out: list[str] = []
+    for entry in _string_list("allowed_domains", value):
+        name = entry.strip().lower().rstrip(".")
+        bare = name[2:] if name.startswith("*.") else name
+        if not _NAME_RE.match(bare) or "*" in bare or bare.startswith("-"):
+            hint = " ('*' alone would allow everything: use mode 'open')" if name == "*" else ""
+            raise ValueError(
+                f"internet_settings['allowed_domains']: {entry!r} is not a host name or '*.' + host name "
+                f"(e.g. 'api.example.com', '*.example.org'){hint}"
+            )
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def _cidrs(value: object) -> tuple[str, ...]:
+    """allowed_cidrs: IPv4 addresses or networks written from their first address."""
+    out: list[str] = []
+    for entry in _string_list("allowed_cidrs", value):
+        try:
+            net = ipaddress.ip_network(entry.strip())
+        except ValueError:
+            try:
+                fixed = ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"internet_settings['allowed_cidrs']: {entry!r} is not an IPv4 address or network "
+                    "(e.g. '10.0.2.2' or '192.0.2.0/24')"
+                ) from None
+            raise ValueError(
+                f"internet_settings['allowed_cidrs']: {entry!r} has host bits set; write {str(fixed)!r}"
+            ) from None
+        if net.version != 4:
+            raise ValueError(f"internet_settings['allowed_cidrs']: {entry!r} is IPv6; the guest has IPv4 only")
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
+def gateway_allowed(pol: NetworkPolicy) -> bool:
+    """Does a restricted policy let the guest reach the gateway (host.smolvm.internal)?"""
+    gw = ipaddress.IPv4Address(GATEWAY)
+    return any(gw in ipaddress.ip_network(c) for c in pol.allowed_cidrs) or any(
+        _pattern_matches(p, HOST_ALIAS) for p in pol.allowed_domains
+    )
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """csrc/vmm/dns.c dns_name_match: "*.x" matches names below x, not x itself."""
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return pattern == name
 
 
 def _extra_hosts(value: object) -> tuple[tuple[str, str], ...]:
@@ -154,12 +242,28 @@ def vmm_args(pol: NetworkPolicy, nested: bool = False) -> list[str]:
     out: list[str] = []
     for word in passt_argv(pol, nested):
         out += ["--net-passt", word]
+    if pol.restricted:
+        out.append("--net-filter")
+        for d in pol.allowed_domains:
+            out += ["--net-allow-domain", d]
+        for c in pol.allowed_cidrs:
+            out += ["--net-allow-cidr", c]
+        if any(_pattern_matches(p, HOST_ALIAS) for p in pol.allowed_domains):
+            # the guest finds host.smolvm.internal in its /etc/hosts, never asking the VMM's DNS
+            out += ["--net-allow-cidr", f"{GATEWAY}/32"]
+        for name, ip in pol.extra_hosts:
+            out += ["--net-host", f"{name.lower()}={ip}"]
     return out
 
 
 def setup_data(pol: NetworkPolicy) -> bytes:
-    """struct smolvm_setup_net and the extra /etc/hosts lines, for SETUP."""
-    hosts = "".join(f"{ip}\t{name}\n" for name, ip in pol.extra_hosts).encode()
+    """struct smolvm_setup_net and the extra /etc/hosts lines, for SETUP.
+
+    A restricted VM's extra_hosts stay out of its /etc/hosts: the VMM's DNS answers them
+    (if allowed_domains lets it), so that the answer opens the address.
+    """
+    hosts = "" if pol.restricted else "".join(f"{ip}\t{name}\n" for name, ip in pol.extra_hosts)
+    hosts = hosts.encode()
     return struct.pack(
         "<4s4s4sBBHI", socket.inet_aton(GUEST_ADDR), socket.inet_aton(GATEWAY), socket.inet_aton(DNS),
         PREFIX, 0, MTU, len(hosts),

@@ -140,7 +140,7 @@ class SmolVM(AsyncMixin):
             vm_id=self._vm_id, status=self.status, memory=self._memory, vcpus=self._vcpus,
             image=self._image, disk_size=self._disk_size,
             pid=self.pid if self.pid is not None else (rec.pid if rec and self._attached else None),
-            created=rec.created if rec is not None else None,
+            created=rec.created if rec is not None else None, network=self._net.to_dict(),
         )  # fmt: skip
 
     def _state(self) -> str:
@@ -177,7 +177,8 @@ class SmolVM(AsyncMixin):
 
     @property
     def internet_settings(self) -> dict[str, object]:
-        """The network policy fixed at creation: {"mode": "open" | "off", "extra_hosts": {...}}."""
+        """The network policy fixed at creation: {"mode": "open" | "off" | "restricted", "extra_hosts": {...}},
+        with "allowed_domains" and "allowed_cidrs" lists for "restricted"."""
         return self._net.to_dict()
 
     @property

@@ -37,7 +37,8 @@ def test_env_vars_before_start() -> None:
         vm.set_env_vars({"A=B": "x"})
     info = vm.info
     assert isinstance(info, VMInfo) and info.status == "created" and info.pid is None
-    assert (info.memory, info.vcpus, info.image, info.disk_size, info.network) == (512, 1, "default", 1024, None)
+    assert (info.memory, info.vcpus, info.image, info.disk_size) == (512, 1, "default", 1024)
+    assert info.network == {"mode": "open", "extra_hosts": {}}  # the policy, as vm.internet_settings
     vm.close()
     assert vm.status == VMState.STOPPED
 

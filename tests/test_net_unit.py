@@ -9,7 +9,7 @@ import pytest
 from ctest import DEVICE_FAKES, SANITIZERS, device_test
 
 SOURCES = ["tests/c/test_net.c", *DEVICE_FAKES, "tests/c/fake_snap.c", "csrc/vmm/virtio/net.c", "csrc/vmm/virtio/queue.c",
-           "csrc/vmm/virtio/mmio.c", "csrc/vmm/evloop.c"]  # fmt: skip
+           "csrc/vmm/virtio/mmio.c", "csrc/vmm/evloop.c", "csrc/vmm/net_filter.c", "csrc/vmm/dns.c", "csrc/vmm/resolver.c"]  # fmt: skip
 
 
 @pytest.mark.parametrize("sanitizer", SANITIZERS)

@@ -48,7 +48,18 @@ def host_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
     ({"internet_settings": {"mode": "closed"}}, ValueError, "must be one of 'open', 'off'"),
     ({"internet_settings": {"mdoe": "off"}}, ValueError, "unknown key.*'mdoe'"),
     ({"internet": False, "internet_settings": {"mode": "open"}}, ValueError, "conflicts"),
-    ({"internet_settings": {"allowed_domains": ["a.example"]}}, NetworkUnavailableError, "not supported"),
+    ({"internet_settings": {"mode": "off", "allowed_domains": ["a.example"]}}, ValueError, "need mode .restricted."),
+    ({"internet_settings": {"mode": "open", "allowed_cidrs": ["10.0.2.2"]}}, ValueError, "need mode .restricted."),
+    ({"internet_settings": {"mode": "restricted"}}, ValueError, "needs allowed_domains or allowed_cidrs"),
+    ({"internet_settings": {"allowed_cidrs": ["10.0.2.1/24"]}}, ValueError, "host bits set; write .10.0.2.0/24."),
+    ({"internet_settings": {"allowed_cidrs": ["10.0.2.300"]}}, ValueError, "not an IPv4 address or network"),
+    ({"internet_settings": {"allowed_cidrs": ["::1/128"]}}, ValueError, "IPv4 only"),
+    ({"internet_settings": {"allowed_cidrs": "10.0.2.2"}}, TypeError, "list of strings"),
+    ({"internet_settings": {"allowed_domains": ["*"]}}, ValueError, "use mode .open."),
+    ({"internet_settings": {"allowed_domains": ["a..example"]}}, ValueError, "not a host name"),
+    ({"internet_settings": {"allowed_domains": ["*.*.example"]}}, ValueError, "not a host name"),
+    ({"internet_settings": {"allowed_domains": ["http://a.example/x"]}}, ValueError, "not a host name"),
+    ({"internet_settings": {"allowed_domains": ["a.example"], "allow": []}}, ValueError, "unknown key"),
     ({"extra_hosts": {"bad name!": "127.0.0.1"}}, ValueError, "not a host name"),
     ({"extra_hosts": {"db": "::1"}}, ValueError, "not an IPv4 address"),
     ({"extra_hosts": {"db": 5}}, ValueError, "not an IPv4 address"),
@@ -138,3 +149,4 @@ def test_from_id_sees_the_policy(vm: SmolVM) -> None:
 
 def test_which_passt() -> None:
     assert shutil.which("passt"), "passt is a dependency: apt-get install passt"
+

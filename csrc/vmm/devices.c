@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "devices.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -227,8 +228,8 @@ static const struct vmm_dev devices_net = {
 	.restore = devices_net_restore, .free = devices_net_free,
 };
 
-int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, char *err,
-		    size_t errlen)
+int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, struct netf **filter,
+		    char *err, size_t errlen)
 {
 	static const uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
 	struct net_config nc = { .backend_fd = -1 };
@@ -251,6 +252,8 @@ int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv,
 	memcpy(nc.mac, mac, sizeof(mac));
 	nc.base = win.base;
 	nc.gsi = win.gsi;
+	nc.filter = *filter;
+	nc.dns_ip = htonl(0x0a000203); /* 10.0.2.3: smolvm/network.py DNS, passt's --dns-forward */
 	ret = passt_start(passt_argv, argc, &nc.backend_fd, &dn->passt);
 	if (ret) {
 		snprintf(err, errlen, "network backend %s: %s", passt_argv[0], strerror(-ret));
@@ -262,6 +265,7 @@ int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv,
 		snprintf(err, errlen, "network device: %s", strerror(-ret));
 		goto out;
 	}
+	*filter = NULL; /* the device's now */
 	return devices_put(t, &d, dn, &win, err, errlen);
 out:
 	passt_stop(dn->passt);

@@ -27,8 +27,11 @@ int devices_add_vsock(struct dev_table *t, struct vm *vm, struct vsock_config *c
 /* Disk `nr` (0, 1, ...) from spec "PATH" or "PATH,ro" (the ",ro" is cut off spec). */
 int devices_add_disk(struct dev_table *t, struct vm *vm, int nr, char *spec, char *err, size_t errlen);
 
-/* The NIC, with passt (argv[0..argc), csrc/vmm/passt.h) as its backend; stopping it is the device's free. */
-int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, char *err,
-		    size_t errlen);
+struct netf;
+
+/* The NIC, with passt (argv[0..argc), csrc/vmm/passt.h) as its backend; stopping it is the device's free.
+ * *filter (NULL: no egress policy) becomes the device's on success (*filter is then NULL). */
+int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, struct netf **filter,
+		    char *err, size_t errlen);
 
 #endif

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,6 +24,7 @@
 #include "inspect.h"
 #include "kvm.h"
 #include "mptable.h"
+#include "net_filter.h"
 #include "passt.h"
 #include "portfwd.h"
 #include "virtio/vsock.h"
@@ -45,6 +47,7 @@ struct vmm_args {
 	char *disks[VMM_MAX_DISKS]; /* "PATH" or "PATH,ro" */
 	int nr_passt;
 	char *passt[PASST_MAX_ARGS]; /* --net-passt: passt's path, then its arguments; any = a NIC */
+	struct netf *filter;         /* --net-filter and its --net-allow-*, --net-host: the egress policy */
 };
 
 struct vmm {
@@ -72,7 +75,8 @@ static void vmm_usage(void)
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
-			"[--net-passt PASST [--net-passt ARG]...] [--no-dirty-log] [--fork-verify]\n"
+			"[--net-passt PASST [--net-passt ARG]...] [--net-filter [--net-allow-domain NAME|*.NAME]... "
+			"[--net-allow-cidr A.B.C.D/N]... [--net-host NAME=A.B.C.D]...] [--no-dirty-log] [--fork-verify]\n"
 			"       smolvm-vmm --inspect SNAPSHOT_DIR_OR_FILE   (its checks and header as JSON; no KVM)\n");
 }
 
@@ -92,6 +96,29 @@ static int vmm_parse_count(const char *opt, const char *s, unsigned long lo, uns
 	return 0;
 }
 
+/* One --net-filter / --net-allow-domain / --net-allow-cidr / --net-host into a->filter; -EINVAL with a message. */
+static int vmm_parse_policy(struct vmm_args *a, int opt, const char *val)
+{
+	int ret = 0;
+
+	if (!a->filter && netf_new(&a->filter) < 0) {
+		fprintf(stderr, "smolvm-vmm: out of memory\n");
+		return -ENOMEM;
+	}
+	if (opt == 'D')
+		ret = netf_add_domain(a->filter, val);
+	else if (opt == 'C')
+		ret = netf_add_cidr(a->filter, val);
+	else if (opt == 'H')
+		ret = netf_add_host(a->filter, val);
+	if (ret)
+		fprintf(stderr, "smolvm-vmm: %s %s: %s\n",
+			opt == 'D' ? "--net-allow-domain" : opt == 'C' ? "--net-allow-cidr" : "--net-host", val,
+			ret == -E2BIG ? "too many entries" : opt == 'D' ? "want NAME or *.NAME" :
+			opt == 'C' ? "want A.B.C.D/N" : "want NAME=A.B.C.D");
+	return ret;
+}
+
 static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 {
 	static const struct option opts[] = {
@@ -109,8 +136,12 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "xstate-port", no_argument, NULL, 'x' },
 		{ "disk", required_argument, NULL, 'b' },
 		{ "net-passt", required_argument, NULL, 'p' },
+		{ "net-filter", no_argument, NULL, 'F' },
+		{ "net-allow-domain", required_argument, NULL, 'D' },
+		{ "net-allow-cidr", required_argument, NULL, 'C' },
+		{ "net-host", required_argument, NULL, 'H' },
 		{ "inspect", required_argument, NULL, 'I' },
-		{ "no-dirty-log", no_argument, NULL, 'D' },
+		{ "no-dirty-log", no_argument, NULL, 'L' },
 		{ "fork-verify", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -147,15 +178,26 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 			a->disks[a->nr_disks++] = optarg;
 			break;
 		case 'I': a->inspect = optarg; break;
-		case 'D': a->no_dirty_log = 1; break;
+		case 'L': a->no_dirty_log = 1; break;
 		case 'V': a->fork_verify = 1; break;
 		case 'p':
 			if (a->nr_passt >= PASST_MAX_ARGS)
 				return -E2BIG;
 			a->passt[a->nr_passt++] = optarg;
 			break;
+		case 'F':
+		case 'D':
+		case 'C':
+		case 'H':
+			if (vmm_parse_policy(a, c, optarg) < 0)
+				return -EINVAL;
+			break;
 		default: return -EINVAL;
 		}
+	}
+	if (a->filter && !a->nr_passt) {
+		fprintf(stderr, "smolvm-vmm: --net-filter needs a NIC (--net-passt)\n");
+		return -EINVAL;
 	}
 	if (a->inspect)
 		return optind == argc ? 0 : -EINVAL;
@@ -275,6 +317,15 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 			ctl_reply(conn, "OK%s%s", out[0] ? " " : "", out);
 			return;
 		}
+	} else if (!strcmp(line, "RUSAGE")) {
+		struct rusage ru;
+
+		/* the whole VMM (vCPU threads' guest time included), for benchmarks/bench_net.py */
+		getrusage(RUSAGE_SELF, &ru);
+		ctl_reply(conn, "OK %lld %lld",
+			  (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec,
+			  (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec);
+		return;
 	} else if (!strcmp(line, "DETACH")) {
 		ctl_detach(v->ctl);
 	} else if (!strcmp(line, "STOP")) {
@@ -374,7 +425,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			goto out;
 	}
 	if (v->a.nr_passt) {
-		ret = devices_add_net(&v->devs, vm, v->a.passt, v->a.nr_passt, vm->exit_msg,
+		ret = devices_add_net(&v->devs, vm, v->a.passt, v->a.nr_passt, &v->a.filter, vm->exit_msg,
 				      sizeof(vm->exit_msg));
 		if (ret)
 			goto out;
@@ -511,6 +562,7 @@ int main(int argc, char **argv)
 	ctl_free(v.ctl);
 	portfwd_free(v.fwd);
 	dev_free_all(&v.devs);
+	netf_free(v.a.filter); /* NULL once the NIC took it */
 	v.vsock = NULL;
 	kvm_vm_destroy(&v.vm);
 	fork_free(&v.fork, &v.vm);

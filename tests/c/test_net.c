@@ -19,7 +19,9 @@
 #include <linux/virtio_net.h>
 #include <linux/virtio_ring.h>
 
+#include "dns.h"
 #include "evloop.h"
+#include "net_filter.h"
 #include "fake_driver.h"
 #include "fake_snap.h"
 #include "fake_test.h"
@@ -87,9 +89,10 @@ static void *loop_main(void *opaque)
 	return NULL;
 }
 
-static void world_init(struct world *w)
+static void world_init_with(struct world *w, struct netf *filter)
 {
-	struct net_config cfg = { .base = 0xd0005000, .gsi = 10, .mac = { 0x52, 0x54, 0, 0x12, 0x34, 0x56 } };
+	struct net_config cfg = { .base = 0xd0005000, .gsi = 10, .mac = { 0x52, 0x54, 0, 0x12, 0x34, 0x56 },
+				  .filter = filter, .dns_ip = htonl(0x0a000203) };
 	int sp[2];
 
 	memset(w, 0, sizeof(*w));
@@ -102,6 +105,11 @@ static void world_init(struct world *w)
 	CHECK(net_new(w->vm, &cfg, &w->net) == 0);
 	CHECK(pthread_create(&w->thread, NULL, loop_main, w->loop) == 0);
 	g_probe(w);
+}
+
+static void world_init(struct world *w)
+{
+	world_init_with(w, NULL);
 }
 
 static void world_fini(struct world *w)
@@ -385,6 +393,132 @@ static void test_backend_gone(void)
 	printf("ok %s\n", cur_test);
 }
 
+/* ---- the egress filter in the device ---- */
+
+/* Ethernet + IPv4 from the guest (10.0.2.15) to dst carrying l4; returns the frame length. */
+static uint32_t f_ip(uint8_t *f, uint8_t proto, uint32_t dst, const uint8_t *l4, uint32_t l4len)
+{
+	static const uint8_t hdr[14] = { 0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 8, 0 };
+	uint32_t src = htonl(0x0a00020f), d = htonl(dst);
+	uint8_t *ip = f + 14;
+
+	memcpy(f, hdr, 14);
+	memset(ip, 0, 20);
+	ip[0] = 0x45;
+	ip[2] = (uint8_t)((20 + l4len) >> 8);
+	ip[3] = (uint8_t)(20 + l4len);
+	ip[8] = 64;
+	ip[9] = proto;
+	memcpy(ip + 12, &src, 4);
+	memcpy(ip + 16, &d, 4);
+	memcpy(ip + 20, l4, l4len);
+	return 34 + l4len;
+}
+
+static uint32_t f_syn(uint8_t *f, uint32_t dst)
+{
+	uint8_t t[20] = { 0xc0, 0x01, 0x1f, 0x90, 0, 0, 0x03, 0xe8, 0, 0, 0, 0, 5 << 4, 0x02 };
+
+	return f_ip(f, 6, dst, t, 20);
+}
+
+static uint32_t f_dns(uint8_t *f, const char *label1, const char *label2)
+{
+	uint8_t u[128] = { 0x9c, 0x40, 0, 53, 0, 0, 0, 0, 0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0 };
+	uint32_t off = 20, l1 = (uint32_t)strlen(label1), l2 = (uint32_t)strlen(label2);
+
+	u[off++] = (uint8_t)l1;
+	memcpy(u + off, label1, l1);
+	off += l1;
+	if (l2) {
+		u[off++] = (uint8_t)l2;
+		memcpy(u + off, label2, l2);
+		off += l2;
+	}
+	u[off++] = 0;
+	u[off++] = 0;
+	u[off++] = 1; /* A */
+	u[off++] = 0;
+	u[off++] = 1; /* IN */
+	u[5] = (uint8_t)off;
+	return f_ip(f, 17, 0x0a000203, u, off);
+}
+
+/* The next frame the device gives the guest (an RX buffer posted first): its length, the frame into buf. */
+static uint32_t g_rx_frame(struct world *w, uint8_t *buf)
+{
+	int tag;
+	uint32_t used;
+
+	g_rx_post(w, 0, G_RXBUF_SIZE);
+	CHECK(fake_ring_wait(&w->q[0], &tag, &used));
+	CHECK(used > sizeof(struct virtio_net_hdr_v1));
+	memcpy(buf, gmem(w, G_RXBUF) + sizeof(struct virtio_net_hdr_v1), used - sizeof(struct virtio_net_hdr_v1));
+	return used - (uint32_t)sizeof(struct virtio_net_hdr_v1);
+}
+
+static void test_filter(void)
+{
+	struct world w;
+	struct virtio_net_hdr_v1 h = { 0 };
+	static uint8_t frame[2048], got[NET_MAX_FRAME];
+	struct netf *f;
+	struct net_stats st;
+	uint32_t len, gw = htonl(0x0a000202), lo = htonl(0x7f000001);
+	int tag;
+	uint32_t used;
+
+	cur_test = "filter";
+	CHECK(netf_new(&f) == 0);
+	CHECK(netf_add_domain(f, "api.test") == 0 && netf_add_domain(f, "localhost") == 0);
+	CHECK(netf_add_host(f, "api.test=10.0.2.2") == 0);
+	world_init_with(&w, f);
+	/* a SYN to the gateway before any answer: an RST to the guest, nothing to the backend */
+	len = f_syn(frame, 0x0a000202);
+	g_tx(&w, &h, sizeof(h), frame, len, 1);
+	CHECK(fake_ring_wait(&w.q[1], &tag, &used));
+	len = g_rx_frame(&w, got);
+	CHECK(len == 54 && got[23] == 6 && (got[34 + 13] & 0x04) && memcmp(got + 26, &gw, 4) == 0);
+	CHECK(peer_quiet(&w, 100));
+	/* a refused name: NXDOMAIN; an allowed one from the extra hosts: its address, which opens it */
+	len = f_dns(frame, "blocked", "test");
+	g_tx(&w, &h, sizeof(h), frame, len, 1);
+	CHECK(fake_ring_wait(&w.q[1], &tag, &used));
+	len = g_rx_frame(&w, got);
+	CHECK(len > 42 + 12 && got[23] == 17 && got[34 + 1] == 53 && got[42] == 0x12 && (got[42 + 3] & 0xf) == 3);
+	len = f_dns(frame, "api", "test");
+	g_tx(&w, &h, sizeof(h), frame, len, 2);
+	CHECK(fake_ring_wait(&w.q[1], &tag, &used));
+	len = g_rx_frame(&w, got);
+	CHECK((got[42 + 3] & 0xf) == 0 && got[42 + 7] == 1 && memcmp(got + len - 4, &gw, 4) == 0);
+	len = f_syn(frame, 0x0a000202);
+	g_tx(&w, &h, sizeof(h), frame, len, 1);
+	CHECK(fake_ring_wait(&w.q[1], &tag, &used));
+	CHECK(peer_frame(&w, got, sizeof(got)) == len && memcmp(got, frame, len) == 0);
+	/* a name for the host's resolver: answered from the resolver thread */
+	len = f_dns(frame, "localhost", "");
+	g_tx(&w, &h, sizeof(h), frame, len, 1);
+	CHECK(fake_ring_wait(&w.q[1], &tag, &used));
+	len = g_rx_frame(&w, got);
+	CHECK((got[42 + 3] & 0xf) == 0 && got[42 + 7] >= 1 && memcmp(got + len - 4, &lo, 4) == 0);
+	/* IPv6 and a DNS query cut short are dropped: nothing either way */
+	len = f_dns(frame, "api", "test");
+	frame[12] = 0x86;
+	frame[13] = 0xdd;
+	g_tx(&w, &h, sizeof(h), frame, len, 1);
+	len = f_dns(frame, "api", "test");
+	g_tx(&w, &h, sizeof(h), frame, len - 3, 1);
+	for (int i = 0; i < 2; i++)
+		CHECK(fake_ring_wait(&w.q[1], &tag, &used));
+	CHECK(peer_quiet(&w, 100));
+	g_rx_post(&w, 1, G_RXBUF_SIZE);
+	CHECK(gq_idle(&w, 0, 100));
+	net_get_stats(w.net, &st);
+	CHECK(st.tx_filtered == 6 && st.dns_answered == 3 && st.tx_frames == 1);
+	world_fini(&w);
+	printf("ok %s\n", cur_test);
+}
+
 int main(void)
 {
 	setvbuf(stdout, NULL, _IONBF, 0);
@@ -394,6 +528,7 @@ int main(void)
 	test_rx();
 	test_backend_hostile();
 	test_backend_gone();
+	test_filter();
 	printf("all net tests passed\n");
 	return 0;
 }

@@ -61,6 +61,8 @@ TARGETS = {
         Target("file_client", ("tests/fuzz/fuzz_file_client.c", *CLIENT), ("-luring", "-lpthread")),
         Target("agent", ("tests/fuzz/fuzz_agent.c",), max_len=8192),
         Target("serial", ("tests/fuzz/fuzz_serial.c", "csrc/vmm/serial.c", *FAKES), ("-lpthread",)),
+        Target("net_filter", ("tests/fuzz/fuzz_net_filter.c", "csrc/vmm/net_filter.c", "csrc/vmm/dns.c", *FAKES),
+               max_len=2048),
     )
 }
 

@@ -184,6 +184,34 @@ def serial_seeds() -> dict[str, bytes]:
     return {"linux_console": bytes(b for rec in probe + text for b in rec), "long_line": bytes([0, 65] * 300)}
 
 
+def _ipv4(proto: int, dst: bytes, l4: bytes) -> bytes:
+    eth = bytes.fromhex("9a559a559a55" "525400123456" "0800")
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0, bytes([10, 0, 2, 15]), dst)
+    return eth + ip + l4
+
+
+def net_filter_seeds() -> dict[str, bytes]:
+    # option byte (bit 0: allow 10.0.2.0/24, bit 1: allow *.test, bit 2: 10.0.2.2 learned, bits 4-7: answers), frame
+    gw, dns = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 3])
+    syn = struct.pack(">HHIIBBHHH", 49153, 8080, 1000, 0, 5 << 4, 0x02, 64240, 0, 0)
+    ack = struct.pack(">HHIIBBHHH", 49153, 8080, 1000, 77, 5 << 4, 0x10, 64240, 0, 0) + b"data"
+    q = struct.pack(">HHHHHH", 0xABCD, 0x0100, 1, 0, 0, 1) + b"\x01a\x04test\x00" + struct.pack(">HH", 1, 1)
+    q += b"\x00" + struct.pack(">HHIH", 41, 1232, 0, 0)  # EDNS OPT
+    udp = struct.pack(">HHHH", 40000, 53, 8 + len(q), 0) + q
+    ping = struct.pack(">BBHHH", 8, 0, 0, 1, 1) + b"abcdefgh"
+    arp = bytes.fromhex("ffffffffffff" "525400123456" "0806") + bytes(28)
+    return {
+        "syn_blocked": b"\x00" + _ipv4(6, gw, syn),
+        "ack_learned": b"\x04" + _ipv4(6, gw, ack),
+        "dns_allowed": b"\x22" + _ipv4(17, dns, udp),
+        "dns_refused": b"\x00" + _ipv4(17, dns, udp),
+        "udp_blocked": b"\x00" + _ipv4(17, bytes([127, 0, 0, 9]), struct.pack(">HHHH", 4096, 123, 12, 0) + b"ping"),
+        "icmp_echo": b"\x00" + _ipv4(1, gw, ping),
+        "arp": b"\x01" + arp,
+        "ipv6": b"\x01" + bytes.fromhex("9a559a559a55" "525400123456" "86dd") + bytes(40),
+    }
+
+
 SEEDS = {
     "queue": queue_seeds,
     "mmio": mmio_seeds,
@@ -193,6 +221,7 @@ SEEDS = {
     "exec_client": exec_client_seeds,
     "file_client": file_client_seeds,
     "serial": serial_seeds,
+    "net_filter": net_filter_seeds,
 }
 
 

@@ -12,12 +12,16 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <linux/virtio_ids.h>
 #include <linux/virtio_net.h>
 
+#include "dns.h"
 #include "evloop.h"
+#include "net_filter.h"
+#include "resolver.h"
 #include "snapshot.h"
 #include "virtio/mmio.h"
 #include "vm.h"
@@ -31,6 +35,15 @@ _Static_assert(sizeof(struct virtio_net_hdr_v1) == 12, "virtio_net_hdr_v1 is 12 
 _Static_assert(NET_BUF >= 4 * (NET_MAX_FRAME + 4), "buffers hold several frames");
 
 enum { NET_RXQ, NET_TXQ, NET_NR_QUEUES };
+
+/* A DNS query handed to the resolver thread: what its answer needs. */
+struct net_dns_pending {
+	bool used;
+	uint32_t gen;
+	uint8_t eth[12]; /* the query's MAC addresses */
+	struct netf_pkt pkt;
+	struct dns_query q;
+};
 
 struct net {
 	struct virtio_mmio mmio; /* its lock guards everything below */
@@ -49,6 +62,14 @@ struct net {
 	uint32_t tx_off, tx_len;
 	struct net_stats st;
 	struct virtq_chain chain;
+	struct netf *filter; /* NULL: no policy */
+	uint32_t dns_ip;
+	struct resolver *res;
+	bool res_watched;
+	uint32_t dns_gen;
+	struct net_dns_pending pending[RESOLVER_QUEUE];
+	uint8_t *inj; /* inj[inj_off..inj_len): length-prefixed frames the VMM wrote for the guest */
+	uint32_t inj_off, inj_len;
 };
 
 static void net_poke(struct net *n)
@@ -145,6 +166,133 @@ static void net_flush(struct net *n)
 		n->tx_off = n->tx_len = 0;
 }
 
+/* ---- the egress policy ---- */
+
+static uint64_t net_now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec;
+}
+
+/* Room for one crafted frame of up to NETF_MAX_REPLY bytes (its length prefix first), or NULL. */
+static uint8_t *net_inj_slot(struct net *n)
+{
+	if (NET_INJ_BUF - n->inj_len < NETF_MAX_REPLY + 4 && n->inj_off) {
+		memmove(n->inj, n->inj + n->inj_off, n->inj_len - n->inj_off);
+		n->inj_len -= n->inj_off;
+		n->inj_off = 0;
+	}
+	if (NET_INJ_BUF - n->inj_len < NETF_MAX_REPLY + 4)
+		return NULL;
+	return n->inj + n->inj_len;
+}
+
+static void net_inj_commit(struct net *n, uint32_t len)
+{
+	uint32_t be = htonl(len);
+
+	if (len == 0 || len > NETF_MAX_REPLY)
+		return;
+	memcpy(n->inj + n->inj_len, &be, 4);
+	n->inj_len += 4 + len;
+}
+
+static void net_dns_reply(struct net *n, const uint8_t *eth, const struct netf_pkt *p, const struct dns_query *q,
+			  int rcode, const uint32_t *addrs, unsigned na)
+{
+	uint8_t msg[DNS_MAX_REPLY];
+	uint32_t ml = dns_build_answer(q, rcode, addrs, na, NETF_TTL_S, msg, sizeof(msg));
+	uint8_t *slot = net_inj_slot(n);
+
+	if (!slot || !ml) {
+		n->st.rx_dropped++;
+		return;
+	}
+	net_inj_commit(n, netf_build_udp_reply(eth, p, msg, ml, slot + 4, NETF_MAX_REPLY));
+	n->st.dns_answered++;
+}
+
+/* A guest query to dns_ip:53: answered now, or once the resolver thread has the addresses. */
+static void net_dns_query(struct net *n, const uint8_t *frame, const struct netf_pkt *p)
+{
+	struct dns_query q;
+	uint32_t ip;
+
+	if (dns_parse_query(frame + p->l4 + 8, p->l4_len - 8, &q))
+		return; /* not a query worth an answer */
+	if (!q.name_ok || !netf_name_allowed(n->filter, q.name)) {
+		net_dns_reply(n, frame, p, &q, DNS_NXDOMAIN, NULL, 0);
+		return;
+	}
+	if (q.qclass != DNS_CLASS_IN || q.qtype != DNS_TYPE_A) {
+		net_dns_reply(n, frame, p, &q, DNS_NOERROR, NULL, 0); /* no data: the guest speaks IPv4 only */
+		return;
+	}
+	if (netf_host_lookup(n->filter, q.name, &ip)) {
+		netf_learn(n->filter, ip, net_now_s());
+		net_dns_reply(n, frame, p, &q, DNS_NOERROR, &ip, 1);
+		return;
+	}
+	for (unsigned i = 0; i < RESOLVER_QUEUE; i++) {
+		struct net_dns_pending *d = &n->pending[i];
+
+		if (d->used)
+			continue;
+		d->gen = ++n->dns_gen;
+		if (n->res && resolver_submit(n->res, q.name, (uint64_t)d->gen << 8 | i) == 0) {
+			d->used = true;
+			memcpy(d->eth, frame, sizeof(d->eth));
+			d->pkt = *p;
+			d->q = q;
+			return;
+		}
+		break;
+	}
+	net_dns_reply(n, frame, p, &q, DNS_SERVFAIL, NULL, 0); /* too many lookups at once: the guest retries */
+}
+
+/* Loop thread, lock held: answers from the resolver thread. */
+static void net_dns_results(struct net *n)
+{
+	struct resolver_result r;
+
+	while (resolver_take(n->res, &r)) {
+		unsigned i = (unsigned)(r.cookie & 0xff);
+		struct net_dns_pending *d = i < RESOLVER_QUEUE ? &n->pending[i] : NULL;
+		uint64_t now = net_now_s();
+
+		if (!d || !d->used || d->gen != (uint32_t)(r.cookie >> 8))
+			continue;
+		d->used = false;
+		for (unsigned k = 0; k < r.n && r.rcode == DNS_NOERROR; k++)
+			netf_learn(n->filter, r.addrs[k], now);
+		net_dns_reply(n, d->eth, &d->pkt, &d->q, r.rcode, r.addrs, r.rcode == DNS_NOERROR ? r.n : 0);
+	}
+}
+
+/* The policy's verdict on a guest frame; false: it does not go to the backend. */
+static bool net_filter_tx(struct net *n, const uint8_t *frame, uint32_t len)
+{
+	struct netf_pkt p;
+	uint8_t *slot;
+
+	if (netf_parse(frame, len, &p))
+		return false;
+	switch (netf_check(n->filter, frame, len, &p, n->dns_ip, net_now_s())) {
+	case NETF_PASS: return true;
+	case NETF_DNS: net_dns_query(n, frame, &p); return false;
+	case NETF_REJECT:
+		slot = net_inj_slot(n);
+		if (slot)
+			net_inj_commit(n, netf_build_reject(frame, len, &p, slot + 4, NETF_MAX_REPLY));
+		return false;
+	case NETF_DROP: break;
+	}
+	return false;
+}
+
 /* One TX chain: append its frame to the buffer (room for NET_MAX_FRAME + 4 was made), or drop it. */
 static void net_tx_chain(struct net *n, const struct virtq_chain *c)
 {
@@ -163,6 +311,10 @@ static void net_tx_chain(struct net *n, const struct virtq_chain *c)
 	    ((h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !net_fill_csum(frame, len, &h)) ||
 	    h.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
 		n->st.tx_dropped++;
+		return;
+	}
+	if (n->filter && !net_filter_tx(n, frame, len)) {
+		n->st.tx_filtered++;
 		return;
 	}
 	be = htonl(len);
@@ -263,11 +415,56 @@ static void net_rx_deliver(struct net *n)
 		n->rx_off = n->rx_len = 0;
 }
 
+/* Hand the VMM's own frames (DNS answers, refusals) to RX chains. */
+static void net_inj_deliver(struct net *n)
+{
+	struct virtq *q = virtio_mmio_queue(&n->mmio, NET_RXQ);
+
+	while (n->inj_off < n->inj_len && virtio_mmio_live(&n->mmio)) {
+		struct virtio_net_hdr_v1 h = { .num_buffers = 1 };
+		uint32_t be, len;
+		int r;
+
+		memcpy(&be, n->inj + n->inj_off, 4);
+		len = ntohl(be);
+		r = virtq_pop(q, &n->chain);
+		if (r < 0) {
+			virtio_mmio_fail(&n->mmio);
+			return;
+		}
+		if (r == 0) {
+			n->rx_wait = true;
+			return;
+		}
+		if (n->chain.write_len < (uint64_t)NET_HDR + len) {
+			virtq_unpop(q);
+			n->st.rx_dropped++;
+		} else {
+			if (n->mmio.drv_features & (1ull << VIRTIO_NET_F_GUEST_CSUM))
+				h.flags = VIRTIO_NET_HDR_F_DATA_VALID; /* net_filter.c's checksums are right */
+			virtq_chain_to(&n->chain, 0, &h, NET_HDR);
+			virtq_chain_to(&n->chain, NET_HDR, n->inj + n->inj_off + 4, len);
+			if (virtq_push(q, n->chain.head, NET_HDR + len) < 0) {
+				virtio_mmio_fail(&n->mmio);
+				return;
+			}
+			n->pushed_rx = true;
+			n->st.rx_frames++;
+		}
+		n->inj_off += 4 + len;
+	}
+	if (n->inj_off == n->inj_len)
+		n->inj_off = n->inj_len = 0;
+}
+
 /* Read from the backend and deliver, while there is room and the guest takes frames. */
 static void net_rx_process(struct net *n)
 {
 	unsigned rounds;
 
+	net_inj_deliver(n);
+	if (n->rx_wait)
+		return;
 	for (rounds = 0; rounds < 8 && n->fd >= 0; rounds++) {
 		ssize_t r;
 
@@ -327,6 +524,19 @@ static void net_backend_cb(void *opaque, int fd, uint32_t revents)
 	(void)fd;
 	(void)revents;
 	virtio_mmio_lock(&n->mmio);
+	net_run(n);
+	virtio_mmio_unlock(&n->mmio);
+}
+
+static void net_dns_cb(void *opaque, int fd, uint32_t revents)
+{
+	struct net *n = opaque;
+
+	(void)fd;
+	(void)revents;
+	virtio_mmio_lock(&n->mmio);
+	net_dns_results(n);
+	n->rx_wait = false; /* look for RX buffers again: answers wait */
 	net_run(n);
 	virtio_mmio_unlock(&n->mmio);
 }
@@ -412,9 +622,21 @@ int net_new(struct vm *vm, const struct net_config *cfg, struct net **out)
 	n->config.mtu = NET_MTU;
 	n->rx = malloc(NET_BUF);
 	n->tx = malloc(NET_BUF);
+	n->inj = malloc(NET_INJ_BUF);
 	err = -ENOMEM;
-	if (!n->rx || !n->tx)
+	if (!n->rx || !n->tx || !n->inj)
 		goto fail;
+	if (cfg->filter) {
+		err = resolver_new(&n->res);
+		if (err)
+			goto fail;
+		err = evloop_add(vm->loop, resolver_fd(n->res), POLLIN, net_dns_cb, n);
+		if (err)
+			goto fail;
+		n->res_watched = true;
+		n->filter = cfg->filter; /* ours from here on */
+		n->dns_ip = cfg->dns_ip;
+	}
 	n->work_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (n->work_fd < 0) {
 		err = -errno;
@@ -442,6 +664,7 @@ int net_new(struct vm *vm, const struct net_config *cfg, struct net **out)
 	*out = n;
 	return 0;
 fail:
+	n->filter = NULL; /* on error the caller keeps the filter */
 	net_free(n);
 	return err;
 }
@@ -461,8 +684,15 @@ void net_free(struct net *n)
 			evloop_del(n->vm->loop, n->work_fd);
 		close(n->work_fd);
 	}
+	if (n->res) {
+		if (n->res_watched)
+			evloop_del(n->vm->loop, resolver_fd(n->res));
+		resolver_free(n->res);
+	}
+	netf_free(n->filter);
 	free(n->rx);
 	free(n->tx);
+	free(n->inj);
 	free(n);
 }
 

@@ -6,23 +6,27 @@
 
 struct vm;
 struct net;
+struct netf;
 
 #define NET_QUEUE_MAX 256u
 #define NET_MTU 65520u                /* passt's default MTU; offered with VIRTIO_NET_F_MTU */
 #define NET_MAX_FRAME (NET_MTU + 14u) /* Ethernet header + MTU: longest frame either way */
 #define NET_BUF (1u << 20)            /* bytes buffered per direction */
+#define NET_INJ_BUF (64u << 10)       /* frames the VMM itself sends the guest (DNS answers, refusals) */
 
 struct net_config {
 	uint64_t base; /* MMIO window (VIRTIO_MMIO_SIZE bytes) */
 	uint32_t gsi;
 	uint8_t mac[6];
 	int backend_fd; /* connected stream socket (the device owns it from here on), or -1: no backend */
+	struct netf *filter; /* egress policy (the device owns it on success), or NULL: every frame passes */
+	uint32_t dns_ip;     /* with a filter: the address (network order) whose UDP port 53 the VMM answers */
 };
 
 /*
  * Create the device and register its transport (virtio_mmio_init). vm->loop
  * must be set; call before the vCPUs and evloop_run() start. Returns 0 or
- * -errno; on error the caller still owns backend_fd.
+ * -errno; on error the caller still owns backend_fd and filter.
  *
  * Running (loop thread, transport lock held): TX chains are checked (header
  * present, frame between 14 and NET_MAX_FRAME bytes, a partial checksum
@@ -33,6 +37,14 @@ struct net_config {
  * no RX buffers the backend is not read, so it is pushed back on. A length
  * prefix over NET_MAX_FRAME, EOF or an error ends the backend: the guest's
  * link stays up but carries nothing. Never exits on any of this.
+ *
+ * With a filter, every TX frame is judged by netf_check (net_filter.h) before
+ * it is buffered: passing frames go on, rejected ones are answered with the
+ * RST / ICMP unreachable netf_build_reject writes, queries to dns_ip:53 are
+ * answered by the VMM (names outside the allow-list: NXDOMAIN; extra hosts
+ * first, else getaddrinfo on the resolver thread, resolver.h). Those crafted
+ * frames wait in their own buffer (NET_INJ_BUF; full: dropped) and reach the
+ * guest before the backend's.
  */
 int net_new(struct vm *vm, const struct net_config *cfg, struct net **out);
 
@@ -42,6 +54,7 @@ void net_free(struct net *n);
 /* Counters for tests and the console log. Loop thread or after the loop stopped. */
 struct net_stats {
 	uint64_t tx_frames, rx_frames, tx_dropped, rx_dropped;
+	uint64_t tx_filtered, dns_answered; /* frames the policy kept from the backend; DNS answers written */
 };
 void net_get_stats(struct net *n, struct net_stats *st);
 
