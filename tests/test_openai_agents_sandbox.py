@@ -4,8 +4,8 @@ The model is the SDK's own ScriptedModel (agents.testing): no network, no API ke
 tool calls go through the SDK's real tools (exec_command, write_stdin) into one persistent
 VM that the module shares; the test then checks the VM with smolvm itself. Resuming from a
 serialized state happens in a second process, as the SDK's RunState allows; a state whose VM
-is gone resumes into a new VM hydrated from the session's snapshot. tty=true runs once
-SmolVM.pty exists (else it must be refused clearly).
+is gone resumes into a new VM hydrated from the session's snapshot. tty=true runs on the VM's
+PTY (SmolVM.async_pty).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from agents import RunConfig, Runner  # noqa: E402
 from agents.sandbox import Manifest, SandboxAgent, SandboxRunConfig  # noqa: E402
 from agents.sandbox.entries import File  # noqa: E402
 from agents.sandbox.errors import (  # noqa: E402
-    ExecTransportError,
     ExposedPortUnavailableError,
     WorkspaceReadNotFoundError,
 )
@@ -173,9 +172,8 @@ def test_files_ports_and_exec_sessions(run: _Loop, session: Any) -> None:
 
 
 @pytest.mark.vm
-@pytest.mark.skipif(not hasattr(SmolVM, "pty"), reason="this smolvm has no SmolVM.pty: tty=true is refused")
 def test_tty_exec_session(run: _Loop, session: Any) -> None:
-    """exec_command with tty=true: a PTY (SmolVM.pty) that write_stdin types into."""
+    """exec_command with tty=true: a PTY (SmolVM.async_pty) that write_stdin types into."""
     update = run(session.pty_exec_start("bash", tty=True, yield_time_s=1))
     out = update.output
     assert update.process_id is not None
@@ -187,14 +185,6 @@ def test_tty_exec_session(run: _Loop, session: Any) -> None:
         out += update.output
     assert update.exit_code == 3
     assert re.search(rb"/dev/pts/\d+", out), out
-
-
-@pytest.mark.vm
-def test_tty_refused_without_pty(run: _Loop, session: Any) -> None:
-    if hasattr(SmolVM, "pty"):
-        pytest.skip("this smolvm has SmolVM.pty: test_tty_exec_session covers tty=true")
-    with pytest.raises(ExecTransportError, match="tty=true is not supported"):
-        run(session.pty_exec_start("bash", tty=True, yield_time_s=1))
 
 
 @pytest.mark.vm

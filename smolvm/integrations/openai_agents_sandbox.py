@@ -18,7 +18,7 @@ configuration, whose workspace the SDK rebuilds from the state's snapshot.
 Waiting never blocks the event loop: commands, file reads and writes and pipe-mode
 exec sessions use `vm.async_run` (the agent connection's socket on the loop); booting,
 attaching, deleting and port forwards (short control-socket requests) run in a worker thread;
-a PTY session reads in its own thread (PtySession.read blocks).
+a PTY session (`vm.async_pty`) is read by a task on the loop.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ __all__ = [
 BACKEND = "smolvm"
 PTY_ROWS, PTY_COLS = 24, 80
 PTY_READ_CHUNK = 65536
-PTY_READ_WAKE_S = 0.5  # a PTY reader thread checks this often whether its session was closed
+PTY_READ_WAKE_S = 0.5  # a PTY reader task checks this often whether its session was closed
 
 
 class SmolVMSandboxClientOptions(BaseSandboxClientOptions):
@@ -144,8 +144,8 @@ class _ExecSession:
     """One exec_command session: a pipe-mode command (an async_run task) or a PTY."""
 
     tty: bool
-    task: asyncio.Task[Any] | None = None  # pipe mode: the async_run; PTY: the reader thread's wait
-    pty: Any = None  # the VM's PtySession (tty=True)
+    task: asyncio.Task[Any] | None = None  # pipe mode: the async_run; PTY: the reader task
+    pty: Any = None  # the VM's AsyncPtySession (tty=True)
     last_used: float = field(default_factory=time.monotonic)
     output_chunks: deque[bytes] = field(default_factory=deque)
     output_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -366,7 +366,7 @@ class SmolVMSandboxSession(BaseSandboxSession):
         if chars:
             if not entry.tty:
                 raise RuntimeError("stdin is not available for this process")
-            await asyncio.to_thread(entry.pty.write, chars.encode("utf-8"))
+            await entry.pty.write(chars.encode("utf-8"))
         yield_ms = 250 if yield_time_s is None else int(yield_time_s * 1000)
         wait_ms = resolve_pty_write_yield_time_ms(yield_time_ms=yield_ms, input_empty=chars == "")
         entry.last_used = time.monotonic()
@@ -404,48 +404,40 @@ class SmolVMSandboxSession(BaseSandboxSession):
 
     async def _open_pty(self, entry: _ExecSession, argv: list[str]) -> None:
         vm = self.vm
-        if not hasattr(vm, "pty"):
+        if not hasattr(vm, "async_pty"):
             raise ExecTransportError(
                 command=argv, context={"reason": "pty_unsupported", "backend": BACKEND},
-                message="tty=true is not supported by this smolvm (no SmolVM.pty); run without tty",
+                message="tty=true is not supported by this smolvm (no SmolVM.async_pty); run without tty",
             )  # fmt: skip
         try:
-            entry.pty = await asyncio.to_thread(
-                vm.pty, cmd=shlex.join(argv), rows=PTY_ROWS, cols=PTY_COLS, cwd=self._cwd()
-            )
+            entry.pty = await vm.async_pty(shlex.join(argv), rows=PTY_ROWS, cols=PTY_COLS, cwd=self._cwd())
         except (SmolVMError, OSError) as e:
             raise ExecTransportError(command=argv, context={"vm_id": self.state.vm_id}, cause=e) from e
-        loop = asyncio.get_running_loop()
-        entry.task = asyncio.ensure_future(asyncio.to_thread(self._pump_pty, entry, loop))
+        entry.task = asyncio.ensure_future(self._pump_pty(entry))
 
-    def _pump_pty(self, entry: _ExecSession, loop: asyncio.AbstractEventLoop) -> None:
-        """The PTY's reader thread: its output onto the loop until EOF, then its exit status."""
+    async def _pump_pty(self, entry: _ExecSession) -> None:
+        """The PTY's reader task: its output into the session until EOF, then its exit status."""
         pty = entry.pty
         try:
             while not entry.done.is_set():
-                chunk = pty.read(PTY_READ_CHUNK, timeout=PTY_READ_WAKE_S)
+                chunk = await pty.read(PTY_READ_CHUNK, timeout=PTY_READ_WAKE_S)
                 if chunk:
-                    asyncio.run_coroutine_threadsafe(self._push(entry, chunk), loop).result()
+                    await self._push(entry, chunk)
                     continue
                 # nothing within the wake interval, or EOF: has the command ended?
-                code = getattr(pty, "exit_code", None)
-                if code is None:
-                    try:
-                        code = pty.wait(PTY_READ_WAKE_S)
-                    except Exception:  # still running (a wait timeout)
-                        code = None
-                if code is not None:
-                    entry.exit_code = code
+                if pty.exit_code is not None:
+                    entry.exit_code = pty.exit_code
+                    break
+                if pty.closed:
                     break
         except Exception as e:
             if not entry.done.is_set():  # not our own close()
-                note = f"\nsmolvm: the pty failed: {e}\n".encode()
-                asyncio.run_coroutine_threadsafe(self._push(entry, note), loop).result()
+                await self._push(entry, f"\nsmolvm: the pty failed: {e}\n".encode())
         finally:
             if entry.exit_code is None:
-                entry.exit_code = getattr(pty, "exit_code", None)
-            loop.call_soon_threadsafe(entry.done.set)
-            loop.call_soon_threadsafe(entry.output_notify.set)
+                entry.exit_code = pty.exit_code
+            entry.done.set()
+            entry.output_notify.set()
 
     async def _update(
         self, pid: int, entry: _ExecSession, yield_ms: int, max_output_tokens: int | None
@@ -478,9 +470,9 @@ class SmolVMSandboxSession(BaseSandboxSession):
     async def _terminate(self, entry: _ExecSession) -> None:
         """End a session's command (cancelling async_run kills it in the guest) and its reader."""
         if entry.pty is not None:
-            entry.done.set()  # the reader thread stops at its next wake
+            entry.done.set()  # the reader task stops at its next wake
             try:
-                await asyncio.to_thread(entry.pty.close)  # ends a running command too
+                await entry.pty.aclose()  # ends a running command too
             except Exception:
                 pass
         if entry.task is not None and not entry.task.done():
