@@ -227,7 +227,7 @@ static const struct vmm_dev devices_net = {
 	.restore = devices_net_restore, .free = devices_net_free,
 };
 
-int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, char *err,
+int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, pid_t *backend, char *err,
 		    size_t errlen)
 {
 	static const uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
@@ -262,6 +262,7 @@ int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv,
 		snprintf(err, errlen, "network device: %s", strerror(-ret));
 		goto out;
 	}
+	*backend = dn->passt;
 	return devices_put(t, &d, dn, &win, err, errlen);
 out:
 	passt_stop(dn->passt);

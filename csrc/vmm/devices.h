@@ -3,6 +3,7 @@
 #define SMOLVM_DEVICES_H
 
 #include <stddef.h>
+#include <sys/types.h>
 
 struct dev_table;
 struct vm;
@@ -27,8 +28,11 @@ int devices_add_vsock(struct dev_table *t, struct vm *vm, struct vsock_config *c
 /* Disk `nr` (0, 1, ...) from spec "PATH" or "PATH,ro" (the ",ro" is cut off spec). */
 int devices_add_disk(struct dev_table *t, struct vm *vm, int nr, char *spec, char *err, size_t errlen);
 
-/* The NIC, with passt (argv[0..argc), csrc/vmm/passt.h) as its backend; stopping it is the device's free. */
-int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, char *err,
+/*
+ * The NIC, with passt (argv[0..argc), csrc/vmm/passt.h) as its backend; stopping it is the
+ * device's free. *backend gets passt's pid (the seccomp filter lets kill() reach it alone).
+ */
+int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, pid_t *backend, char *err,
 		    size_t errlen);
 
 #endif

@@ -9,7 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -26,6 +28,7 @@
 #include "portfwd.h"
 #include "virtio/vsock.h"
 #include "proto.h"
+#include "sysfilter.h"
 #include "snapshot.h"
 #include "vcpu.h"
 #include "vm.h"
@@ -38,6 +41,7 @@
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen, *inspect;
 	int daemonize, xstate_port;
+	enum sysfilter_mode seccomp; /* SYSFILTER_KILL unless --no-seccomp / --seccomp-report */
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
 	int nr_disks;
@@ -54,6 +58,8 @@ struct vmm {
 	struct portfwd *fwd;
 	int sig_fd;
 	int paused; /* paused by a PAUSE command */
+	pid_t passt; /* the network backend, or -1 */
+	int status_fd; /* the loop thread's /proc/thread-self/status, opened before its filter */
 	struct ctl *ctl;
 };
 
@@ -70,7 +76,7 @@ static void vmm_usage(void)
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
-			"[--net-passt PASST [--net-passt ARG]...]\n"
+			"[--net-passt PASST [--net-passt ARG]...] [--no-seccomp | --seccomp-report]\n"
 			"       smolvm-vmm --inspect SNAPSHOT_DIR_OR_FILE   (its checks and header as JSON; no KVM)\n");
 }
 
@@ -108,6 +114,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "disk", required_argument, NULL, 'b' },
 		{ "net-passt", required_argument, NULL, 'p' },
 		{ "inspect", required_argument, NULL, 'I' },
+		{ "no-seccomp", no_argument, NULL, 'S' },     /* debugging only: no filters */
+		{ "seccomp-report", no_argument, NULL, 'R' }, /* debugging: name a forbidden call, exit 159 */
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -143,6 +151,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 			a->disks[a->nr_disks++] = optarg;
 			break;
 		case 'I': a->inspect = optarg; break;
+		case 'S': a->seccomp = SYSFILTER_OFF; break;
+		case 'R': a->seccomp = SYSFILTER_REPORT; break;
 		case 'p':
 			if (a->nr_passt >= PASST_MAX_ARGS)
 				return -E2BIG;
@@ -196,8 +206,61 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 }
 
 /*
+ * "Name=value ..." of the confinement fields of /proc/thread-self/status (read
+ * through fds opened before the filters): the loop thread's, then each vCPU
+ * thread's Seccomp as vcpuN.Seccomp. The host cannot see the VMM's /proc in
+ * the nested profile, so it asks the VMM. Returns 0 or -errno.
+ */
+static int vmm_status(struct vmm *v, char *out, size_t len)
+{
+	static const char *const keys[] = { "Seccomp", "NoNewPrivs", "CapEff", "CapBnd", "Uid", "Gid",
+					    "Threads" };
+	char buf[4096];
+	size_t used = 0;
+	ssize_t n;
+
+	out[0] = 0;
+	for (int t = -1; t < v->vm.nr_vcpus; t++) {
+		int fd = t < 0 ? v->status_fd : v->vm.vcpus[t]->status_fd;
+
+		if (fd < 0)
+			return -ENOENT;
+		n = pread(fd, buf, sizeof(buf) - 1, 0);
+		if (n < 0)
+			return -errno;
+		buf[n] = 0;
+		for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
+			size_t kl = strlen(keys[k]);
+			char *p = buf, *val, *end;
+
+			if (t >= 0 && k > 0)
+				break; /* vCPU threads: their filter only */
+			while (p && (strncmp(p, keys[k], kl) || p[kl] != ':'))
+				p = (p = strchr(p, '\n')) ? p + 1 : NULL;
+			if (!p)
+				continue;
+			val = p + kl + 1;
+			val += strspn(val, " \t");
+			end = val + strcspn(val, "\n");
+			for (char *c = val; c < end; c++)
+				if (*c == '\t' || *c == ' ')
+					*c = ','; /* Uid:	0	0	0	0 -> 0,0,0,0 */
+			n = t < 0 ? snprintf(out + used, len - used, "%s%s=%.*s", used ? " " : "", keys[k],
+					     (int)(end - val), val)
+				  : snprintf(out + used, len - used, " vcpu%d.%s=%.*s", t, keys[k],
+					     (int)(end - val), val);
+			if (n < 0 || (size_t)n >= len - used)
+				return -ENOSPC;
+			used += (size_t)n;
+		}
+	}
+	return 0;
+}
+
+/*
  * One control command: PING, PAUSE, RESUME, SNAPSHOT <dir>, DETACH (outlive
- * the owner), STOP, FWD ADD|DEL|LIST (csrc/vmm/portfwd.h). Answers OK [value] or
+ * the owner), STOP, FWD ADD|DEL|LIST (csrc/vmm/portfwd.h), STATUS (vmm_status()).
+ * Answers OK [value] or
  * ERR <why> on the asking connection.
  */
 static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
@@ -229,6 +292,18 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 			ctl_reply(conn, "OK%s%s", out[0] ? " " : "", out);
 			return;
 		}
+	} else if (!strcmp(line, "STATUS")) {
+		char out[600];
+
+		ret = vmm_status(v, out, sizeof(out));
+		if (!ret) {
+			ctl_reply(conn, "OK %s", out);
+			return;
+		}
+#ifdef SMOLVM_TEST_HOOKS
+	} else if (!strcmp(line, "TEST FORBIDDEN-SYSCALL")) {
+		syscall(SYS_getppid); /* test builds only: no filter allows it, so the VMM dies here */
+#endif
 	} else if (!strcmp(line, "DETACH")) {
 		ctl_detach(v->ctl);
 	} else if (!strcmp(line, "STOP")) {
@@ -294,6 +369,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	if (ret)
 		goto out;
 	vm->xstate_port = v->a.xstate_port;
+	vm->seccomp_mode = (int)v->a.seccomp;
 	ret = evloop_new(&vm->loop);
 	if (ret)
 		VMM_FAIL(ret, "io_uring setup: %s", strerror(-ret));
@@ -319,7 +395,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			goto out;
 	}
 	if (v->a.nr_passt) {
-		ret = devices_add_net(&v->devs, vm, v->a.passt, v->a.nr_passt, vm->exit_msg,
+		ret = devices_add_net(&v->devs, vm, v->a.passt, v->a.nr_passt, &v->passt, vm->exit_msg,
 				      sizeof(vm->exit_msg));
 		if (ret)
 			goto out;
@@ -391,6 +467,15 @@ out:
 }
 #undef VMM_FAIL
 
+/* After set-up, before the loop runs: the loop thread's seccomp filter (the vCPU threads load theirs). */
+static int vmm_confine(struct vmm *v)
+{
+	struct sysfilter_params p = { v->a.seccomp, v->passt, v->vm.console_fd };
+
+	v->status_fd = open("/proc/thread-self/status", O_RDONLY | O_CLOEXEC);
+	return sysfilter_install(SYSFILTER_ROLE_LOOP, &p, v->vm.exit_msg, sizeof(v->vm.exit_msg));
+}
+
 static const char *vmm_reason(int r)
 {
 	switch (r) {
@@ -409,7 +494,11 @@ int main(int argc, char **argv)
 
 	v.vm.t_start_ns = vmm_now_ns();
 	v.sig_fd = -1;
+	v.passt = -1;
+	v.status_fd = -1;
 	signal(SIGPIPE, SIG_IGN);
+	/* No core files: they would hold guest memory, and a seccomp kill (SIGSYS) dumps core. */
+	setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
 	if (vmm_parse(argc, argv, &v.a)) {
 		vmm_usage();
 		return 2;
@@ -429,6 +518,8 @@ int main(int argc, char **argv)
 	if (ret) {
 		if (!v.vm.exit_msg[0])
 			snprintf(v.vm.exit_msg, sizeof(v.vm.exit_msg), "%s", strerror(-ret));
+		v.vm.exit_reason = VM_EXIT_ERROR;
+	} else if ((ret = vmm_confine(&v)) != 0) {
 		v.vm.exit_reason = VM_EXIT_ERROR;
 	} else {
 		vmm_log(&v, "t_setup_us", (vmm_now_ns() - v.vm.t_start_ns) / 1000);
@@ -460,6 +551,8 @@ int main(int argc, char **argv)
 	evloop_free(v.vm.loop);
 	if (v.sig_fd >= 0)
 		close(v.sig_fd);
+	if (v.status_fd >= 0)
+		close(v.status_fd);
 	free(cmdline);
 	return status;
 }
