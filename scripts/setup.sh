@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   linux-source-6.1 flex bison libelf-dev libssl-dev bc gcc make libc6-dev patch xz-utils  # guest kernel
-  liburing-dev busybox-static qemu-system-x86                                            # VMM, guest root, baseline
+  liburing-dev libseccomp-dev busybox-static qemu-system-x86                                            # VMM, guest root, baseline
   mmdebstrap e2fsprogs                                                                    # Debian guest image
   passt                                                                                   # guest network backend
   python3 python3-dev python3-pip                                                        # the package

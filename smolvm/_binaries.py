@@ -24,7 +24,7 @@ class Binary:
 
 
 BINARIES: dict[str, Binary] = {
-    "smolvm-vmm": Binary("csrc/vmm", "main.c", ("uring", "pthread")),
+    "smolvm-vmm": Binary("csrc/vmm", "main.c", ("uring", "seccomp", "pthread")),
     "_smolvm": Binary("csrc/client", "module.c", ("uring",), extension=True),
     "smolvm-hostd": Binary("csrc/nested", "hostd.c"),
     "smolvm-vmm-relay": Binary("csrc/nested", "relay.c"),

@@ -96,6 +96,12 @@ def describe_status(status: int | None) -> str:
             name = signal.Signals(num).name
         except ValueError:
             name = f"signal {num}"
+        if num == signal.SIGSYS:
+            return (
+                f"was killed by {name} ({num}): its seccomp filter stopped a system call it does not "
+                "allow (a VMM bug or a guest attacking it; see SECURITY.md: `smolvm-vmm "
+                "--seccomp-report` names the call)"
+            )
         return f"was killed by {name} ({num})"
     if os.WIFEXITED(status):
         return f"exited with status {os.WEXITSTATUS(status)}"

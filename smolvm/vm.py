@@ -427,6 +427,13 @@ class SmolVM(AsyncMixin):
         self._command("RESUME")
         self._set_paused(False)
 
+    def vmm_status(self) -> dict[str, str]:
+        """How this VM's VMM is confined, as the VMM itself reads its /proc status (the host
+        cannot see it in the nested profile): Seccomp ("2": filtered), NoNewPrivs, CapEff,
+        CapBnd, Uid, Gid, Threads of its loop thread, and vcpuN.Seccomp of each vCPU thread."""
+        self._require_running()
+        return dict(kv.split("=", 1) for kv in self._command("STATUS").split())
+
     def snapshot(self, name: str) -> snapshots.SnapshotInfo:
         """Save this running VM (memory, CPUs, devices) as a named snapshot.
 

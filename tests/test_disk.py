@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import http.server
 import io
 import json
 import os
 import secrets
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ import pytest
 from smolvm import SmolVM
 from smolvm.build.image import ImageNotFoundError
 from smolvm.errors import SnapshotError
+from smolvm.network import HOST_ALIAS
 
 pytestmark = pytest.mark.vm
 
@@ -85,16 +89,40 @@ def _wheel(tmp_path: Path) -> Path:
     return out
 
 
+@pytest.fixture
+def simple_index(tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """A PEP 503 simple index on the host's 127.0.0.1 holding one wheel: (port, project name)."""
+    wheel = _wheel(tmp_path)
+    project = tmp_path / "www" / "simple" / "smolvm-hello"
+    project.mkdir(parents=True)
+    wheel.rename(project / wheel.name)
+    digest = hashlib.sha256((project / wheel.name).read_bytes()).hexdigest()
+    (project / "index.html").write_text(f'<a href="{wheel.name}#sha256={digest}">{wheel.name}</a>\n')
+    (project.parent / "index.html").write_text('<a href="smolvm-hello/">smolvm-hello</a>\n')
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path / "www"))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1], "smolvm-hello"
+    srv.shutdown()
+    srv.server_close()
+
+
 @pytest.mark.guest_only
-def test_venv_and_pip_install_of_a_local_wheel(vm: SmolVM, tmp_path: Path) -> None:
+def test_venv_and_pip_install_from_an_index_on_the_host(vm: SmolVM, simple_index: tuple[int, str]) -> None:
     # The venv borrows Debian's pip (--system-site-packages) instead of copying one into it
     # with ensurepip: one pip run instead of three, minutes on hosts that emulate ring 0.
-    wheel = _wheel(tmp_path)
-    vm.upload_file(wheel, f"/root/{wheel.name}")
+    # The index is served on the host's loopback, reached as host.smolvm.internal (no public index).
+    port, project = simple_index
+    index = f"http://{HOST_ALIAS}:{port}/simple/"
     r = vm.run(
         "python3 -m venv --without-pip --system-site-packages /root/venv && "
-        "/root/venv/bin/python -m pip install -q --no-index --no-deps --no-cache-dir --no-compile "
-        f"--disable-pip-version-check /root/{wheel.name} && "
+        f"/root/venv/bin/python -m pip install -q --index-url {index} --trusted-host {HOST_ALIAS} "
+        f"--no-deps --no-cache-dir --no-compile --disable-pip-version-check {project} && "
         "/root/venv/bin/python -c 'import sys, smolvm_hello; print(sys.prefix, smolvm_hello.greet())' && "
         "python3 -c 'import smolvm_hello' 2>&1 | tail -1",
         timeout=1800,

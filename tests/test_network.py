@@ -7,6 +7,7 @@ import http.server
 import os
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from smolvm import SmolVM
 from smolvm.network import HOST_ALIAS, NetworkUnavailableError, policy
 
 T = 120
-BLOB_MIB = 4  # 16 MiB takes minutes through this host's emulated guest kernel; see benchmarks
+BLOB_MIB = 16  # the issue's byte-exact download; guest_only, so the compat pass (minutes for it) skips it
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -140,6 +141,24 @@ def test_restored_vm_network_works(vm: SmolVM, host_server: tuple[int, str]) -> 
             assert r.stdout == "hello from the host\n"
     finally:
         snapshots.delete("net-test")
+
+
+@pytest.mark.vm
+@pytest.mark.guest_only
+def test_ten_sandboxes_at_once_each_reach_the_host(vm: SmolVM, host_server: tuple[int, str]) -> None:
+    """Ten restored sandboxes, each with its own passt, fetch from the host's loopback at once."""
+    port, _ = host_server
+
+    def one(i: int) -> str:
+        with SmolVM() as v:
+            r = v.run(f"curl -fsS http://{HOST_ALIAS}:{port}/hello.txt && hostname", timeout=600)
+            assert r.ok, (i, r)
+            return r.stdout
+
+    with ThreadPoolExecutor(10) as pool:
+        outs = list(pool.map(one, range(10)))
+    assert all(o.startswith("hello from the host\n") for o in outs), outs
+    assert len({o.splitlines()[1] for o in outs}) == 10  # ten different sandboxes
 
 
 @pytest.mark.vm

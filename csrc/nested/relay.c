@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -206,6 +207,8 @@ static void __attribute__((noreturn)) relay_exit(struct relay *r, int st, const 
 		exit(1);
 	}
 	if (WIFSIGNALED(st)) {
+		/* no core file for signals that dump (SIGSYS: the VMM's seccomp filter killed it) */
+		setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
 		signal(WTERMSIG(st), SIG_DFL);
 		raise(WTERMSIG(st));
 	}

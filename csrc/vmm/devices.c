@@ -229,7 +229,7 @@ static const struct vmm_dev devices_net = {
 };
 
 int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, struct netf **filter,
-		    char *err, size_t errlen)
+		    pid_t *backend, char *err, size_t errlen)
 {
 	static const uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
 	struct net_config nc = { .backend_fd = -1 };
@@ -266,6 +266,7 @@ int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv,
 		goto out;
 	}
 	*filter = NULL; /* the device's now */
+	*backend = dn->passt;
 	return devices_put(t, &d, dn, &win, err, errlen);
 out:
 	passt_stop(dn->passt);

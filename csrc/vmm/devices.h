@@ -3,6 +3,7 @@
 #define SMOLVM_DEVICES_H
 
 #include <stddef.h>
+#include <sys/types.h>
 
 struct dev_table;
 struct vm;
@@ -29,9 +30,12 @@ int devices_add_disk(struct dev_table *t, struct vm *vm, int nr, char *spec, cha
 
 struct netf;
 
-/* The NIC, with passt (argv[0..argc), csrc/vmm/passt.h) as its backend; stopping it is the device's free.
- * *filter (NULL: no egress policy) becomes the device's on success (*filter is then NULL). */
+/*
+ * The NIC, with passt (argv[0..argc), csrc/vmm/passt.h) as its backend; stopping it is the
+ * device's free. *filter (NULL: no egress policy) becomes the device's on success (*filter is
+ * then NULL). *backend gets passt's pid (the seccomp filter lets kill() reach it alone).
+ */
 int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, struct netf **filter,
-		    char *err, size_t errlen);
+		    pid_t *backend, char *err, size_t errlen);
 
 #endif

@@ -12,8 +12,13 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "uring_limit.h"
+
 #define EVLOOP_QUEUE_DEPTH 256
 #define EVLOOP_MAX_WATCH 1024
+
+/* The only operations the loop submits (uring_limit.h). */
+static const unsigned char evloop_ops[] = { IORING_OP_POLL_ADD, IORING_OP_POLL_REMOVE };
 
 struct evloop_watch {
 	int fd;          /* -1: free slot */
@@ -106,7 +111,9 @@ int evloop_new(struct evloop **out)
 		free(l);
 		return ret;
 	}
-	ret = io_uring_queue_init(EVLOOP_QUEUE_DEPTH, &l->ring, 0);
+	ret = uring_limit_init(EVLOOP_QUEUE_DEPTH, &l->ring);
+	if (ret >= 0 && (ret = uring_limit_enable(&l->ring, evloop_ops, sizeof(evloop_ops))) < 0)
+		io_uring_queue_exit(&l->ring);
 	if (ret < 0) {
 		close(l->stop_fd);
 		free(l);

@@ -170,6 +170,8 @@ int fork_restore(struct fork_state *f, struct vm *vm, const struct snap_reader *
 		free(bits);
 		return 0;
 	}
+	if (f->verify) /* opened now: the loop thread's seccomp filter allows no read-only open */
+		f->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	ret = kvm_dirty_log_enable(vm);
 	if (!ret) {
 		f->base_fd = fcntl(mem_fd, F_DUPFD_CLOEXEC, 3);
@@ -190,12 +192,12 @@ int fork_restore(struct fork_state *f, struct vm *vm, const struct snap_reader *
  * now (or swapped) was written. Adds what the log missed to vm->dirty; returns that count, or
  * UINT64_MAX when /proc/self/pagemap cannot be read.
  */
-static uint64_t fork_pagemap_check(struct vm *vm)
+static uint64_t fork_pagemap_check(struct fork_state *f, struct vm *vm)
 {
 	enum { CHUNK = 4096 };
 	uint64_t pages = vm->mem_size / FORK_PAGE, missed = 0, base = (uintptr_t)vm->mem / FORK_PAGE;
 	uint64_t *ent = malloc(CHUNK * sizeof(*ent));
-	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	int fd = f->pagemap_fd;
 
 	if (fd < 0 || !ent) {
 		missed = UINT64_MAX;
@@ -218,8 +220,6 @@ static uint64_t fork_pagemap_check(struct vm *vm)
 		}
 	}
 out:
-	if (fd >= 0)
-		close(fd);
 	free(ent);
 	return missed;
 }
@@ -279,7 +279,7 @@ static int fork_layered(struct fork_state *f, struct vm *vm, const char *dir, st
 		return 1;
 	}
 	if (f->verify)
-		st->missed = fork_pagemap_check(vm);
+		st->missed = fork_pagemap_check(f, vm);
 	st->t_log_us = fork_now_us() - t;
 	t = fork_now_us();
 	/* the very file this VM maps, even if its snapshot was replaced or removed since */
@@ -336,6 +336,9 @@ void fork_free(struct fork_state *f, struct vm *vm)
 	if (f->base_fd >= 0)
 		close(f->base_fd);
 	f->base_fd = -1;
+	if (f->pagemap_fd >= 0)
+		close(f->pagemap_fd);
+	f->pagemap_fd = -1;
 	f->tracked = false;
 	free(vm->dirty);
 	vm->dirty = NULL;

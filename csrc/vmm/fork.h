@@ -23,6 +23,7 @@ struct fork_state {
 	int base_fd;  /* the memory file the VM was restored from, kept to link it; -1 = none */
 	bool tracked; /* vm->dirty and KVM's dirty log have followed every write since restore */
 	bool verify;  /* at capture, check the log against /proc/self/pagemap (tests) */
+	int pagemap_fd; /* verify: /proc/self/pagemap, opened at restore (before the seccomp filter); -1 = none */
 	char why[128]; /* why a capture is full when it is (for the FORK reply) */
 };
 

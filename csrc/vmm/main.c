@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -29,6 +30,7 @@
 #include "portfwd.h"
 #include "virtio/vsock.h"
 #include "proto.h"
+#include "sysfilter.h"
 #include "snapshot.h"
 #include "vcpu.h"
 #include "vm.h"
@@ -41,6 +43,7 @@
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen, *inspect;
 	int daemonize, xstate_port, no_dirty_log, fork_verify;
+	enum sysfilter_mode seccomp; /* SYSFILTER_KILL unless --no-seccomp / --seccomp-report */
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
 	int nr_disks;
@@ -59,6 +62,8 @@ struct vmm {
 	int sig_fd;
 	int paused; /* paused by a PAUSE command */
 	struct fork_state fork; /* pages written since restore, for FORK (fork.h) */
+	pid_t passt; /* the network backend, or -1 */
+	int status_fd; /* the loop thread's /proc/thread-self/status, opened before its filter */
 	struct ctl *ctl;
 };
 
@@ -76,7 +81,8 @@ static void vmm_usage(void)
 			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
 			"[--net-passt PASST [--net-passt ARG]...] [--net-filter [--net-allow-domain NAME|*.NAME]... "
-			"[--net-allow-cidr A.B.C.D/N]... [--net-host NAME=A.B.C.D]...] [--no-dirty-log] [--fork-verify]\n"
+			"[--net-allow-cidr A.B.C.D/N]... [--net-host NAME=A.B.C.D]...] [--no-dirty-log] [--fork-verify] "
+			"[--no-seccomp | --seccomp-report]\n"
 			"       smolvm-vmm --inspect SNAPSHOT_DIR_OR_FILE   (its checks and header as JSON; no KVM)\n");
 }
 
@@ -143,6 +149,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "inspect", required_argument, NULL, 'I' },
 		{ "no-dirty-log", no_argument, NULL, 'L' },
 		{ "fork-verify", no_argument, NULL, 'V' },
+		{ "no-seccomp", no_argument, NULL, 'S' },     /* debugging only: no filters */
+		{ "seccomp-report", no_argument, NULL, 'R' }, /* debugging: name a forbidden call, exit 159 */
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -180,6 +188,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'I': a->inspect = optarg; break;
 		case 'L': a->no_dirty_log = 1; break;
 		case 'V': a->fork_verify = 1; break;
+		case 'S': a->seccomp = SYSFILTER_OFF; break;
+		case 'R': a->seccomp = SYSFILTER_REPORT; break;
 		case 'p':
 			if (a->nr_passt >= PASST_MAX_ARGS)
 				return -E2BIG;
@@ -266,8 +276,61 @@ static int vmm_fork(struct vmm *v, const char *dir, struct fork_stats *st, char 
 }
 
 /*
+ * "Name=value ..." of the confinement fields of /proc/thread-self/status (read
+ * through fds opened before the filters): the loop thread's, then each vCPU
+ * thread's Seccomp as vcpuN.Seccomp. The host cannot see the VMM's /proc in
+ * the nested profile, so it asks the VMM. Returns 0 or -errno.
+ */
+static int vmm_status(struct vmm *v, char *out, size_t len)
+{
+	static const char *const keys[] = { "Seccomp", "NoNewPrivs", "CapEff", "CapBnd", "Uid", "Gid",
+					    "Threads" };
+	char buf[4096];
+	size_t used = 0;
+	ssize_t n;
+
+	out[0] = 0;
+	for (int t = -1; t < v->vm.nr_vcpus; t++) {
+		int fd = t < 0 ? v->status_fd : v->vm.vcpus[t]->status_fd;
+
+		if (fd < 0)
+			return -ENOENT;
+		n = pread(fd, buf, sizeof(buf) - 1, 0);
+		if (n < 0)
+			return -errno;
+		buf[n] = 0;
+		for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
+			size_t kl = strlen(keys[k]);
+			char *p = buf, *val, *end;
+
+			if (t >= 0 && k > 0)
+				break; /* vCPU threads: their filter only */
+			while (p && (strncmp(p, keys[k], kl) || p[kl] != ':'))
+				p = (p = strchr(p, '\n')) ? p + 1 : NULL;
+			if (!p)
+				continue;
+			val = p + kl + 1;
+			val += strspn(val, " \t");
+			end = val + strcspn(val, "\n");
+			for (char *c = val; c < end; c++)
+				if (*c == '\t' || *c == ' ')
+					*c = ','; /* Uid:	0	0	0	0 -> 0,0,0,0 */
+			n = t < 0 ? snprintf(out + used, len - used, "%s%s=%.*s", used ? " " : "", keys[k],
+					     (int)(end - val), val)
+				  : snprintf(out + used, len - used, " vcpu%d.%s=%.*s", t, keys[k],
+					     (int)(end - val), val);
+			if (n < 0 || (size_t)n >= len - used)
+				return -ENOSPC;
+			used += (size_t)n;
+		}
+	}
+	return 0;
+}
+
+/*
  * One control command: PING, PAUSE, RESUME, SNAPSHOT <dir>, FORK <dir>, DETACH (outlive
- * the owner), STOP, FWD ADD|DEL|LIST (csrc/vmm/portfwd.h). Answers OK [value] or
+ * the owner), STOP, FWD ADD|DEL|LIST (csrc/vmm/portfwd.h), STATUS (vmm_status()), RUSAGE.
+ * Answers OK [value] or
  * ERR <why> on the asking connection.
  */
 static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
@@ -326,6 +389,18 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 			  (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec,
 			  (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec);
 		return;
+	} else if (!strcmp(line, "STATUS")) {
+		char out[600];
+
+		ret = vmm_status(v, out, sizeof(out));
+		if (!ret) {
+			ctl_reply(conn, "OK %s", out);
+			return;
+		}
+#ifdef SMOLVM_TEST_HOOKS
+	} else if (!strcmp(line, "TEST FORBIDDEN-SYSCALL")) {
+		syscall(SYS_getppid); /* test builds only: no filter allows it, so the VMM dies here */
+#endif
 	} else if (!strcmp(line, "DETACH")) {
 		ctl_detach(v->ctl);
 	} else if (!strcmp(line, "STOP")) {
@@ -400,6 +475,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		snprintf(v->fork.why, sizeof(v->fork.why), "the VM was booted, not restored");
 	}
 	vm->xstate_port = v->a.xstate_port;
+	vm->seccomp_mode = (int)v->a.seccomp;
 	ret = evloop_new(&vm->loop);
 	if (ret)
 		VMM_FAIL(ret, "io_uring setup: %s", strerror(-ret));
@@ -425,7 +501,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			goto out;
 	}
 	if (v->a.nr_passt) {
-		ret = devices_add_net(&v->devs, vm, v->a.passt, v->a.nr_passt, &v->a.filter, vm->exit_msg,
+		ret = devices_add_net(&v->devs, vm, v->a.passt, v->a.nr_passt, &v->a.filter, &v->passt, vm->exit_msg,
 				      sizeof(vm->exit_msg));
 		if (ret)
 			goto out;
@@ -497,6 +573,15 @@ out:
 }
 #undef VMM_FAIL
 
+/* After set-up, before the loop runs: the loop thread's seccomp filter (the vCPU threads load theirs). */
+static int vmm_confine(struct vmm *v)
+{
+	struct sysfilter_params p = { v->a.seccomp, v->passt, v->vm.console_fd };
+
+	v->status_fd = open("/proc/thread-self/status", O_RDONLY | O_CLOEXEC);
+	return sysfilter_install(SYSFILTER_ROLE_LOOP, &p, v->vm.exit_msg, sizeof(v->vm.exit_msg));
+}
+
 static const char *vmm_reason(int r)
 {
 	switch (r) {
@@ -516,7 +601,12 @@ int main(int argc, char **argv)
 	v.vm.t_start_ns = vmm_now_ns();
 	v.sig_fd = -1;
 	v.fork.base_fd = -1;
+	v.fork.pagemap_fd = -1;
+	v.passt = -1;
+	v.status_fd = -1;
 	signal(SIGPIPE, SIG_IGN);
+	/* No core files: they would hold guest memory, and a seccomp kill (SIGSYS) dumps core. */
+	setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
 	if (vmm_parse(argc, argv, &v.a)) {
 		vmm_usage();
 		return 2;
@@ -536,6 +626,8 @@ int main(int argc, char **argv)
 	if (ret) {
 		if (!v.vm.exit_msg[0])
 			snprintf(v.vm.exit_msg, sizeof(v.vm.exit_msg), "%s", strerror(-ret));
+		v.vm.exit_reason = VM_EXIT_ERROR;
+	} else if ((ret = vmm_confine(&v)) != 0) {
 		v.vm.exit_reason = VM_EXIT_ERROR;
 	} else {
 		vmm_log(&v, "t_setup_us", (vmm_now_ns() - v.vm.t_start_ns) / 1000);
@@ -569,6 +661,8 @@ int main(int argc, char **argv)
 	evloop_free(v.vm.loop);
 	if (v.sig_fd >= 0)
 		close(v.sig_fd);
+	if (v.status_fd >= 0)
+		close(v.status_fd);
 	free(cmdline);
 	return status;
 }

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "vm.h"
+#include "sysfilter.h"
 #include "xstate.h"
 
 #define VCPU_MAX_CPUID 256
@@ -137,6 +138,7 @@ int vcpu_create(struct vm *vm, int id, struct vcpu **out)
 		return -ENOMEM;
 	v->vm = vm;
 	v->id = id;
+	v->status_fd = -1;
 	v->fd = ioctl(vm->vm_fd, KVM_CREATE_VCPU, id);
 	if (v->fd < 0) {
 		ret = -errno;
@@ -331,6 +333,20 @@ void vm_resume(struct vm *vm)
 	pthread_mutex_unlock(&vm->lock);
 }
 
+/* Load this thread's seccomp filter (its /proc status opened first, for STATUS). 0 or -errno. */
+static int vcpu_confine(struct vcpu *v)
+{
+	struct sysfilter_params p = { v->vm->seccomp_mode, -1, v->vm->console_fd };
+	char err[200];
+	int ret;
+
+	v->status_fd = open("/proc/thread-self/status", O_RDONLY | O_CLOEXEC);
+	ret = sysfilter_install(SYSFILTER_ROLE_VCPU, &p, err, sizeof(err));
+	if (ret)
+		vm_request_exit(v->vm, VM_EXIT_ERROR, err);
+	return ret;
+}
+
 static void *vcpu_thread(void *arg)
 {
 	struct vcpu *v = arg;
@@ -339,6 +355,8 @@ static void *vcpu_thread(void *arg)
 	char msg[128];
 	int first = 1;
 
+	if (vcpu_confine(v) < 0)
+		return NULL;
 	while (vm->exit_reason == VM_RUNNING) {
 		if (vm->pause_req) {
 			vcpu_park(v);
@@ -434,6 +452,8 @@ void vcpu_destroy(struct vcpu *v)
 		munmap(v->run, v->run_size);
 	if (v->fd >= 0)
 		close(v->fd);
+	if (v->status_fd >= 0)
+		close(v->status_fd);
 	free(v->cpuid);
 	xstate_free(v->xstate);
 	free(v);

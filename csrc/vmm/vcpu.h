@@ -21,6 +21,7 @@ struct vcpu {
 	struct kvm_cpuid2 *cpuid; /* what KVM_SET_CPUID2 got; kept for snapshots */
 	size_t cpuid_size;
 	struct xstate *xstate; /* XSTATE_PORT handler state, made on first use (vCPU thread) */
+	int status_fd; /* the thread's /proc/thread-self/status, opened before its seccomp filter; -1 */
 };
 
 /* Create vCPU `id` of vm (CPUID, MSRs, LAPIC LINT0/1 set). Returns 0 or -errno. */
@@ -30,7 +31,11 @@ int vcpu_create(struct vm *vm, int id, struct vcpu **out);
 int vcpu_setup_long_mode(struct vcpu *v, uint64_t entry, uint64_t zero_page,
 			 uint64_t pml4, uint64_t gdt, uint16_t gdt_limit);
 
-/* Start the thread running KVM_RUN until the VM exits. Signals SIGUSR1 interrupt it. */
+/*
+ * Start the thread running KVM_RUN until the VM exits. Signals SIGUSR1 interrupt it.
+ * Before its first KVM_RUN the thread loads the vCPU seccomp filter (vm->seccomp_mode);
+ * if that fails the VM stops with VM_EXIT_ERROR.
+ */
 int vcpu_start(struct vcpu *v);
 
 /*

@@ -45,6 +45,7 @@ struct vm {
 	uint32_t nr_virtio; /* virtio-mmio windows handed out (virtio_mmio_alloc) */
 	int console_fd; /* serial output goes here; -1 = discard */
 	int xstate_port; /* serve XSTATE_PORT (compat profile guests only; xstate.h) */
+	int seccomp_mode; /* enum sysfilter_mode: each vCPU thread loads its filter before KVM_RUN (seccomp.h) */
 	volatile int exit_reason; /* set once by a vCPU: VM_EXIT_* */
 	char exit_msg[256];
 	uint64_t t_start_ns; /* CLOCK_MONOTONIC when the VMM started, for timing lines */

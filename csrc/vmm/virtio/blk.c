@@ -21,10 +21,13 @@
 
 #include "evloop.h"
 #include "snapshot.h"
+#include "uring_limit.h"
 #include "virtio/mmio.h"
 #include "vm.h"
 
 #define BLK_HDR ((uint32_t)sizeof(struct virtio_blk_outhdr))
+/* The only operations the disk submits (uring_limit.h). */
+static const unsigned char blk_ring_ops[] = { IORING_OP_READV, IORING_OP_WRITEV, IORING_OP_FSYNC };
 #define BLK_RETRIES 8 /* -EAGAIN/-EINTR resubmissions of one request, or failed submits in a row */
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "virtio-blk fields are little-endian");
@@ -462,7 +465,7 @@ int blk_new(struct vm *vm, const struct blk_config *cfg, struct blk **out)
 	b->config.seg_max = BLK_SEG_MAX;
 	b->config.blk_size = BLK_SECTOR;
 
-	err = io_uring_queue_init(BLK_QUEUE_MAX, &b->ring, 0); /* CQ is twice as big: it never overflows */
+	err = uring_limit_init(BLK_QUEUE_MAX, &b->ring); /* CQ is twice as big: it never overflows */
 	if (err)
 		goto out;
 	b->ring_ok = true;
@@ -472,6 +475,8 @@ int blk_new(struct vm *vm, const struct blk_config *cfg, struct blk **out)
 		goto out;
 	}
 	err = io_uring_register_eventfd(&b->ring, b->efd);
+	if (!err)
+		err = uring_limit_enable(&b->ring, blk_ring_ops, sizeof(blk_ring_ops));
 	if (err)
 		goto out;
 	err = evloop_add(vm->loop, b->efd, POLLIN, blk_event_cb, b);
