@@ -21,6 +21,7 @@
 #include "evloop.h"
 #include "inspect.h"
 #include "kvm.h"
+#include "memcache.h"
 #include "mptable.h"
 #include "passt.h"
 #include "portfwd.h"
@@ -37,6 +38,7 @@
 
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen, *inspect;
+	const char *memory_cache, *memory_extents; /* --restore: memcache.h (nested profile) */
 	int daemonize, xstate_port;
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
@@ -68,7 +70,7 @@ static uint64_t vmm_now_ns(void)
 static void vmm_usage(void)
 {
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
-			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
+			"--vcpus N | --restore SNAPSHOT_DIR [--memory-cache FILE --memory-extents FILE]) --vsock-uds PATH --console PATH --ctl-fd N "
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
 			"[--net-passt PASST [--net-passt ARG]...]\n"
 			"       smolvm-vmm --inspect SNAPSHOT_DIR_OR_FILE   (its checks and header as JSON; no KVM)\n");
@@ -108,6 +110,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "disk", required_argument, NULL, 'b' },
 		{ "net-passt", required_argument, NULL, 'p' },
 		{ "inspect", required_argument, NULL, 'I' },
+		{ "memory-cache", required_argument, NULL, 'M' },
+		{ "memory-extents", required_argument, NULL, 'E' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -143,6 +147,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 			a->disks[a->nr_disks++] = optarg;
 			break;
 		case 'I': a->inspect = optarg; break;
+		case 'M': a->memory_cache = optarg; break;
+		case 'E': a->memory_extents = optarg; break;
 		case 'p':
 			if (a->nr_passt >= PASST_MAX_ARGS)
 				return -E2BIG;
@@ -276,7 +282,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	struct snap_vm_info info = { (uint64_t)v->a.mem_mib << 20, (uint32_t)v->a.vcpus, 0 };
 	struct boot_info bi;
 	sigset_t ss;
-	int ret, mem_fd = -1;
+	int ret, mem_fd = -1, cache_fd = -1;
 
 	vm->console_fd = v->a.console
 		? open(v->a.console, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600) : -1;
@@ -289,10 +295,26 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			ret = mem_fd;
 			goto out;
 		}
+		if (v->a.memory_cache) {
+			char why[512];
+			uint64_t t0 = vmm_now_ns();
+
+			cache_fd = memcache_open(v->a.memory_cache, v->a.memory_extents, mem_fd, why,
+						 sizeof(why));
+			if (cache_fd < 0)
+				fprintf(stderr, "smolvm-vmm: mapping the snapshot's memory directly: %s\n", why);
+			else
+				vmm_log(v, "t_memcache_us", (vmm_now_ns() - t0) / 1000);
+		}
 	}
-	ret = kvm_vm_create(vm, info.mem_size, mem_fd);
+	ret = kvm_vm_create(vm, info.mem_size, cache_fd >= 0 ? -1 : mem_fd);
 	if (ret)
 		goto out;
+	if (cache_fd >= 0) {
+		ret = memcache_map(vm, cache_fd, vm->exit_msg, sizeof(vm->exit_msg));
+		if (ret)
+			goto out;
+	}
 	vm->xstate_port = v->a.xstate_port;
 	ret = evloop_new(&vm->loop);
 	if (ret)
@@ -384,6 +406,8 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		vmm_on_ready(v);
 	}
 out:
+	if (cache_fd >= 0)
+		close(cache_fd);
 	if (mem_fd >= 0)
 		close(mem_fd);
 	snapshot_reader_free(&snap);
