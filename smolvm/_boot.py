@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -149,7 +151,7 @@ def restore_argv(m: Machine, vmm: Path, snap: Path) -> list[str]:
     argv = _vmm.restore_argv(vmm, snap) + m.common_argv()
     if not isinstance(image, dict):
         m.files.path.mkdir(parents=True, exist_ok=False)
-        return argv
+        return argv + memory_cache_args(m, snap)
     image_file = snapshot_image(image)
     if image_file is None:
         raise SnapshotError(
@@ -159,7 +161,53 @@ def restore_argv(m: Machine, vmm: Path, snap: Path) -> list[str]:
     m.files.path.mkdir(parents=True, exist_ok=False)
     saved = snap / registry.DISK_FILE  # a user snapshot's disk; a base snapshot has none
     target = make_disk(m, saved if saved.exists() else None, fresh=True)
-    return argv + _vmm.disk_args(image_file, target)
+    return argv + memory_cache_args(m, snap) + _vmm.disk_args(image_file, target)
+
+
+MEMORY_CACHE_DIR = "/run/smolvm-memcache"  # in the nested profile's host VM: a tmpfs (its own RAM)
+EXTENTS_GAP = 64 << 10  # data ranges closer than this are copied (and mapped) as one
+
+
+def memory_cache_args(m: Machine, snap: Path) -> list[str]:
+    """In the nested profile, a base snapshot's memory (the default one's, a BrowserSession's)
+    is copied once into the host VM's RAM and mapped from there (csrc/vmm/memcache.h): over 9p
+    every page a restored guest touches first would be a 4 KiB read of ~2.6 ms. The host VM
+    cannot see the file's holes through 9p, so the data ranges go along in a file.
+    SMOLVM_MEMORY_CACHE=0 turns this off (benchmarks/bench_browser.py compares)."""
+    if os.environ.get("SMOLVM_MEMORY_CACHE") == "0":
+        return []
+    if m.profile.name != "nested" or snap.parent.parent != snapshots.root() or snap.parent.name not in (
+        ".base", ".browser"
+    ):
+        return []
+    mem = snap / "memory.bin"
+    ident = hashlib.sha256(snapshots.file_ident(mem)).hexdigest()[:16]
+    where = hashlib.sha256(str(snap.resolve()).encode()).hexdigest()[:16]
+    extents = m.files.path / "memory.extents"
+    extents.write_text("".join(f"{off} {length}\n" for off, length in data_ranges(mem, EXTENTS_GAP)))
+    return ["--memory-cache", f"{MEMORY_CACHE_DIR}/{where}-{ident}.mem", "--memory-extents", str(extents)]
+
+
+def data_ranges(path: Path, gap: int = 0) -> list[tuple[int, int]]:
+    """(offset, length) of a sparse file's data (SEEK_DATA/SEEK_HOLE), ranges less than gap apart merged."""
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, off = os.fstat(fd).st_size, 0
+        while off < size:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after off
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            if out and data - (out[-1][0] + out[-1][1]) <= gap:
+                out[-1] = (out[-1][0], hole - out[-1][0])
+            else:
+                out.append((data, hole - data))
+            off = hole
+    finally:
+        os.close(fd)
+    return out
 
 
 def snapshot_image(image: dict[object, object]) -> Path | None:

@@ -389,17 +389,16 @@ class BrowserSession:
         self.stop()
 
     def close(self) -> None:
-        """Let go of this handle. A session made in `with` (ephemeral) ends; one made with
-        start() or reached with from_id() keeps running until stop()."""
+        """Let go of this handle. A session made in `with` (ephemeral) ends as with stop()
+        (recording finalised, artifacts collected); one made with start() or reached with
+        from_id() keeps running until stop()."""
+        if self._owned and not self._info.persistent and self._vm is not None:
+            self.stop()
+            return
         self._close_playwright()
         if self._vm is not None:
-            ephemeral = not self._info.persistent and self._owned
             self._vm.close()
             self._vm = None
-            if ephemeral:
-                _stop_reaper(self._info.reaper_pid)
-                store.remove(self.session_id)
-                self._info.status = "stopped"
 
     def __del__(self) -> None:
         try:
@@ -460,9 +459,12 @@ class BrowserSession:
 
     def collect_artifacts(self) -> Path:
         """Copy the downloads, the recording (final once stop() ran) and the browser logs into
-        artifacts_dir on the host, and return it."""
+        artifacts_dir on the host, and return it. After stop() (or close() of a `with`
+        session) it returns what was collected as the session ended."""
         dest = self.artifacts_dir
         dest.mkdir(parents=True, exist_ok=True)
+        if self._vm is None and self._info.status == "stopped":
+            return dest  # stop() collected them as the session ended
         r = self.vm.run(f"cd {GUEST_ROOT} && find artifacts downloads logs -type f -size -2000M 2>/dev/null",
                         timeout=120)  # fmt: skip
         for rel in r.stdout.split("\n"):

@@ -80,7 +80,7 @@ start() { # MODE WIDTH HEIGHT CDP_PORT LIVE_PORT ALLOW_DOWNLOADS
 		--disable-default-apps --disable-domain-reliability --metrics-recording-only --no-pings \
 		--password-store=basic --use-mock-keychain --mute-audio \
 		--disable-dev-shm-usage --disable-gpu --in-process-gpu \
-		--renderer-process-limit=1 --disable-site-isolation-trials \
+		--no-zygote --renderer-process-limit=1 --disable-site-isolation-trials \
 		--disable-features=site-per-process,IsolateOrigins,Translate,OptimizationHints,MediaRouter,DialMediaRouteProvider,AutofillServerCommunication,CertificateTransparencyComponentUpdater \
 		--remote-debugging-address=127.0.0.1 --remote-debugging-port="$cdp" --remote-allow-origins='*' \
 		--user-data-dir="$PROFILE" --window-size="$width,$height" --window-position=0,0 \

@@ -24,6 +24,7 @@
 #include "fork.h"
 #include "inspect.h"
 #include "kvm.h"
+#include "memcache.h"
 #include "mptable.h"
 #include "net_filter.h"
 #include "passt.h"
@@ -42,6 +43,7 @@
 
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen, *inspect;
+	const char *memory_cache, *memory_extents; /* --restore: memcache.h (nested profile) */
 	int daemonize, xstate_port, no_dirty_log, fork_verify;
 	enum sysfilter_mode seccomp; /* SYSFILTER_KILL unless --no-seccomp / --seccomp-report */
 	unsigned long mem_mib, vcpus;
@@ -78,7 +80,7 @@ static uint64_t vmm_now_ns(void)
 static void vmm_usage(void)
 {
 	fprintf(stderr, "usage: smolvm-vmm (--kernel PATH [--initrd PATH] --cmdline STR --mem-mib N "
-			"--vcpus N | --restore SNAPSHOT_DIR) --vsock-uds PATH --console PATH --ctl-fd N "
+			"--vcpus N | --restore SNAPSHOT_DIR [--memory-cache FILE --memory-extents FILE]) --vsock-uds PATH --console PATH --ctl-fd N "
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
 			"[--net-passt PASST [--net-passt ARG]...] [--net-filter [--net-allow-domain NAME|*.NAME]... "
 			"[--net-allow-cidr A.B.C.D/N]... [--net-host NAME=A.B.C.D]...] [--no-dirty-log] [--fork-verify] "
@@ -151,6 +153,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "fork-verify", no_argument, NULL, 'V' },
 		{ "no-seccomp", no_argument, NULL, 'S' },     /* debugging only: no filters */
 		{ "seccomp-report", no_argument, NULL, 'R' }, /* debugging: name a forbidden call, exit 159 */
+		{ "memory-cache", required_argument, NULL, 'M' },
+		{ "memory-extents", required_argument, NULL, 'E' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -190,6 +194,8 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'V': a->fork_verify = 1; break;
 		case 'S': a->seccomp = SYSFILTER_OFF; break;
 		case 'R': a->seccomp = SYSFILTER_REPORT; break;
+		case 'M': a->memory_cache = optarg; break;
+		case 'E': a->memory_extents = optarg; break;
 		case 'p':
 			if (a->nr_passt >= PASST_MAX_ARGS)
 				return -E2BIG;
@@ -448,7 +454,7 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	struct snap_vm_info info = { (uint64_t)v->a.mem_mib << 20, (uint32_t)v->a.vcpus, 0 };
 	struct boot_info bi;
 	sigset_t ss;
-	int ret, mem_fd = -1;
+	int ret, mem_fd = -1, cache_fd = -1;
 
 	vm->console_fd = v->a.console
 		? open(v->a.console, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600) : -1;
@@ -461,10 +467,26 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 			ret = mem_fd;
 			goto out;
 		}
+		if (v->a.memory_cache) {
+			char why[512];
+			uint64_t t0 = vmm_now_ns();
+
+			cache_fd = memcache_open(v->a.memory_cache, v->a.memory_extents, mem_fd, why,
+						 sizeof(why));
+			if (cache_fd < 0)
+				fprintf(stderr, "smolvm-vmm: mapping the snapshot's memory directly: %s\n", why);
+			else
+				vmm_log(v, "t_memcache_us", (vmm_now_ns() - t0) / 1000);
+		}
 	}
-	ret = kvm_vm_create(vm, info.mem_size, mem_fd);
+	ret = kvm_vm_create(vm, info.mem_size, cache_fd >= 0 ? -1 : mem_fd);
 	if (ret)
 		goto out;
+	if (cache_fd >= 0) {
+		ret = memcache_map(vm, cache_fd, vm->exit_msg, sizeof(vm->exit_msg));
+		if (ret)
+			goto out;
+	}
 	if (v->a.restore) {
 		v->fork.verify = v->a.fork_verify;
 		ret = fork_restore(&v->fork, vm, &snap, v->a.restore, mem_fd, !v->a.no_dirty_log,
@@ -566,6 +588,8 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 		vmm_on_ready(v);
 	}
 out:
+	if (cache_fd >= 0)
+		close(cache_fd);
 	if (mem_fd >= 0)
 		close(mem_fd);
 	snapshot_reader_free(&snap);
