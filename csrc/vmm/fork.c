@@ -187,6 +187,13 @@ int fork_restore(struct fork_state *f, struct vm *vm, const struct snap_reader *
 	return 0;
 }
 
+static bool fork_page_zero(const uint8_t *page)
+{
+	static const uint8_t zero[FORK_PAGE];
+
+	return !memcmp(page, zero, FORK_PAGE);
+}
+
 /*
  * Check the log against the kernel's view: a page of a private file mapping that is anonymous
  * now (or swapped) was written. Adds what the log missed to vm->dirty; returns that count, or
@@ -215,7 +222,10 @@ static uint64_t fork_pagemap_check(struct fork_state *f, struct vm *vm)
 
 			if (((present && !file) || swapped) && !fork_bit(vm->dirty, p + i)) {
 				vm->dirty[(p + i) >> 6] |= 1ull << ((p + i) & 63);
-				missed++;
+				/* an all-zero anonymous page is the shared zero page a read of unbacked RAM
+				 * maps (restores from the memory cache, memcache.h): marked, not a miss */
+				if (!fork_page_zero(vm->mem + (p + i) * FORK_PAGE))
+					missed++;
 			}
 		}
 	}
