@@ -364,7 +364,7 @@ static void test_bad_frames(void)
 		CHECK(err == 0 && strstr(text, cases[i].want), "%s: err %d \"%s\"", cases[i].name, err, text);
 		/* closed: EOF, or ECONNRESET when the agent closed with our bytes unread */
 		char c;
-		ssize_t n = read(fd, &c, 1);
+		ssize_t n = test_read(fd, &c, 1);
 		CHECK(n == 0 || (n < 0 && errno == ECONNRESET), "%s: connection not closed after ERROR", cases[i].name);
 		close(fd);
 	}
@@ -372,7 +372,7 @@ static void test_bad_frames(void)
 	/* a port nobody listens on: the connection is dropped before OK */
 	int fd = test_raw_connect(99);
 	char c;
-	CHECK(fd >= 0 && read(fd, &c, 1) == 0, "wrong port not refused");
+	CHECK(fd >= 0 && test_read(fd, &c, 1) == 0, "wrong port not refused");
 	if (fd >= 0)
 		close(fd);
 	struct exec_request r = { .command = "true" };
