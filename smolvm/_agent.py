@@ -51,6 +51,10 @@ def agent_error(
     return AgentError(f"lost the connection to the guest agent of {vm_id}: {e}")
 
 
+SETUP_REFUSED_TRIES = 5
+SETUP_REFUSED_WAIT_S = 0.2
+
+
 def setup(uds: Path, vm_id: str, root: bool, net: network.NetworkPolicy) -> None:
     """Give the guest its own entropy, the host's clock and its vm_id as hostname (and, with
     root, the overlay root on its image; with a network, its addresses)."""
@@ -58,10 +62,21 @@ def setup(uds: Path, vm_id: str, root: bool, net: network.NetworkPolicy) -> None
     flags = nat.SETUP_ROOT if root else 0
     extra = network.setup_data(net) if net.enabled else b""
     try:
-        nat.setup(
-            str(uds), nat.AGENT_PORT, time.time_ns(), secrets.token_bytes(SETUP_ENTROPY_BYTES),
-            vm_id, SETUP_TIMEOUT_MS, flags | (network.SETUP_NET if extra else 0), extra,
-        )  # fmt: skip
+        for attempt in range(SETUP_REFUSED_TRIES):
+            try:
+                nat.setup(
+                    str(uds), nat.AGENT_PORT, time.time_ns(), secrets.token_bytes(SETUP_ENTROPY_BYTES),
+                    vm_id, SETUP_TIMEOUT_MS, flags | (network.SETUP_NET if extra else 0), extra,
+                )  # fmt: skip
+                break
+            except ConnectionRefusedError:
+                # Refused before the handshake, so the agent never saw the request: a guest
+                # just restored may answer the first connection with a reset while its vsock
+                # driver handles the VMM's transport-reset event (seen with fork children
+                # started four at a time on a loaded host). Ask again, a few times.
+                if attempt == SETUP_REFUSED_TRIES - 1:
+                    raise
+                time.sleep(SETUP_REFUSED_WAIT_S)
     except _stream.AGENT_ERRORS as e:
         raise VMStartError(
             f"VM {vm_id}: the guest agent refused its setup: {e}", vm_id=vm_id
