@@ -25,26 +25,6 @@ if TYPE_CHECKING:
 WAKE_S = 1.0  # with no traffic, wake this often so that the host deadline is checked
 
 
-async def _ready(fd: int, write: bool) -> None:
-    """Until fd is readable (or writable, if write), or WAKE_S passed."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, wake)
-    if write:
-        loop.add_writer(fd, wake)
-    try:
-        await asyncio.wait([fut], timeout=WAKE_S)
-    finally:
-        loop.remove_reader(fd)
-        if write:
-            loop.remove_writer(fd)
-
-
 async def run(
     vm: SmolVM, req: _stream.ExecRequest, data: bytes | None,
     on_stdout: _stream.OutputCallback | None, on_stderr: _stream.OutputCallback | None,
@@ -64,7 +44,7 @@ async def run(
                     cb(chunk)
             if s.done:
                 break
-            await _ready(fd, s.wants_write())
+            await _stream.wait_fd(fd, s.wants_write(), WAKE_S)
         code, sig, out, err, timed_out = s.result()
     finally:
         s.close()

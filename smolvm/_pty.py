@@ -208,26 +208,6 @@ class PtySession(_Base):
         self.close()
 
 
-async def _ready(fd: int, write: bool, timeout: float | None) -> None:
-    """Until fd is readable (or writable, if write), or timeout seconds passed."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, wake)
-    if write:
-        loop.add_writer(fd, wake)
-    try:
-        await asyncio.wait([fut], timeout=timeout)
-    finally:
-        loop.remove_reader(fd)
-        if write:
-            loop.remove_writer(fd)
-
-
 WAKE_S = 1.0  # async: with no traffic, wake this often (the host deadline, a closed session)
 
 
@@ -242,7 +222,7 @@ class AsyncPtySession(_Base):
         if self._s.done or self._s.available:
             return
         wake = WAKE_S if timeout is None else min(timeout, WAKE_S)
-        await _ready(self._s.fileno(), self._s.wants_write(), wake)
+        await _stream.wait_fd(self._s.fileno(), self._s.wants_write(), wake)
         if not self._closed:
             self._pump(0)
 
@@ -261,7 +241,7 @@ class AsyncPtySession(_Base):
         self._s.write(raw)
         self._pump(0)
         while self._s.pending and not self._s.done and not self._closed:
-            await _ready(self._s.fileno(), True, WAKE_S)
+            await _stream.wait_fd(self._s.fileno(), True, WAKE_S)
             self._pump(0)
 
     async def read(self, n: int = READ_SIZE, timeout: float | None = None) -> bytes:

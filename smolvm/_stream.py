@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -172,3 +174,23 @@ def run(
     finally:
         gen.close()  # after a callback's exception: closes the connection, the agent kills the command
     raise AssertionError("the exec stream ended without a result")  # pragma: no cover
+
+
+async def wait_fd(fd: int, write: bool, timeout: float | None) -> None:
+    """Until fd is readable (or writable, if write), or timeout seconds passed, on the running loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, wake)
+    if write:
+        loop.add_writer(fd, wake)
+    try:
+        await asyncio.wait([fut], timeout=timeout)
+    finally:
+        loop.remove_reader(fd)
+        if write:
+            loop.remove_writer(fd)

@@ -43,7 +43,9 @@ class Capture:
     def parse(path: Path, reply: str) -> Capture:
         """"layered|full pages=N missed=N|- us=N log=N ... [why]" into a Capture."""
         words = reply.split()
-        kind, fields, rest = (words[0] if words else ""), {}, []
+        kind = words[0] if words else ""
+        fields: dict[str, str] = {}
+        rest: list[str] = []
         for w in words[1:]:
             key, eq, value = w.partition("=")
             if eq and key.isalpha() and not rest:

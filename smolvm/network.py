@@ -262,8 +262,8 @@ def setup_data(pol: NetworkPolicy) -> bytes:
     A restricted VM's extra_hosts stay out of its /etc/hosts: the VMM's DNS answers them
     (if allowed_domains lets it), so that the answer opens the address.
     """
-    hosts = "" if pol.restricted else "".join(f"{ip}\t{name}\n" for name, ip in pol.extra_hosts)
-    hosts = hosts.encode()
+    lines = "" if pol.restricted else "".join(f"{ip}\t{name}\n" for name, ip in pol.extra_hosts)
+    hosts = lines.encode()
     return struct.pack(
         "<4s4s4sBBHI", socket.inet_aton(GUEST_ADDR), socket.inet_aton(GATEWAY), socket.inet_aton(DNS),
         PREFIX, 0, MTU, len(hosts),

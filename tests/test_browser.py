@@ -196,30 +196,6 @@ def second() -> Iterator[BrowserSession]:
     s.stop()
 
 
-def png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    return struct.unpack(">II", data[16:24])
-
-
-def png_rows(data: bytes) -> list[bytes]:
-    """The unfiltered-enough scanlines of an 8-bit RGB(A) PNG: enough to tell a blank image."""
-    width, height = png_size(data)
-    pos, idat = 8, b""
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        if kind == b"IDAT":
-            idat += data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-    raw = zlib.decompress(idat)
-    stride = len(raw) // height
-    return [raw[i * stride + 1 : (i + 1) * stride] for i in range(height)]
-
-
-def distinct_rows(data: bytes) -> int:
-    return len(set(png_rows(data)))
-
-
 def _port_open(port: int) -> bool:
     import socket
 

@@ -236,6 +236,27 @@ static void vmm_on_ready(void *opaque)
 	ctl_notify(v->ctl, "READY");
 }
 
+/* A capture's start: the VM paused (unless a PAUSE holds it already), the devices' state in devs. */
+static int vmm_capture_begin(struct vmm *v, struct snap_writer *devs, char *err, size_t errlen)
+{
+	int ret = v->paused ? 0 : vm_pause(&v->vm);
+
+	if (ret) {
+		snprintf(err, errlen, "pause failed: %s", strerror(-ret));
+		return ret;
+	}
+	dev_save_all(&v->devs, devs);
+	return 0;
+}
+
+/* A capture's end: devs freed, the VM running again unless a PAUSE holds it. */
+static void vmm_capture_end(struct vmm *v, struct snap_writer *devs)
+{
+	free(devs->buf);
+	if (!v->paused)
+		vm_resume(&v->vm);
+}
+
 /* Save the paused VM: KVM state, devices, memory. Loop thread, so devices are quiet. */
 static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen)
 {
@@ -243,18 +264,11 @@ static int vmm_snapshot(struct vmm *v, const char *dir, char *err, size_t errlen
 	uint64_t t0 = vmm_now_ns();
 	int ret;
 
-	if (!v->paused) {
-		ret = vm_pause(&v->vm);
-		if (ret) {
-			snprintf(err, errlen, "pause failed: %s", strerror(-ret));
-			return ret;
-		}
-	}
-	dev_save_all(&v->devs, &devs);
+	ret = vmm_capture_begin(v, &devs, err, errlen);
+	if (ret)
+		return ret;
 	ret = snapshot_save(&v->vm, dir, &devs, err, errlen);
-	free(devs.buf);
-	if (!v->paused)
-		vm_resume(&v->vm);
+	vmm_capture_end(v, &devs);
 	vmm_log(v, "t_snapshot_us", (vmm_now_ns() - t0) / 1000);
 	return ret;
 }
@@ -265,18 +279,11 @@ static int vmm_fork(struct vmm *v, const char *dir, struct fork_stats *st, char 
 	struct snap_writer devs = { 0 };
 	int ret;
 
-	if (!v->paused) {
-		ret = vm_pause(&v->vm);
-		if (ret) {
-			snprintf(err, errlen, "pause failed: %s", strerror(-ret));
-			return ret;
-		}
-	}
-	dev_save_all(&v->devs, &devs);
+	ret = vmm_capture_begin(v, &devs, err, errlen);
+	if (ret)
+		return ret;
 	ret = fork_capture(&v->fork, &v->vm, dir, &devs, st, err, errlen);
-	free(devs.buf);
-	if (!v->paused)
-		vm_resume(&v->vm);
+	vmm_capture_end(v, &devs);
 	vmm_log(v, "t_fork_us", st->t_us);
 	return ret;
 }
