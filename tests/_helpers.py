@@ -23,21 +23,37 @@ def run_threads(worker: Callable[[int], None], ns: Iterable[int]) -> None:
         t.join()
 
 
-def serve_in_background(sock: socket.socket, handle: Callable[[socket.socket], None]) -> threading.Thread:
-    """Accept on the listening sock until it is closed, on a daemon thread; each connection goes
-    to handle(conn) on a daemon thread of its own. Returns the accepting thread."""
+class Listener:
+    """Accepts on a listening socket on a daemon thread until close(); each connection goes to
+    handle(conn) on a daemon thread of its own.
 
-    def accept() -> None:
+    close() shuts the socket down first, which wakes the blocked accept(), and waits for the
+    accepting thread before closing the fd: closing the fd alone left a thread that could call
+    accept() on the fd number after a later test's server had been given it, stealing (and
+    resetting) that server's connections."""
+
+    def __init__(self, sock: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+        self.sock = sock
+        self.handle = handle
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
         while True:
             try:
-                conn, _ = sock.accept()
+                conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    return thread
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the accepting thread did not stop"
+        self.sock.close()
 
 
 # ---- /proc -------------------------------------------------------------------------------

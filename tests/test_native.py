@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from _helpers import run_threads, serve_in_background
+from _helpers import Listener, run_threads
 from smolvm._native import native
 
 MAGIC = 0x34564D53  # "SMV4"
@@ -201,7 +201,7 @@ class FakeAgent:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(16)
-        self.thread = serve_in_background(self.sock, self.one)
+        self.listener = Listener(self.sock, self.one)
 
     def one(self, conn: socket.socket) -> None:
         with conn:
@@ -221,7 +221,7 @@ class FakeAgent:
                 pass
 
     def close(self) -> None:
-        self.sock.close()
+        self.listener.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import serve_in_background
+from _helpers import Listener
 from agent_host import WARN, VARIANTS, need_toolchain
 from smolvm.build import agent as agent_build
 
@@ -70,7 +70,7 @@ class Echo:
     def __init__(self) -> None:
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
-        serve_in_background(self.srv, self._echo)
+        self.listener = Listener(self.srv, self._echo)
 
     @staticmethod
     def _echo(c: socket.socket) -> None:
@@ -83,7 +83,7 @@ class Echo:
 def echo() -> Iterator[Echo]:
     e = Echo()
     yield e
-    e.srv.close()
+    e.listener.close()
 
 
 def test_relay_half_close_big(agent_sock: Path, echo: Echo) -> None:
