@@ -313,6 +313,8 @@ int main(int argc, char **argv)
 	}
 	signal(SIGPIPE, SIG_IGN);
 	lfd = wire_tcp_listen(h.listen);
+	if (lfd >= 0)
+		fcntl(lfd, F_SETFL, fcntl(lfd, F_GETFL) | O_NONBLOCK);
 	if (lfd < 0) {
 		fprintf(stderr, "smolvm-hostd: listen %s: %s\n", h.listen, strerror(-lfd));
 		return 1;
@@ -334,25 +336,30 @@ int main(int argc, char **argv)
 		}
 		if (r <= 0 || !(p.revents & POLLIN))
 			continue;
-		int conn = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+		/* Take every waiting connection now (lfd is non-blocking; accepted sockets are not):
+		 * a burst of many VMs' commands must not sit in the backlog. */
+		int conn;
 
-		if (conn < 0)
-			continue;
-		if (h.nr_kids >= HOSTD_MAX_KIDS) {
+		while ((conn = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) >= 0) {
+			if (h.nr_kids >= HOSTD_MAX_KIDS) {
+				hostd_reap(&h);
+				if (h.nr_kids >= HOSTD_MAX_KIDS) {
+					close(conn);
+					continue;
+				}
+			}
+			pid_t pid = fork();
+
+			if (pid == 0) {
+				close(lfd);
+				signal(SIGALRM, SIG_DFL);
+				hostd_serve(&h, conn);
+				_exit(0);
+			}
+			if (pid > 0)
+				h.kids[h.nr_kids++] = pid;
 			close(conn);
-			continue;
 		}
-		pid_t pid = fork();
-
-		if (pid == 0) {
-			close(lfd);
-			signal(SIGALRM, SIG_DFL);
-			hostd_serve(&h, conn);
-			_exit(0);
-		}
-		if (pid > 0)
-			h.kids[h.nr_kids++] = pid;
-		close(conn);
 		last = time(NULL);
 	}
 }

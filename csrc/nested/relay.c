@@ -33,6 +33,7 @@
 
 #define RELAY_MAX_SOCKS 4
 #define RELAY_MAX_FWDS 64 /* as csrc/vmm/portfwd.h */
+#define RELAY_OPEN_TRIES 8 /* about 3 s in all */
 #define RELAY_PASS_ENV 8
 
 extern char **environ;
@@ -94,6 +95,24 @@ static int relay_open(struct relay *r, const char *verb, const char *arg, char *
 	return fd;
 }
 
+/*
+ * relay_open, again while the way to hostd broke before its answer: QEMU's user networking
+ * accepts on the host at once and drops the connection when the host VM's side was not
+ * taken in time (a burst of connections). An answer from hostd ("ERR ...") is final.
+ */
+static int relay_open_retrying(struct relay *r, const char *verb, const char *arg, char *why, size_t cap)
+{
+	int fd = -1;
+
+	for (int i = 0; i < RELAY_OPEN_TRIES; i++) {
+		fd = relay_open(r, verb, arg, why, cap);
+		if (fd >= 0 || (fd != -EPIPE && fd != -ECONNRESET))
+			break;
+		usleep(20000u << (i < 5 ? i : 5)); /* 20 ms doubling, at most 640 ms */
+	}
+	return fd;
+}
+
 static int relay_listen(struct relay_sock *s)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -136,9 +155,13 @@ static void relay_accept(struct relay *r, int lfd, const char *verb, const char 
 			close(r->socks[i].fd);
 		for (int i = 0; i < r->nr_fwds; i++)
 			close(r->fwds[i].fd);
-		t = relay_open(r, verb, arg, why, sizeof(why));
-		if (t >= 0)
-			wire_splice(c, t);
+		t = relay_open_retrying(r, verb, arg, why, sizeof(why));
+		if (t < 0) {
+			/* the client sees its connection closed; the reason goes to the VMM's log */
+			fprintf(stderr, "smolvm-vmm-relay: %s %s: %s\n", verb, arg ? arg : "", why);
+			_exit(1);
+		}
+		wire_splice(c, t);
 		_exit(0);
 	}
 	close(c);

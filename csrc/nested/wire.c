@@ -166,7 +166,7 @@ int wire_tcp_listen(const char *endpoint)
 	struct sockaddr_in sa;
 	int fd = wire_tcp_socket(endpoint, &sa, SOL_SOCKET, SO_REUSEADDR);
 
-	if (fd >= 0 && (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)) {
+	if (fd >= 0 && (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, WIRE_BACKLOG) < 0)) {
 		int err = errno;
 
 		close(fd);

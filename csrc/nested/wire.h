@@ -23,6 +23,7 @@
 #define WIRE_TOKEN_MAX 128
 #define WIRE_LINE_MAX 4096
 #define WIRE_FRAME_MAX (64 * 1024)
+#define WIRE_BACKLOG 1024 /* listen(): every VM's exec connections pass one hostd */
 
 enum wire_type {
 	WIRE_ARGV = 1, /* relay -> hostd: see above */
