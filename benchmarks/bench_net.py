@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from smolvm import SmolVM, network
+from smolvm import SmolVM, _paths, network
 from smolvm.build.initramfs import CpioEntry, ensure_initramfs, newc_archive
 from smolvm.build.kernel import ensure_kernel
 from smolvm.profile import detect, kernel_cmdline
@@ -164,6 +164,7 @@ cat /proc/$Q/stat >cpu0 2>/dev/null
 until grep -q BENCH-DONE serial.log 2>/dev/null || ! kill -0 $Q 2>/dev/null; do sleep 0.02; done
 cat /proc/$Q/stat >cpu1 2>/dev/null
 getconf CLK_TCK >clk
+kill $Q 2>/dev/null  # without ACPI the guest's poweroff only halts it
 wait $Q
 kill $(cat {sock}.pid) 2>/dev/null
 rm -f {sock} {sock}.pid
@@ -175,7 +176,7 @@ def bench_qemu(srv: Server, mib: int, runs: int, nested: bool, timeout: float) -
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return {"available": False, "reason": "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"}
-    home = Path(os.environ.get("SMOLVM_HOME", Path.home() / ".smolvm"))
+    home = _paths.home()
     work = Path(tempfile.mkdtemp(prefix="bench-net-qemu-", dir=home if nested else None))  # the host VM sees home
     work.chmod(0o777)  # passt drops to nobody
     try:
@@ -191,7 +192,8 @@ def bench_qemu(srv: Server, mib: int, runs: int, nested: bool, timeout: float) -
         kernel = ensure_kernel() / "vmlinux"
         cmdline = kernel_cmdline(detect()) + " rdinit=/bench-init"
         qemu_argv = [
-            qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm,rtc=off",
+            # acpi=off: our guest kernel has no ACPI, so QEMU lists the virtio-mmio devices on its command line
+            qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm,rtc=off,acpi=off",
             "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-serial", f"file:{work}/serial.log", "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
             "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
