@@ -37,7 +37,7 @@ def _vmm_pids() -> set[int]:
 def _wait_gone(pids: set[int], seconds: float = 60.0) -> set[int]:
     """The pids of `pids` still running after waiting up to `seconds` for them to end."""
     deadline = time.monotonic() + seconds
-    while (left := pids & _vmm_pids()) and time.monotonic() < deadline:
+    while pids & _vmm_pids() and time.monotonic() < deadline:
         time.sleep(0.5)
     return pids & _vmm_pids()
 

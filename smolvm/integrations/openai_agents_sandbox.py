@@ -224,12 +224,13 @@ class SmolVMSandboxSession(BaseSandboxSession):
 
     async def _run(
         self, argv: list[str], timeout: float | None, *, data: bytes | None = None, cwd: str | None = None,
-        **callbacks: Callable[[bytes], object],
+        on_stdout: Callable[[bytes], object] | None = None, on_stderr: Callable[[bytes], object] | None = None,
     ) -> RunResult:  # fmt: skip
         try:
             return await self.vm.async_run(
-                shlex.join(argv), timeout=_timeout(timeout), cwd=cwd, input=data, **callbacks
-            )
+                shlex.join(argv), timeout=_timeout(timeout), cwd=cwd, input=data, on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )  # fmt: skip
         except FileNotFoundError as e:  # the cwd is missing: the workspace root was removed
             raise ExecTransportError(command=argv, context={"reason": "missing_cwd", "cwd": cwd}, cause=e) from e
         except (SmolVMError, OSError) as e:

@@ -91,6 +91,7 @@ def create(*, node_id: str | None = None, **vm_kwargs: Any) -> RemoteSandbox:
             raise _nodes.no_nodes_error()
         node = min(counts, key=lambda c: (c[0], c[1]))[2]
     agent = _nodes.persistent_agent(node.node_id, create=True)
+    assert agent is not None  # create=True makes it
     rep = _nodes.get(
         agent.start.remote(1, vm_kwargs, True), 1800.0, node.node_id, None, "create"
     )  # the first VM of a node may boot its base snapshot
