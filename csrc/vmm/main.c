@@ -1,5 +1,6 @@
 /* smolvm-vmm: one VM per process. Parses arguments, wires devices, runs vCPUs and the event loop. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -9,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <dirent.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/syscall.h>
@@ -511,7 +511,7 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 			  (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec);
 		return;
 	} else if (!strcmp(line, "STATUS")) {
-		char out[2048];
+		char out[3800]; /* a control line holds 4096 bytes: up to ~340 fds with the rest */
 
 		ret = vmm_status(v, out, sizeof(out));
 		if (!ret) {
