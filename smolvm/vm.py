@@ -428,9 +428,14 @@ class SmolVM(AsyncMixin):
         self._set_paused(False)
 
     def vmm_status(self) -> dict[str, str]:
-        """How this VM's VMM is confined, as the VMM itself reads its /proc status (the host
-        cannot see it in the nested profile): Seccomp ("2": filtered), NoNewPrivs, CapEff,
-        CapBnd, Uid, Gid, Threads of its loop thread, and vcpuN.Seccomp of each vCPU thread."""
+        """How this VM's VMM is confined, as the VMM itself reads its /proc (the host cannot
+        see it in the nested profile): Seccomp ("2": filtered), NoNewPrivs, CapEff, CapPrm,
+        CapInh, CapBnd, CapAmb, Uid, Gid, Threads of its loop thread; vcpuN.Seccomp of each
+        vCPU thread; resolver.Seccomp, .NoNewPrivs and .Cap* of the egress policy's resolver
+        thread (only with an allow-list); then its jail: Jail (what it did, comma-separated,
+        or "off"), JailSkipped ("-" or what it could not do, e.g. "ns:EPERM"), NsIpc and NsUts
+        (namespace inodes) beside NsIpcCaller and NsUtsCaller (those it was started in), Fds
+        (its open fds) and RlimitNofile, RlimitCore, RlimitAs ("soft,hard")."""
         self._require_running()
         return dict(kv.split("=", 1) for kv in self._command("STATUS").split())
 

@@ -15,7 +15,6 @@
 
 #include "evloop.h"
 
-#define CTL_MAX_CONNS 16
 #define CTL_LINE_MAX 4096
 
 struct ctl_conn {

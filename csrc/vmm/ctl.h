@@ -2,6 +2,8 @@
 #ifndef SMOLVM_CTL_H
 #define SMOLVM_CTL_H
 
+#define CTL_MAX_CONNS 16 /* control connections at once (the owner's included) */
+
 struct evloop;
 struct ctl;
 struct ctl_conn;

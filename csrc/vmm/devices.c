@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,8 +12,10 @@
 
 #include "dev.h"
 #include "i8042.h"
+#include "jail.h"
 #include "passt.h"
 #include "serial.h"
+#include "sysfilter.h"
 #include "virtio/blk.h"
 #include "virtio/mmio.h"
 #include "virtio/net.h"
@@ -228,6 +231,28 @@ static const struct vmm_dev devices_net = {
 	.restore = devices_net_restore, .free = devices_net_free,
 };
 
+/*
+ * First thing on the egress policy's resolver thread, which set-up starts before the
+ * jail: its share of the jail (capabilities: per thread), then its own seccomp filter.
+ */
+static int devices_confine_resolver(void *opaque)
+{
+	struct vm *vm = opaque;
+	struct sysfilter_params p = { (enum sysfilter_mode)vm->seccomp_mode, -1, vm->console_fd };
+	char err[200] = "";
+	int ret = vm->jail ? jail_thread(vm->jail) : 0;
+
+	if (vm->resolver_status_fd < 0)
+		vm->resolver_status_fd = open("/proc/thread-self/status", O_RDONLY | O_CLOEXEC);
+	if (ret)
+		snprintf(err, sizeof(err), "jail: %s", strerror(-ret));
+	else
+		ret = sysfilter_install(SYSFILTER_ROLE_RESOLVER, &p, err, sizeof(err));
+	if (ret)
+		fprintf(stderr, "smolvm-vmm: the DNS resolver thread: %s\n", err);
+	return ret;
+}
+
 int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv, int argc, struct netf **filter,
 		    pid_t *backend, char *err, size_t errlen)
 {
@@ -254,6 +279,8 @@ int devices_add_net(struct dev_table *t, struct vm *vm, char *const *passt_argv,
 	nc.gsi = win.gsi;
 	nc.filter = *filter;
 	nc.dns_ip = htonl(0x0a000203); /* 10.0.2.3: smolvm/network.py DNS, passt's --dns-forward */
+	nc.confine = devices_confine_resolver;
+	nc.confine_arg = vm;
 	ret = passt_start(passt_argv, argc, &nc.backend_fd, &dn->passt);
 	if (ret) {
 		snprintf(err, errlen, "network backend %s: %s", passt_argv[0], strerror(-ret));

@@ -1,5 +1,6 @@
 /* smolvm-vmm: one VM per process. Parses arguments, wires devices, runs vCPUs and the event loop. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -23,6 +24,7 @@
 #include "evloop.h"
 #include "fork.h"
 #include "inspect.h"
+#include "jail.h"
 #include "kvm.h"
 #include "memcache.h"
 #include "mptable.h"
@@ -41,10 +43,22 @@
 #define VMM_MEM_MIN_MIB 64ul    /* guest memory range: smolvm/_validate.py MEMORY_MIN_MIB..MEMORY_MAX_MIB */
 #define VMM_MEM_MAX_MIB 65536ul
 
+/*
+ * The jail's limits (jail.h). Fds the running VMM may still open beyond those open at
+ * jail time: every vsock connection (host clients and forwarded ones) and the one it
+ * refuses, every forward's listener, the control connections, each vCPU's /proc status,
+ * a capture's files, and headroom. Address space beyond that in use at jail time: a
+ * stack and a malloc arena for each thread to come, the vsock buffers, and slack.
+ */
+#define VMM_NOFILE_RUNTIME (VSOCK_MAX_CONNS + 1 + PORTFWD_MAX + CTL_MAX_CONNS + VM_MAX_VCPUS + 16 + 64)
+#define VMM_AS_PER_THREAD (128ull << 20)
+#define VMM_AS_SLACK ((uint64_t)VSOCK_MAX_CONNS * VSOCK_BUF_ALLOC + (512ull << 20))
+
 struct vmm_args {
 	const char *kernel, *initrd, *cmdline, *vsock_uds, *console, *restore, *ctl_listen, *inspect;
 	const char *memory_cache, *memory_extents; /* --restore: memcache.h (nested profile) */
 	int daemonize, xstate_port, no_dirty_log, fork_verify;
+	int no_jail; /* --no-jail (debugging only): no jail.h */
 	enum sysfilter_mode seccomp; /* SYSFILTER_KILL unless --no-seccomp / --seccomp-report */
 	unsigned long mem_mib, vcpus;
 	int ctl_fd;
@@ -66,6 +80,9 @@ struct vmm {
 	struct fork_state fork; /* pages written since restore, for FORK (fork.h) */
 	pid_t passt; /* the network backend, or -1 */
 	int status_fd; /* the loop thread's /proc/thread-self/status, opened before its filter */
+	int limits_fd; /* /proc/self/limits, likewise */
+	int fd_dir;    /* /proc/self/fd, likewise: STATUS lists the open fds */
+	struct jail jail;
 	struct ctl *ctl;
 };
 
@@ -84,7 +101,7 @@ static void vmm_usage(void)
 			"[--ctl-listen PATH] [--daemonize] [--disk PATH[,ro]]... [--xstate-port] "
 			"[--net-passt PASST [--net-passt ARG]...] [--net-filter [--net-allow-domain NAME|*.NAME]... "
 			"[--net-allow-cidr A.B.C.D/N]... [--net-host NAME=A.B.C.D]...] [--no-dirty-log] [--fork-verify] "
-			"[--no-seccomp | --seccomp-report]\n"
+			"[--no-seccomp | --seccomp-report] [--no-jail]\n"
 			"       smolvm-vmm --inspect SNAPSHOT_DIR_OR_FILE   (its checks and header as JSON; no KVM)\n");
 }
 
@@ -153,6 +170,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		{ "fork-verify", no_argument, NULL, 'V' },
 		{ "no-seccomp", no_argument, NULL, 'S' },     /* debugging only: no filters */
 		{ "seccomp-report", no_argument, NULL, 'R' }, /* debugging: name a forbidden call, exit 159 */
+		{ "no-jail", no_argument, NULL, 'J' },        /* debugging only: no jail (jail.h) */
 		{ "memory-cache", required_argument, NULL, 'M' },
 		{ "memory-extents", required_argument, NULL, 'E' },
 		{ NULL, 0, NULL, 0 },
@@ -194,6 +212,7 @@ static int vmm_parse(int argc, char **argv, struct vmm_args *a)
 		case 'V': a->fork_verify = 1; break;
 		case 'S': a->seccomp = SYSFILTER_OFF; break;
 		case 'R': a->seccomp = SYSFILTER_REPORT; break;
+		case 'J': a->no_jail = 1; break;
 		case 'M': a->memory_cache = optarg; break;
 		case 'E': a->memory_extents = optarg; break;
 		case 'p':
@@ -288,56 +307,145 @@ static int vmm_fork(struct vmm *v, const char *dir, struct fork_stats *st, char 
 	return ret;
 }
 
+/* Append printf output to out[*used..len): 0 or -ENOSPC. */
+static int vmm_put(char *out, size_t len, size_t *used, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(out + *used, len - *used, fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= len - *used)
+		return -ENOSPC;
+	*used += (size_t)n;
+	return 0;
+}
+
+/* The value of "key:" in a /proc status text buf (NUL-terminated), as [*val, *end), or NULL. */
+static char *vmm_field(char *buf, const char *key, char **end)
+{
+	size_t kl = strlen(key);
+	char *p = buf, *val;
+
+	while (p && (strncmp(p, key, kl) || p[kl] != ':'))
+		p = (p = strchr(p, '\n')) ? p + 1 : NULL;
+	if (!p)
+		return NULL;
+	val = p + kl + 1;
+	val += strspn(val, " \t");
+	*end = val + strcspn(val, "\n");
+	return val;
+}
+
+/* One pread of fd from offset 0 into buf (NUL-terminated). 0 or -errno. */
+static int vmm_pread_text(int fd, char *buf, size_t len)
+{
+	ssize_t n = fd < 0 ? -1 : pread(fd, buf, len - 1, 0);
+
+	if (n < 0)
+		return fd < 0 ? -ENOENT : -errno;
+	buf[n] = 0;
+	return 0;
+}
+
+/* " Rlimit<Name>=soft,hard" of each limit the jail sets, from /proc/self/limits. */
+static int vmm_status_limits(struct vmm *v, char *out, size_t len, size_t *used)
+{
+	static const char *const rows[][2] = {
+		{ "Max open files", "Nofile" }, { "Max core file size", "Core" }, { "Max address space", "As" },
+	};
+	char buf[4096], soft[32], hard[32];
+	int ret = vmm_pread_text(v->limits_fd, buf, sizeof(buf));
+
+	for (size_t i = 0; !ret && i < sizeof(rows) / sizeof(rows[0]); i++) {
+		char *p = strstr(buf, rows[i][0]);
+
+		if (!p || sscanf(p + strlen(rows[i][0]), " %31s %31s", soft, hard) != 2)
+			continue;
+		ret = vmm_put(out, len, used, " Rlimit%s=%s,%s", rows[i][1], soft, hard);
+	}
+	return ret;
+}
+
+/* " Fds=0,1,2,..." (the numbers of the open fds, the listing's own left out), from /proc/self/fd. */
+static int vmm_status_fds(struct vmm *v, char *out, size_t len, size_t *used)
+{
+	char buf[4096];
+	int first = 1, ret = 0;
+	long n;
+
+	if (v->fd_dir < 0 || lseek(v->fd_dir, 0, SEEK_SET) < 0)
+		return v->fd_dir < 0 ? -ENOENT : -errno;
+	ret = vmm_put(out, len, used, " Fds=");
+	while (!ret && (n = syscall(SYS_getdents64, v->fd_dir, buf, sizeof(buf))) > 0) {
+		for (long off = 0; !ret && off < n;) {
+			struct dirent64 *e = (struct dirent64 *)(buf + off);
+
+			off += e->d_reclen;
+			if (e->d_name[0] < '0' || e->d_name[0] > '9' || atoi(e->d_name) == v->fd_dir)
+				continue;
+			ret = vmm_put(out, len, used, "%s%s", first ? "" : ",", e->d_name);
+			first = 0;
+		}
+	}
+	return ret ? ret : n < 0 ? -errno : 0;
+}
+
 /*
- * "Name=value ..." of the confinement fields of /proc/thread-self/status (read
- * through fds opened before the filters): the loop thread's, then each vCPU
- * thread's Seccomp as vcpuN.Seccomp. The host cannot see the VMM's /proc in
- * the nested profile, so it asks the VMM. Returns 0 or -errno.
+ * "Name=value ..." of how the VMM is confined, as it reads it itself through fds
+ * opened before the filters (the host cannot see the VMM's /proc in the nested
+ * profile): the loop thread's Seccomp, NoNewPrivs, capability sets, Uid, Gid and
+ * Threads from /proc/thread-self/status, then each vCPU thread's Seccomp as
+ * vcpuN.Seccomp, the resolver thread's (if any) Seccomp, NoNewPrivs and capability
+ * sets as resolver.Seccomp ..., then the jail: Jail (what it did, or "off"), JailSkipped (what
+ * it could not do, and why), NsIpc/NsUts and the caller's NsIpcCaller/NsUtsCaller
+ * (namespace inodes), Fds (the open fds) and the Rlimit* it set, from
+ * /proc/self/limits. Returns 0 or -errno.
  */
 static int vmm_status(struct vmm *v, char *out, size_t len)
 {
-	static const char *const keys[] = { "Seccomp", "NoNewPrivs", "CapEff", "CapBnd", "Uid", "Gid",
-					    "Threads" };
-	char buf[4096];
+	static const char *const keys[] = { "Seccomp", "NoNewPrivs", "CapEff", "CapPrm", "CapInh", "CapBnd",
+					    "CapAmb", "Uid", "Gid", "Threads" };
+	char buf[4096], who[24] = "";
 	size_t used = 0;
-	ssize_t n;
+	int ret = 0;
 
 	out[0] = 0;
-	for (int t = -1; t < v->vm.nr_vcpus; t++) {
-		int fd = t < 0 ? v->status_fd : v->vm.vcpus[t]->status_fd;
+	/* t: -1 the loop thread (every key), 0.. each vCPU (Seccomp), then the resolver if any (Seccomp..CapBnd) */
+	for (int t = -1; !ret && t <= v->vm.nr_vcpus; t++) {
+		int fd = t < 0 ? v->status_fd : t < v->vm.nr_vcpus ? v->vm.vcpus[t]->status_fd : v->vm.resolver_status_fd;
+		size_t nkeys = t < 0 ? sizeof(keys) / sizeof(keys[0]) : t < v->vm.nr_vcpus ? 1 : 6;
 
-		if (fd < 0)
-			return -ENOENT;
-		n = pread(fd, buf, sizeof(buf) - 1, 0);
-		if (n < 0)
-			return -errno;
-		buf[n] = 0;
-		for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
-			size_t kl = strlen(keys[k]);
-			char *p = buf, *val, *end;
+		if (t == v->vm.nr_vcpus && fd < 0)
+			break; /* no NIC with an egress policy: no resolver thread */
+		if (t >= 0 && t < v->vm.nr_vcpus)
+			snprintf(who, sizeof(who), "vcpu%d.", t);
+		else if (t >= 0)
+			snprintf(who, sizeof(who), "resolver.");
+		ret = vmm_pread_text(fd, buf, sizeof(buf));
+		for (size_t k = 0; !ret && k < nkeys; k++) {
+			char *end, *val = vmm_field(buf, keys[k], &end);
 
-			if (t >= 0 && k > 0)
-				break; /* vCPU threads: their filter only */
-			while (p && (strncmp(p, keys[k], kl) || p[kl] != ':'))
-				p = (p = strchr(p, '\n')) ? p + 1 : NULL;
-			if (!p)
+			if (!val)
 				continue;
-			val = p + kl + 1;
-			val += strspn(val, " \t");
-			end = val + strcspn(val, "\n");
 			for (char *c = val; c < end; c++)
 				if (*c == '\t' || *c == ' ')
 					*c = ','; /* Uid:	0	0	0	0 -> 0,0,0,0 */
-			n = t < 0 ? snprintf(out + used, len - used, "%s%s=%.*s", used ? " " : "", keys[k],
-					     (int)(end - val), val)
-				  : snprintf(out + used, len - used, " vcpu%d.%s=%.*s", t, keys[k],
-					     (int)(end - val), val);
-			if (n < 0 || (size_t)n >= len - used)
-				return -ENOSPC;
-			used += (size_t)n;
+			ret = vmm_put(out, len, &used, "%s%s%s=%.*s", used ? " " : "", who, keys[k], (int)(end - val),
+				      val);
 		}
 	}
-	return 0;
+	if (!ret)
+		ret = vmm_put(out, len, &used, " Jail=%s JailSkipped=%s NsIpc=%lu NsUts=%lu NsIpcCaller=%lu NsUtsCaller=%lu",
+			      !v->jail.on ? "off" : v->jail.done[0] ? v->jail.done : "-",
+			      v->jail.skipped[0] ? v->jail.skipped : "-", v->jail.ns_ipc, v->jail.ns_uts,
+			      v->jail.ns_ipc_caller, v->jail.ns_uts_caller);
+	if (!ret)
+		ret = vmm_status_fds(v, out, len, &used);
+	if (!ret)
+		ret = vmm_status_limits(v, out, len, &used);
+	return ret;
 }
 
 /*
@@ -403,7 +511,7 @@ static void vmm_on_command(void *opaque, struct ctl_conn *conn, char *line)
 			  (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec);
 		return;
 	} else if (!strcmp(line, "STATUS")) {
-		char out[600];
+		char out[3800]; /* a control line holds 4096 bytes: up to ~340 fds with the rest */
 
 		ret = vmm_status(v, out, sizeof(out));
 		if (!ret) {
@@ -580,20 +688,6 @@ static int vmm_setup(struct vmm *v, char *cmdline, size_t cmdline_len)
 	if (ret)
 		VMM_FAIL(ret, "control socket %s: %s", v->a.ctl_listen ? v->a.ctl_listen : "",
 			 strerror(-ret));
-	for (int i = 0; i < vm->nr_vcpus; i++) {
-		ret = vcpu_start(vm->vcpus[i]);
-		if (ret)
-			VMM_FAIL(ret, "vCPU thread: %s", strerror(-ret));
-	}
-	if (v->a.restore) {
-		/* Host-side state the snapshot could not carry is dropped (the vsock device's
-		 * connections); then the agent, listening at snapshot time, is ready. */
-		ret = dev_reset_all(&v->devs, vm->exit_msg, sizeof(vm->exit_msg));
-		if (ret)
-			goto out;
-		vmm_log(v, "t_restore_us", (vmm_now_ns() - vm->t_start_ns) / 1000);
-		vmm_on_ready(v);
-	}
 out:
 	if (cache_fd >= 0)
 		close(cache_fd);
@@ -604,13 +698,45 @@ out:
 }
 #undef VMM_FAIL
 
-/* After set-up, before the loop runs: the loop thread's seccomp filter (the vCPU threads load theirs). */
-static int vmm_confine(struct vmm *v)
+/*
+ * After set-up: the jail (jail.h), then the vCPU threads (which inherit it and load
+ * their own filters before their first KVM_RUN), a restored VM's devices reset, and
+ * last the loop thread's seccomp filter. The /proc files STATUS reads are opened
+ * first, while open() is allowed.
+ */
+static int vmm_start(struct vmm *v)
 {
-	struct sysfilter_params p = { v->a.seccomp, v->passt, v->vm.console_fd };
+	struct vm *vm = &v->vm;
+	struct sysfilter_params p = { v->a.seccomp, v->passt, vm->console_fd };
+	uint64_t as = 0;
+	int ret;
 
 	v->status_fd = open("/proc/thread-self/status", O_RDONLY | O_CLOEXEC);
-	return sysfilter_install(SYSFILTER_ROLE_LOOP, &p, v->vm.exit_msg, sizeof(v->vm.exit_msg));
+	v->limits_fd = open("/proc/self/limits", O_RDONLY | O_CLOEXEC);
+	v->fd_dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+#if !defined(__SANITIZE_ADDRESS__)
+	as = (uint64_t)(vm->nr_vcpus + 1) * VMM_AS_PER_THREAD + VMM_AS_SLACK; /* ASan reserves terabytes */
+#endif
+	ret = jail_enter(&v->jail, VMM_NOFILE_RUNTIME, as, vm->exit_msg, sizeof(vm->exit_msg));
+	if (ret)
+		return ret;
+	for (int i = 0; i < vm->nr_vcpus; i++) {
+		ret = vcpu_start(vm->vcpus[i]);
+		if (ret) {
+			snprintf(vm->exit_msg, sizeof(vm->exit_msg), "vCPU thread: %s", strerror(-ret));
+			return ret;
+		}
+	}
+	if (v->a.restore) {
+		/* Host-side state the snapshot could not carry is dropped (the vsock device's
+		 * connections); then the agent, listening at snapshot time, is ready. */
+		ret = dev_reset_all(&v->devs, vm->exit_msg, sizeof(vm->exit_msg));
+		if (ret)
+			return ret;
+		vmm_log(v, "t_restore_us", (vmm_now_ns() - vm->t_start_ns) / 1000);
+		vmm_on_ready(v);
+	}
+	return sysfilter_install(SYSFILTER_ROLE_LOOP, &p, vm->exit_msg, sizeof(vm->exit_msg));
 }
 
 static const char *vmm_reason(int r)
@@ -635,6 +761,9 @@ int main(int argc, char **argv)
 	v.fork.pagemap_fd = -1;
 	v.passt = -1;
 	v.status_fd = -1;
+	v.limits_fd = -1;
+	v.fd_dir = -1;
+	v.vm.resolver_status_fd = -1;
 	signal(SIGPIPE, SIG_IGN);
 	/* No core files: they would hold guest memory, and a seccomp kill (SIGSYS) dumps core. */
 	setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
@@ -653,12 +782,16 @@ int main(int argc, char **argv)
 	cmdline = malloc(8192);
 	if (!cmdline)
 		return 1;
-	ret = vmm_setup(&v, cmdline, 8192);
+	v.jail.on = !v.a.no_jail;
+	v.vm.jail = &v.jail;
+	ret = jail_early(&v.jail, v.a.ctl_fd, v.vm.exit_msg, sizeof(v.vm.exit_msg));
+	if (!ret)
+		ret = vmm_setup(&v, cmdline, 8192);
+	if (!ret)
+		ret = vmm_start(&v);
 	if (ret) {
 		if (!v.vm.exit_msg[0])
 			snprintf(v.vm.exit_msg, sizeof(v.vm.exit_msg), "%s", strerror(-ret));
-		v.vm.exit_reason = VM_EXIT_ERROR;
-	} else if ((ret = vmm_confine(&v)) != 0) {
 		v.vm.exit_reason = VM_EXIT_ERROR;
 	} else {
 		vmm_log(&v, "t_setup_us", (vmm_now_ns() - v.vm.t_start_ns) / 1000);
@@ -694,6 +827,12 @@ int main(int argc, char **argv)
 		close(v.sig_fd);
 	if (v.status_fd >= 0)
 		close(v.status_fd);
+	if (v.limits_fd >= 0)
+		close(v.limits_fd);
+	if (v.fd_dir >= 0)
+		close(v.fd_dir);
+	if (v.vm.resolver_status_fd >= 0)
+		close(v.vm.resolver_status_fd);
 	free(cmdline);
 	return status;
 }

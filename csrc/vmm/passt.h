@@ -16,7 +16,12 @@
  */
 int passt_start(char *const *argv, int argc, int *fd, pid_t *pid);
 
-/* SIGTERM the child and reap it (SIGKILL after a second). pid <= 0: nothing. */
+/*
+ * SIGTERM the child and reap it (SIGKILL after a second). Once the VMM is jailed it may not
+ * signal passt (EPERM: passt runs as nobody when started by root): close the NIC's socket
+ * first (net_free shuts it down), so that passt ends on EOF within that second; it is not
+ * waited for beyond it. pid <= 0: nothing.
+ */
 void passt_stop(pid_t pid);
 
 #endif

@@ -27,6 +27,9 @@ struct resolver {
 	pthread_cond_t cond;
 	int refs; /* the owner and the thread */
 	bool stop;
+	resolver_confine_fn *confine; /* run by the thread before anything else */
+	void *confine_arg;
+	int started; /* 0 until the thread ran confine, then 1 (ready) or -errno (it ended) */
 	int efd;
 	struct resolver_slot slots[RESOLVER_QUEUE];
 };
@@ -80,9 +83,15 @@ static void resolver_lookup(const char *name, struct resolver_result *res)
 static void *resolver_main(void *arg)
 {
 	struct resolver *r = arg;
+	int ret;
+
+	pthread_setname_np(pthread_self(), "smolvm-dns"); /* prctl: before the filter */
+	ret = r->confine ? r->confine(r->confine_arg) : 0;
 
 	pthread_mutex_lock(&r->lock);
-	while (!r->stop) {
+	r->started = ret ? ret : 1;
+	pthread_cond_broadcast(&r->cond);
+	while (!ret && !r->stop) {
 		struct resolver_slot *s = NULL;
 		char name[DNS_NAME_MAX + 1];
 		struct resolver_result res;
@@ -112,7 +121,7 @@ static void *resolver_main(void *arg)
 	return NULL;
 }
 
-int resolver_new(struct resolver **out)
+int resolver_new(struct resolver **out, resolver_confine_fn *confine, void *arg)
 {
 	struct resolver *r;
 	pthread_attr_t attr;
@@ -133,6 +142,8 @@ int resolver_new(struct resolver **out)
 	pthread_mutex_init(&r->lock, NULL);
 	pthread_cond_init(&r->cond, NULL);
 	r->refs = 2;
+	r->confine = confine;
+	r->confine_arg = arg;
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	sigfillset(&all);
@@ -145,7 +156,15 @@ int resolver_new(struct resolver **out)
 		resolver_unref(r);
 		return err;
 	}
-	pthread_setname_np(t, "smolvm-dns");
+	pthread_mutex_lock(&r->lock);
+	while (!r->started)
+		pthread_cond_wait(&r->cond, &r->lock);
+	err = r->started < 0 ? r->started : 0;
+	pthread_mutex_unlock(&r->lock);
+	if (err) {
+		resolver_unref(r); /* the thread ended and dropped its reference */
+		return err;
+	}
 	*out = r;
 	return 0;
 }

@@ -18,10 +18,18 @@ struct resolver_result {
 };
 
 /*
- * Start the thread ("smolvm-dns": getaddrinfo(AF_INET) and whatever the host's
- * NSS does for it, futex, write to its eventfd; nothing else). Returns 0 or -errno.
+ * Run first thing on the resolver's thread, before it resolves anything: the VMM
+ * confines the thread here (its capabilities, its seccomp filter). Returns 0 or
+ * -errno; the thread then ends and resolver_new() fails with that.
  */
-int resolver_new(struct resolver **out);
+typedef int resolver_confine_fn(void *arg);
+
+/*
+ * Start the thread ("smolvm-dns": getaddrinfo(AF_INET) and whatever the host's
+ * NSS does for it, futex, write to its eventfd; nothing else), and wait until
+ * confine(arg) (NULL: none) has run on it. Returns 0 or -errno.
+ */
+int resolver_new(struct resolver **out, resolver_confine_fn *confine, void *arg);
 
 /* The eventfd that becomes readable when results wait (the owner watches it; resolver_take drains it). */
 int resolver_fd(const struct resolver *r);

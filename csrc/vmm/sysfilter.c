@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -24,6 +25,9 @@ enum {
 	SYSFILTER_F_OPEN_WRITE = 1u << 4,  /* openat(..., O_WRONLY ...): snapshot files; never a read */
 	SYSFILTER_F_ANY_MMAP = 1u << 5,    /* sanitizer runtimes: mmap/mprotect with any protection */
 	SYSFILTER_F_FSTAT_FD = 1u << 6,    /* newfstatat(fd, "", AT_EMPTY_PATH): stdio's fstat, no paths */
+	SYSFILTER_F_OPEN_READ = 1u << 7,   /* openat(..., O_RDONLY ...): the resolver's /etc files; never a write */
+	SYSFILTER_F_SOCKET_DNS = 1u << 8,  /* socket(AF_INET|AF_INET6): DNS; AF_UNIX (nscd) and others fail softly */
+	SYSFILTER_F_EXEC_EPERM = 1u << 9,  /* mmap/mprotect with PROT_EXEC fail with EPERM (an NSS module's dlopen) */
 };
 
 struct sysfilter_group {
@@ -83,7 +87,7 @@ static const int sysfilter_control_calls[] = {
 	SCMP_SYS(renameat2),
 	SCMP_SYS(unlink), SCMP_SYS(unlinkat), /* sockets' files at teardown */
 	SCMP_SYS(setsockopt), SCMP_SYS(bind), SCMP_SYS(listen), SCMP_SYS(getsockname), /* FWD ADD */
-	SCMP_SYS(pread64),                                  /* STATUS: the pre-opened /proc status */
+	SCMP_SYS(pread64), SCMP_SYS(getdents64), /* STATUS: the pre-opened /proc status, limits, fd list */
 	SCMP_SYS(wait4), SCMP_SYS(nanosleep), SCMP_SYS(clock_nanosleep), /* reaping passt */
 	SCMP_SYS(fcntl),
 	SCMP_SYS(linkat), SCMP_SYS(link), /* FORK: the capture links the base memory file */
@@ -95,6 +99,23 @@ static const unsigned long sysfilter_control_ioctls[] = {
 	KVM_GET_MP_STATE, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_XSAVE, KVM_GET_XSAVE2, KVM_GET_FPU,
 	KVM_GET_XCRS, KVM_GET_DEBUGREGS, KVM_GET_LAPIC, KVM_GET_MSRS, KVM_GET_VCPU_EVENTS,
 	KVM_GET_DIRTY_LOG, /* FORK: the pages written since restore */
+};
+
+/*
+ * ---- the resolver thread: getaddrinfo(AF_INET) as the host's /etc/nsswitch.conf "files dns" does it
+ * (strace of glibc 2.36): /etc/resolv.conf, nsswitch.conf, hosts, gai.conf read-only, paths stat'ed
+ * for changes, uname, UDP (TCP on truncation) to the nameservers, then its eventfd. nscd's AF_UNIX
+ * socket and any NSS module that is not built into libc (dlopen: an executable mapping) fail with
+ * an error instead of killing the VMM: glibc then goes on to the next source.
+ */
+static const int sysfilter_resolver_calls[] = {
+	SCMP_SYS(read), SCMP_SYS(close), SCMP_SYS(newfstatat), SCMP_SYS(uname), SCMP_SYS(getrandom),
+	SCMP_SYS(connect), SCMP_SYS(setsockopt), SCMP_SYS(getsockname), SCMP_SYS(poll), SCMP_SYS(ppoll),
+	SCMP_SYS(sendto), SCMP_SYS(sendmmsg), SCMP_SYS(writev), SCMP_SYS(recvfrom), SCMP_SYS(recvmsg),
+	SCMP_SYS(ioctl), /* narrowed to sysfilter_resolver_ioctls */
+};
+static const unsigned long sysfilter_resolver_ioctls[] = {
+	FIONREAD, /* the size of a UDP answer */
 };
 
 /*
@@ -124,6 +145,13 @@ static const int sysfilter_sanitizer_denied[] = {
 #define SYSFILTER_SANITIZER_GROUP
 #endif
 
+/* Release builds: a dlopen in the resolver fails (EPERM); sanitizer builds map anything already. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SYSFILTER_RESOLVER_SPECIAL (SYSFILTER_F_OPEN_READ | SYSFILTER_F_SOCKET_DNS)
+#else
+#define SYSFILTER_RESOLVER_SPECIAL (SYSFILTER_F_OPEN_READ | SYSFILTER_F_SOCKET_DNS | SYSFILTER_F_EXEC_EPERM)
+#endif
+
 #define SYSFILTER_GROUP(name_, calls_, ioctls_, special_)                                             \
 	&(const struct sysfilter_group){ name_, calls_, SYSFILTER_N(calls_), ioctls_, SYSFILTER_N(ioctls_), \
 				       special_, NULL, 0 }
@@ -136,8 +164,8 @@ static const struct sysfilter_group sysfilter_common = {
 /*
  * Role -> groups. The loop thread is the io_uring/device thread and the control
  * thread at once (ctl.c runs on the event loop); its two groups stay apart so
- * either can move to a thread of its own. A new thread kind (a DNS resolver, say)
- * gets a group of its own here and a role in sysfilter.h.
+ * either can move to a thread of its own. A new thread kind gets a group of its
+ * own here and a role in sysfilter.h.
  */
 static const struct sysfilter_group *const sysfilter_roles[SYSFILTER_NR_ROLES][6] = {
 	[SYSFILTER_ROLE_VCPU] = {
@@ -152,10 +180,16 @@ static const struct sysfilter_group *const sysfilter_roles[SYSFILTER_NR_ROLES][6
 			      SYSFILTER_F_KILL_CHILD | SYSFILTER_F_SOCKET_INET | SYSFILTER_F_OPEN_WRITE),
 		SYSFILTER_SANITIZER_GROUP
 	},
+	[SYSFILTER_ROLE_RESOLVER] = {
+		&sysfilter_common,
+		SYSFILTER_GROUP("resolver", sysfilter_resolver_calls, sysfilter_resolver_ioctls,
+			      SYSFILTER_RESOLVER_SPECIAL),
+		SYSFILTER_SANITIZER_GROUP
+	},
 };
 
 static const char *const sysfilter_role_names[SYSFILTER_NR_ROLES] = {
-	[SYSFILTER_ROLE_VCPU] = "vcpu", [SYSFILTER_ROLE_LOOP] = "loop",
+	[SYSFILTER_ROLE_VCPU] = "vcpu", [SYSFILTER_ROLE_LOOP] = "loop", [SYSFILTER_ROLE_RESOLVER] = "resolver",
 };
 
 const char *sysfilter_role_name(enum sysfilter_role role)
@@ -237,6 +271,30 @@ static int sysfilter_add_special(scmp_filter_ctx ctx, unsigned special, const st
 		struct scmp_arg_cmp wronly = SCMP_A2(SCMP_CMP_MASKED_EQ, O_ACCMODE, O_WRONLY);
 
 		ret = sysfilter_rule(ctx, SCMP_ACT_ALLOW, SCMP_SYS(openat), 1, &wronly);
+	}
+	if (!ret && (special & SYSFILTER_F_OPEN_READ)) {
+		struct scmp_arg_cmp rdonly = SCMP_A2(SCMP_CMP_MASKED_EQ, O_ACCMODE, O_RDONLY);
+
+		ret = sysfilter_rule(ctx, SCMP_ACT_ALLOW, SCMP_SYS(openat), 1, &rdonly);
+	}
+	if (!ret && (special & SYSFILTER_F_SOCKET_DNS)) {
+		struct scmp_arg_cmp inet = SCMP_A0(SCMP_CMP_EQ, AF_INET), inet6 = SCMP_A0(SCMP_CMP_EQ, AF_INET6);
+		struct scmp_arg_cmp unix_ = SCMP_A0(SCMP_CMP_EQ, AF_UNIX), nl = SCMP_A0(SCMP_CMP_EQ, AF_NETLINK);
+
+		ret = sysfilter_rule(ctx, SCMP_ACT_ALLOW, SCMP_SYS(socket), 1, &inet);
+		if (!ret)
+			ret = sysfilter_rule(ctx, SCMP_ACT_ALLOW, SCMP_SYS(socket), 1, &inet6);
+		if (!ret)
+			ret = sysfilter_rule(ctx, SCMP_ACT_ERRNO(EACCES), SCMP_SYS(socket), 1, &unix_);
+		if (!ret)
+			ret = sysfilter_rule(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1, &nl);
+	}
+	if (!ret && (special & SYSFILTER_F_EXEC_EPERM)) {
+		struct scmp_arg_cmp exec = SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, PROT_EXEC);
+
+		ret = sysfilter_rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(mmap), 1, &exec);
+		if (!ret)
+			ret = sysfilter_rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(mprotect), 1, &exec);
 	}
 	return ret;
 }

@@ -14,6 +14,7 @@
 enum sysfilter_role {
 	SYSFILTER_ROLE_VCPU, /* KVM_RUN and the MMIO/PIO device handlers it calls */
 	SYSFILTER_ROLE_LOOP, /* the main thread: io_uring event loop, devices' queues, control socket, teardown */
+	SYSFILTER_ROLE_RESOLVER, /* the egress policy's getaddrinfo thread (resolver.c): the host's resolver only */
 	SYSFILTER_NR_ROLES,
 };
 
@@ -36,7 +37,7 @@ struct sysfilter_params {
  */
 int sysfilter_install(enum sysfilter_role role, const struct sysfilter_params *p, char *err, size_t errlen);
 
-/* The name of a role ("vcpu", "loop") for messages. */
+/* The name of a role ("vcpu", "loop", "resolver") for messages. */
 const char *sysfilter_role_name(enum sysfilter_role role);
 
 #endif

@@ -28,6 +28,8 @@ struct vm_pio_dev {
 	void *opaque;
 };
 
+struct jail;
+
 struct vm {
 	int kvm_fd, vm_fd;
 	uint8_t *mem;      /* host mapping of guest RAM at GPA 0 */
@@ -46,6 +48,8 @@ struct vm {
 	int console_fd; /* serial output goes here; -1 = discard */
 	int xstate_port; /* serve XSTATE_PORT (compat profile guests only; xstate.h) */
 	int seccomp_mode; /* enum sysfilter_mode: each vCPU thread loads its filter before KVM_RUN (seccomp.h) */
+	const struct jail *jail; /* jail.h; a thread started before jail_enter() (the resolver) calls jail_thread() */
+	int resolver_status_fd; /* the resolver thread's /proc/thread-self/status, for STATUS; -1 (main sets it) */
 	volatile int exit_reason; /* set once by a vCPU: VM_EXIT_* */
 	char exit_msg[256];
 	uint64_t t_start_ns; /* CLOCK_MONOTONIC when the VMM started, for timing lines */

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -342,6 +343,32 @@ static void test_verdicts(void)
 	netf_free(f);
 }
 
+/* resolver_new's confine hook: runs on the resolver's own thread, and its failure is resolver_new's. */
+static int confine_calls;
+static pthread_t confine_thread;
+
+static int confine_ok(void *arg)
+{
+	confine_calls++;
+	confine_thread = pthread_self();
+	return *(int *)arg;
+}
+
+static void test_resolver_confine(void)
+{
+	struct resolver *r = NULL;
+	int want = 0;
+
+	cur_test = "resolver confine";
+	CHECK(resolver_new(&r, confine_ok, &want) == 0 && r);
+	CHECK(confine_calls == 1 && !pthread_equal(confine_thread, pthread_self()));
+	resolver_free(r);
+	want = -EPERM;
+	r = NULL;
+	CHECK(resolver_new(&r, confine_ok, &want) == -EPERM && !r); /* the thread ended; nothing leaks (ASan) */
+	CHECK(confine_calls == 2);
+}
+
 static void test_resolver(void)
 {
 	struct resolver *r;
@@ -350,7 +377,7 @@ static void test_resolver(void)
 	int got = 0;
 
 	cur_test = "resolver";
-	CHECK(resolver_new(&r) == 0);
+	CHECK(resolver_new(&r, NULL, NULL) == 0);
 	CHECK(resolver_submit(r, "localhost", 7) == 0);
 	CHECK(resolver_submit(r, "", 8) == -EINVAL);
 	pfd.fd = resolver_fd(r);
@@ -373,6 +400,7 @@ int main(void)
 	test_table();
 	test_verdicts();
 	test_resolver();
+	test_resolver_confine();
 	printf("all net_filter tests passed\n");
 	return 0;
 }

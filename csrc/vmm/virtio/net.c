@@ -627,7 +627,7 @@ int net_new(struct vm *vm, const struct net_config *cfg, struct net **out)
 	if (!n->rx || !n->tx || !n->inj)
 		goto fail;
 	if (cfg->filter) {
-		err = resolver_new(&n->res);
+		err = resolver_new(&n->res, cfg->confine, cfg->confine_arg);
 		if (err)
 			goto fail;
 		err = evloop_add(vm->loop, resolver_fd(n->res), POLLIN, net_dns_cb, n);
@@ -677,6 +677,9 @@ void net_free(struct net *n)
 	if (n->fd >= 0) {
 		if (n->fd_watched)
 			evloop_del(n->vm->loop, n->fd);
+		/* EOF for the backend now: a poll io_uring has not retired yet may keep the file open
+		 * until the ring goes, and a jailed VMM cannot signal passt (it runs as nobody). */
+		shutdown(n->fd, SHUT_RDWR);
 		close(n->fd);
 	}
 	if (n->work_fd >= 0) {

@@ -4,6 +4,8 @@
 
 #include <stdint.h>
 
+#include "resolver.h"
+
 struct vm;
 struct net;
 struct netf;
@@ -21,6 +23,8 @@ struct net_config {
 	int backend_fd; /* connected stream socket (the device owns it from here on), or -1: no backend */
 	struct netf *filter; /* egress policy (the device owns it on success), or NULL: every frame passes */
 	uint32_t dns_ip;     /* with a filter: the address (network order) whose UDP port 53 the VMM answers */
+	resolver_confine_fn *confine; /* with a filter: run first thing on the resolver's thread (resolver.h); NULL: none */
+	void *confine_arg;
 };
 
 /*
