@@ -155,6 +155,7 @@ poweroff -f
 RUNNER = """
 set -u
 cd {work}
+trap 'kill $(cat {sock}.pid 2>/dev/null) 2>/dev/null; rm -f {sock} {sock}.pid' EXIT  # passt daemonizes
 {passt} --socket {sock} --pid {sock}.pid >passt.log 2>&1
 i=0; while [ ! -S {sock} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
 {qemu} >qemu.log 2>&1 &
@@ -166,8 +167,6 @@ cat /proc/$Q/stat >cpu1 2>/dev/null
 getconf CLK_TCK >clk
 kill $Q 2>/dev/null  # without ACPI the guest's poweroff only halts it
 wait $Q
-kill $(cat {sock}.pid) 2>/dev/null
-rm -f {sock} {sock}.pid
 echo finished >done
 """
 
