@@ -34,7 +34,10 @@ for arg in sys.argv[1:]:
             host, port = rest.rsplit(":", 1)
             s = socket.create_connection((host, int(port)), timeout=30)
             s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            out = s.recv(4096).decode(errors="replace").split("\r\n\r\n", 1)[-1]
+            data = b""
+            while chunk := s.recv(4096):  # HTTP/1.0: to EOF (headers and body may come apart)
+                data += chunk
+            out = data.decode(errors="replace").split("\r\n\r\n", 1)[-1]
             s.close()
         else:
             q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
