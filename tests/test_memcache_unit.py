@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ctest import build, run
 
-SOURCES = ["tests/c/test_memcache.c", "csrc/vmm/memcache.c"]
+SOURCES = ["tests/c/test_memcache.c", "csrc/vmm/memcache.c", "csrc/vmm/procfs.c"]
 
 
 def test_memcache(tmp_path: Path) -> None:

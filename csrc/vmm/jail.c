@@ -1,6 +1,7 @@
 /* Dropping what the VMM does not need once it is set up: namespaces, fds, capabilities, dumpability, limits. */
 #define _GNU_SOURCE
 #include "jail.h"
+#include "procfs.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -84,22 +85,6 @@ static int jail_max_fd(void)
 	}
 	closedir(d);
 	return max;
-}
-
-/* VmSize of /proc/self/status in bytes, or 0 if it cannot be read. */
-static uint64_t jail_vm_size(void)
-{
-	char line[256];
-	uint64_t kib = 0;
-	FILE *f = fopen("/proc/self/status", "re");
-
-	if (!f)
-		return 0;
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "VmSize: %lu kB", &kib) == 1)
-			break;
-	fclose(f);
-	return kib << 10;
 }
 
 /* Lower both limits of res to want (never above the hard limit the VMM got). 0 or -errno. */
@@ -206,7 +191,7 @@ int jail_enter(struct jail *j, unsigned long nofile_runtime, uint64_t as_runtime
 		goto out;
 	jail_note(j->done, sizeof(j->done), "core");
 	if (as_runtime) {
-		uint64_t now = jail_vm_size();
+		uint64_t now = procfs_kib_field("/proc/self/status", "VmSize");
 
 		what = "RLIMIT_AS";
 		if (!now) {

@@ -1,6 +1,7 @@
 /* A base snapshot's memory kept in local RAM (the nested profile's host VM): copy once, map from there. */
 #define _GNU_SOURCE
 #include "memcache.h"
+#include "procfs.h"
 
 #include "vm.h"
 
@@ -117,21 +118,6 @@ out:
 	return ret;
 }
 
-static uint64_t memcache_mem_available(void)
-{
-	char line[256];
-	unsigned long long kb = 0;
-	FILE *f = fopen("/proc/meminfo", "re");
-
-	if (!f)
-		return 0;
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
-			break;
-	fclose(f);
-	return (uint64_t)kb << 10;
-}
-
 /* Remove the other versions (and abandoned copies) of this cache file: same prefix up to its last '-'. */
 static void memcache_evict(const char *dir, const char *name)
 {
@@ -224,7 +210,7 @@ int memcache_open(const char *cache, const char *extents, int src_fd, char *err,
 		memcache_err(err, errlen, ret, "memory cache: extents %s: %s", extents, strerror(-ret));
 		goto out;
 	}
-	avail = memcache_mem_available();
+	avail = procfs_kib_field("/proc/meminfo", "MemAvailable");
 	if (statvfs(dir, &fs) < 0 || (uint64_t)fs.f_bavail * fs.f_frsize < bytes + MEMCACHE_RESERVE_FS ||
 	    avail < bytes + MEMCACHE_RESERVE_MEM) {
 		ret = memcache_err(err, errlen, -ENOSPC,
