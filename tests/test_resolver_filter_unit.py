@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ctest import ROOT, compiler
-from smolvm import _binaries
+from smolvm import _binaries, _process
 
 SOURCES = ["tests/c/test_resolver_filter.c", "csrc/vmm/resolver.c", "csrc/vmm/sysfilter.c"]
 
@@ -60,7 +60,7 @@ def test_resolver_thread_resolves_under_its_filter(tmp_path: Path) -> None:
     script = f"ip link set lo up && {mounts} && exec python3 {tmp_path / 'server.py'} \"$@\""
     # A plain build: the ASan pass's preloaded runtime must not join it (its exit-time calls are
     # outside the release filter and would die of SIGSYS after the tests passed).
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env = _process.tool_env()
     done = subprocess.run(
         ["unshare", "--mount", "--net", "sh", "-c", script, "sh", str(exe),
          "pinned.test=127.0.0.7", "allowed.example=127.0.0.9", "localhost=127.0.0.1"],
